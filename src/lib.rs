@@ -1,0 +1,18 @@
+//! mcs-engine: trains and runs MedCLIPSeg on the CPU and on NVIDIA GPUs.
+//!
+//! Layers, bottom up: [`tensor`] (shape + storage on a [`device`]), [`cuda`] (context, kernel
+//! modules, cuBLAS), [`ops`] (every op with its CPU reference, CUDA launcher and backward rule),
+//! [`tape`] (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend).
+
+pub mod cuda;
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod philox;
+pub mod tape;
+pub mod tensor;
+
+pub use device::Device;
+pub use error::{Error, Result};
+pub use tape::{Gradients, Tape};
+pub use tensor::Tensor;

@@ -1,0 +1,66 @@
+//! The op surface. One module per family; each holds the differentiable op (forward + the
+//! backward rule it records on the tape), its untracked forward/backward functions, the CPU
+//! reference implementation and the CUDA launchers for `kernels/<family>.cu`.
+//!
+//! Differentiable ops take the [`Tape`](crate::tape::Tape) first. `*_forward` / `*_backward`
+//! functions are untracked: backward rules call only those, so replaying the tape records nothing.
+
+pub mod attention;
+pub mod elementwise;
+pub mod layernorm;
+pub mod matmul;
+pub mod movement;
+pub mod random;
+pub mod reduce;
+pub mod softmax;
+
+pub use attention::*;
+pub use elementwise::*;
+pub use layernorm::*;
+pub use matmul::*;
+pub use movement::*;
+pub use random::*;
+pub use reduce::*;
+pub use softmax::*;
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DriverError};
+
+use crate::cuda::CudaDevice;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{Storage, Tensor};
+
+/// Passed for an optional pointer argument that is absent (kernels test it against null).
+pub(crate) const NULL_DEVICE_PTR: u64 = 0;
+
+/// The device all `tensors` share, or an error naming `op` and the two devices.
+pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
+    let first = tensors.first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    for t in &tensors[1..] {
+        let d = t.device();
+        if !d.same_as(&first) {
+            return Err(Error::DeviceMismatch { op, left: first.name(), right: d.name() });
+        }
+    }
+    Ok(first)
+}
+
+/// The device buffer of a CUDA tensor.
+pub(crate) fn cuda_slice(t: &Tensor) -> Result<&CudaSlice<f32>> {
+    match t.storage() {
+        Storage::Cuda { data, .. } => Ok(data),
+        Storage::Cpu(_) => Err(Error::shape("cuda op", "expected a CUDA tensor, got a CPU one")),
+    }
+}
+
+/// Wraps a kernel's output buffer as a tensor.
+pub(crate) fn cuda_output(dev: &Arc<CudaDevice>, data: CudaSlice<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda { device: dev.clone(), data }, shape.to_vec())
+}
+
+/// Turns a launch result into an engine error naming the kernel.
+pub(crate) fn launch<T>(kernel: &str, result: std::result::Result<T, DriverError>) -> Result<()> {
+    result.map(|_| ()).map_err(Error::driver(format!("launching kernel `{kernel}`")))
+}

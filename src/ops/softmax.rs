@@ -1,0 +1,177 @@
+//! Row softmax (with an optional additive mask) and log-softmax over the last dimension.
+//! Kernels: `kernels/softmax.cu`. Tests: `tests/softmax.rs`.
+
+use cudarc::driver::PushKernelArg;
+use rayon::prelude::*;
+
+use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
+use crate::cuda::{launch_rows, KernelFamily};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tape::Tape;
+use crate::tensor::Tensor;
+
+/// Threads per row: enough to keep a warp busy on short rows without idling on long ones.
+fn row_threads(cols: usize) -> u32 {
+    (cols.next_power_of_two() as u32).clamp(32, 1024)
+}
+
+/// `softmax(x + mask)` over the last dimension. `mask`, when given, has shape `[groups, cols]`
+/// and is added to consecutive blocks of `rows / groups` rows (an attention padding mask of shape
+/// `[batch, keys]` over scores laid out `[batch, heads, queries, keys]`). The mask gets no gradient.
+pub fn softmax_last(tape: &Tape, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let y = softmax_forward(x, mask)?;
+    let saved = y.clone();
+    Ok(tape.record(y, &[x], move |dy| Ok(vec![Some(softmax_backward(&saved, dy)?)])))
+}
+
+/// `log(softmax(x))` over the last dimension, computed stably.
+pub fn log_softmax_last(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    let y = log_softmax_forward(x)?;
+    let saved = y.clone();
+    Ok(tape.record(y, &[x], move |dy| Ok(vec![Some(log_softmax_backward(&saved, dy)?)])))
+}
+
+fn rows_cols(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
+    if x.rank() == 0 || x.dim(-1) == 0 {
+        return Err(Error::shape(op, format!("needs a non-empty last dimension, got shape {:?}", x.shape())));
+    }
+    let cols = x.dim(-1);
+    Ok((x.numel() / cols, cols))
+}
+
+/// Untracked softmax forward (CPU reference or CUDA kernel).
+pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, cols) = rows_cols("softmax", x)?;
+    let rows_per_mask_row = match mask {
+        None => rows,
+        Some(m) => {
+            let groups = if m.rank() == 0 { 0 } else { m.numel() / m.dim(-1) };
+            if m.rank() == 0 || m.dim(-1) != cols || groups == 0 || rows % groups != 0 {
+                return Err(Error::shape(
+                    "softmax",
+                    format!("mask of shape {:?} does not fit scores of shape {:?}", m.shape(), x.shape()),
+                ));
+            }
+            rows / groups
+        }
+    };
+    let mut inputs = vec![x];
+    inputs.extend(mask);
+    match same_device("softmax", &inputs)? {
+        Device::Cpu => {
+            let xs = x.cpu_data("softmax")?;
+            let ms = mask.map(|m| m.cpu_data("softmax")).transpose()?;
+            let mut y = vec![0.0f32; xs.len()];
+            y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).enumerate().for_each(|(row, (yr, xr))| {
+                let mr = ms.map(|m| &m[(row / rows_per_mask_row) * cols..][..cols]);
+                let shifted = |c: usize| xr[c] + mr.map_or(0.0, |m| m[c]);
+                let max = (0..cols).map(shifted).fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for (c, out) in yr.iter_mut().enumerate() {
+                    *out = (shifted(c) - max).exp();
+                    sum += *out;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|v| *v *= inv);
+            });
+            Tensor::from_vec(y, x.shape())
+        }
+        Device::Cuda(dev) => {
+            let f = dev.function(KernelFamily::Softmax, "softmax_forward")?;
+            let mut y = dev.alloc(x.numel())?;
+            let (cols_i, per_i) = (cols as i32, rows_per_mask_row as i32);
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&mut y).arg(cuda_slice(x)?);
+            match mask {
+                Some(m) => b.arg(cuda_slice(m)?),
+                None => b.arg(&NULL_DEVICE_PTR),
+            };
+            b.arg(&cols_i).arg(&per_i);
+            // SAFETY: arguments match `softmax_forward(float*, const float*, const float*, int, int)`;
+            // y and x hold rows*cols floats, the mask (or null) holds rows/rows_per_mask_row*cols.
+            launch("softmax_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            Ok(cuda_output(&dev, y, x.shape()))
+        }
+    }
+}
+
+/// Untracked softmax backward: `dx = y * (dy - sum(dy * y))` per row.
+pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    row_backward("softmax_backward", y, dy, |yr, dyr, dxr| {
+        let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+        for ((dx, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
+            *dx = yv * (g - dot);
+        }
+    })
+}
+
+/// Untracked log-softmax forward.
+pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = rows_cols("log_softmax", x)?;
+    match same_device("log_softmax", &[x])? {
+        Device::Cpu => {
+            let xs = x.cpu_data("log_softmax")?;
+            let mut y = vec![0.0f32; xs.len()];
+            y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).for_each(|(yr, xr)| {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = xr.iter().map(|v| (v - max).exp()).sum();
+                let shift = max + sum.ln();
+                for (out, v) in yr.iter_mut().zip(xr) {
+                    *out = v - shift;
+                }
+            });
+            Tensor::from_vec(y, x.shape())
+        }
+        Device::Cuda(dev) => {
+            let f = dev.function(KernelFamily::Softmax, "log_softmax_forward")?;
+            let mut y = dev.alloc(x.numel())?;
+            let cols_i = cols as i32;
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&mut y).arg(cuda_slice(x)?).arg(&cols_i);
+            // SAFETY: arguments match `log_softmax_forward(float*, const float*, int)`; both
+            // buffers hold rows*cols floats.
+            launch("log_softmax_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            Ok(cuda_output(&dev, y, x.shape()))
+        }
+    }
+}
+
+/// Untracked log-softmax backward: `dx = dy - exp(y) * sum(dy)` per row.
+pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    row_backward("log_softmax_backward", y, dy, |yr, dyr, dxr| {
+        let sum: f32 = dyr.iter().sum();
+        for ((dx, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
+            *dx = g - yv.exp() * sum;
+        }
+    })
+}
+
+/// Shared shape checks and dispatch of the two backward kernels, which take `(dx, y, dy, cols)`.
+fn row_backward(kernel: &'static str, y: &Tensor, dy: &Tensor, cpu_row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Tensor> {
+    if y.shape() != dy.shape() {
+        return Err(Error::shape(kernel, format!("gradient {:?} differs from output {:?}", dy.shape(), y.shape())));
+    }
+    let (rows, cols) = rows_cols(kernel, y)?;
+    match same_device(kernel, &[y, dy])? {
+        Device::Cpu => {
+            let (ys, dys) = (y.cpu_data(kernel)?, dy.cpu_data(kernel)?);
+            let mut dx = vec![0.0f32; ys.len()];
+            dx.par_chunks_mut(cols)
+                .zip(ys.par_chunks(cols).zip(dys.par_chunks(cols)))
+                .for_each(|(dxr, (yr, dyr))| cpu_row(yr, dyr, dxr));
+            Tensor::from_vec(dx, y.shape())
+        }
+        Device::Cuda(dev) => {
+            let f = dev.function(KernelFamily::Softmax, kernel)?;
+            let mut dx = dev.alloc(y.numel())?;
+            let cols_i = cols as i32;
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&mut dx).arg(cuda_slice(y)?).arg(cuda_slice(dy)?).arg(&cols_i);
+            // SAFETY: arguments match `{softmax,log_softmax}_backward(float*, const float*,
+            // const float*, int)`; all three buffers hold rows*cols floats.
+            launch(kernel, unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            Ok(cuda_output(&dev, dx, y.shape()))
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The tensor: a shape and contiguous, row-major f32 storage on one device.
+//!
+//! Tensors are immutable values: every op makes a new one, which keeps the autograd tape simple
+//! (a saved input can never change under it). Cloning a tensor is cheap: the storage is shared.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use crate::cuda::CudaDevice;
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// Identifies a tensor for the autograd tape. Reshaping makes a new id over the same storage.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> TensorId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The data behind a tensor.
+pub enum Storage {
+    Cpu(Vec<f32>),
+    Cuda { device: Arc<CudaDevice>, data: CudaSlice<f32> },
+}
+
+#[derive(Clone)]
+pub struct Tensor(Arc<Inner>);
+
+struct Inner {
+    id: TensorId,
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+    needs_grad: bool,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?} on {}", self.0.id, self.0.shape, self.device().name())?;
+        if self.0.needs_grad {
+            write!(f, ", needs grad")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Number of elements of a shape (1 for a scalar `[]`).
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    /// Wraps storage whose length must equal the shape's element count.
+    pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>) -> Tensor {
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, storage: Arc::new(storage), needs_grad: false }))
+    }
+
+    /// A tensor on the CPU from host data.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        if data.len() != numel(shape) {
+            return Err(Error::shape(
+                "from_vec",
+                format!("{} values cannot fill shape {shape:?} ({} elements)", data.len(), numel(shape)),
+            ));
+        }
+        Ok(Tensor::from_storage(Storage::Cpu(data), shape.to_vec()))
+    }
+
+    /// A tensor on `device` from host data.
+    pub fn from_slice(data: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape)?.to_device(device)
+    }
+
+    pub fn full(value: f32, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(vec![value; numel(shape)], shape)?.to_device(device)
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Tensor::from_vec(vec![0.0; numel(shape)], shape),
+            Device::Cuda(d) => Ok(Tensor::from_storage(
+                Storage::Cuda { device: d.clone(), data: d.zeros(numel(shape))? },
+                shape.to_vec(),
+            )),
+        }
+    }
+
+    /// A tensor of `value` with the shape and device of `like`.
+    pub fn full_like(like: &Tensor, value: f32) -> Result<Tensor> {
+        Tensor::full(value, like.shape(), &like.device())
+    }
+
+    pub fn ones(shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::full(1.0, shape, device)
+    }
+
+    /// A scalar (shape `[]`).
+    pub fn scalar(value: f32, device: &Device) -> Result<Tensor> {
+        Tensor::full(value, &[], device)
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.0.shape.len()
+    }
+
+    /// Size of dimension `dim`; negative values count from the end (-1 is the last).
+    pub fn dim(&self, dim: isize) -> usize {
+        let rank = self.rank() as isize;
+        let d = if dim < 0 { rank + dim } else { dim };
+        self.0.shape[d as usize]
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.0.shape)
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+
+    pub fn device(&self) -> Device {
+        match &*self.0.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda { device, .. } => Device::Cuda(device.clone()),
+        }
+    }
+
+    /// True when the autograd tape will produce a gradient for this tensor.
+    pub fn needs_grad(&self) -> bool {
+        self.0.needs_grad
+    }
+
+    /// The same data and id, marked as a trainable leaf (a parameter the tape differentiates).
+    pub fn into_trainable(self) -> Tensor {
+        self.with_needs_grad(true)
+    }
+
+    /// The same data under a new id, cut off from the tape.
+    pub fn detach(&self) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape: self.0.shape.clone(),
+            storage: self.0.storage.clone(),
+            needs_grad: false,
+        }))
+    }
+
+    pub(crate) fn with_needs_grad(self, needs_grad: bool) -> Tensor {
+        if self.0.needs_grad == needs_grad {
+            return self;
+        }
+        Tensor(Arc::new(Inner {
+            id: self.0.id,
+            shape: self.0.shape.clone(),
+            storage: self.0.storage.clone(),
+            needs_grad,
+        }))
+    }
+
+    /// The same storage seen with another shape of equal element count, under a new id.
+    /// Untracked: use [`crate::ops::reshape`] inside a differentiable computation.
+    pub(crate) fn view_as(&self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!("cannot view {:?} ({} elements) as {shape:?}", self.shape(), self.numel()),
+            ));
+        }
+        Ok(Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape: shape.to_vec(),
+            storage: self.0.storage.clone(),
+            needs_grad: false,
+        })))
+    }
+
+    /// Copies the data to the host.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match &*self.0.storage {
+            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cuda { device, data } => device.download(data, self.numel()),
+        }
+    }
+
+    /// The value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::shape("to_scalar", format!("tensor of shape {:?} is not a scalar", self.shape())));
+        }
+        Ok(self.to_vec()?[0])
+    }
+
+    /// A copy on `device` (the same tensor when it is already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device().same_as(device) {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(self.to_vec()?),
+            Device::Cuda(d) => Storage::Cuda { device: d.clone(), data: d.upload(&self.to_vec()?)? },
+        };
+        Ok(Tensor::from_storage(storage, self.shape().to_vec()).with_needs_grad(self.needs_grad()))
+    }
+
+    /// The host data of a CPU tensor, or an error naming the op that needed it.
+    pub fn cpu_data(&self, op: &'static str) -> Result<&[f32]> {
+        match &*self.0.storage {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda { .. } => Err(Error::shape(op, "expected a CPU tensor, got a CUDA one")),
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared test helpers: the devices to run on, close-enough comparisons that say where they fail,
+//! deterministic random data, and finite-difference gradient checks.
+#![allow(dead_code)]
+
+use mcs_engine::cuda::{gpu_available, unavailable_reason};
+use mcs_engine::{Device, Result, Tape, Tensor};
+
+/// True when `REQUIRE_GPU=1`: a missing GPU is then a failure, not a skip.
+pub fn require_gpu() -> bool {
+    std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The GPU, or `None` after printing `skip: no GPU` (a panic under `REQUIRE_GPU=1`).
+pub fn gpu() -> Option<Device> {
+    if gpu_available() {
+        return Some(Device::cuda(0).expect("a GPU was detected but could not be opened"));
+    }
+    let reason = unavailable_reason().unwrap_or("unknown");
+    assert!(!require_gpu(), "REQUIRE_GPU=1 but no GPU can be used: {reason}");
+    eprintln!("skip: no GPU ({reason})");
+    None
+}
+
+/// The CPU always, and the GPU when there is one: the devices a device-generic test body runs on.
+pub fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu());
+    devices
+}
+
+/// Fails with the worst element's index and both values when `|got - want| > atol + rtol*|want|`.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} != expected {}", got.len(), want.len());
+    let mut worst: Option<(usize, f32)> = None;
+    let mut max_abs = 0.0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let diff = (g - w).abs();
+        if !(g.is_finite() == w.is_finite()) || diff.is_nan() {
+            panic!("{what}: element {i} is {g}, expected {w}");
+        }
+        max_abs = max_abs.max(if diff.is_finite() { diff } else { 0.0 });
+        let excess = diff - (atol + rtol * w.abs());
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: max abs diff {max_abs:e}; worst at element {i}: got {} expected {} (atol {atol:e}, rtol {rtol:e})",
+            got[i], want[i]
+        );
+    }
+}
+
+/// Deterministic values in `[lo, hi)` (splitmix64), so failures reproduce without a seed file.
+pub fn random_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+/// A tensor of random values on `device`.
+pub fn random_tensor(seed: u64, shape: &[usize], lo: f32, hi: f32, device: &Device) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_slice(&random_vec(seed, n, lo, hi), shape, device).unwrap()
+}
+
+/// Compares the tape's gradients of `f` against central finite differences on the CPU.
+///
+/// The scalar probed is `L = sum(f(inputs) * w)` for fixed random weights `w`, so every output
+/// element's gradient path is exercised. Inputs listed in `frozen` get no gradient and are not
+/// probed. Differences are taken in f32 with step `eps`; the comparison uses `atol + rtol*|g|`.
+pub fn check_gradients(
+    name: &str,
+    inputs: &[(Vec<f32>, Vec<usize>)],
+    frozen: &[usize],
+    eps: f32,
+    atol: f32,
+    rtol: f32,
+    f: impl Fn(&Tape, &[Tensor]) -> Result<Tensor>,
+) {
+    let make = |values: &[Vec<f32>], tape_inputs: bool| -> Vec<Tensor> {
+        values
+            .iter()
+            .zip(inputs)
+            .enumerate()
+            .map(|(i, (v, (_, shape)))| {
+                let t = Tensor::from_vec(v.clone(), shape).unwrap();
+                if tape_inputs && !frozen.contains(&i) { t.into_trainable() } else { t }
+            })
+            .collect()
+    };
+    let values: Vec<Vec<f32>> = inputs.iter().map(|(v, _)| v.clone()).collect();
+    let tape = Tape::new();
+    let params = make(&values, true);
+    let out = f(&tape, &params).unwrap();
+    let weights = random_vec(0xC0FFEE, out.numel(), -1.0, 1.0);
+    let grads = tape.backward_from(&out, Tensor::from_vec(weights.clone(), out.shape()).unwrap()).unwrap();
+
+    let probe = |values: &[Vec<f32>]| -> f64 {
+        let out = f(&Tape::inference(), &make(values, false)).unwrap().to_vec().unwrap();
+        out.iter().zip(&weights).map(|(&o, &w)| o as f64 * w as f64).sum()
+    };
+    for (i, param) in params.iter().enumerate() {
+        if frozen.contains(&i) {
+            assert!(grads.get(param).is_none(), "{name}: frozen input {i} received a gradient");
+            continue;
+        }
+        let analytic = match grads.get(param) {
+            Some(g) => g.to_vec().unwrap(),
+            None => vec![0.0; param.numel()],
+        };
+        assert_eq!(analytic.len(), param.numel(), "{name}: gradient of input {i} has the wrong size");
+        let mut numeric = vec![0.0f32; param.numel()];
+        for (j, slot) in numeric.iter_mut().enumerate() {
+            let mut plus = values.clone();
+            plus[i][j] += eps;
+            let mut minus = values.clone();
+            minus[i][j] -= eps;
+            *slot = ((probe(&plus) - probe(&minus)) / (2.0 * eps as f64)) as f32;
+        }
+        assert_close(&format!("{name}: d/d input {i}"), &analytic, &numeric, atol, rtol);
+    }
+}
