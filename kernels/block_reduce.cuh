@@ -2,6 +2,9 @@
 // Every thread of the block must call these; the result is returned to all threads.
 #pragma once
 
+// NVRTC has no <math.h>, so no INFINITY macro.
+__device__ __forceinline__ float neg_infinity() { return __int_as_float(0xff800000); }
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
@@ -29,6 +32,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < warps ? scratch[lane] : -INFINITY;
+    v = lane < warps ? scratch[lane] : neg_infinity();
     return warp_max(v);
 }

@@ -13,7 +13,7 @@ extern "C" __global__ void softmax_forward(float* __restrict__ y, const float* _
     const float* mr = mask ? mask + (row / rows_per_mask_row) * cols : nullptr;
     float* yr = y + row * cols;
 
-    float m = -INFINITY;
+    float m = neg_infinity();
     for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, xr[c] + (mr ? mr[c] : 0.0f));
     m = block_max(m, scratch);
     float s = 0.0f;
@@ -45,7 +45,7 @@ extern "C" __global__ void log_softmax_forward(float* __restrict__ y, const floa
     __shared__ float scratch[32];
     const long row = blockIdx.x;
     const float* xr = x + row * cols;
-    float m = -INFINITY;
+    float m = neg_infinity();
     for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, xr[c]);
     m = block_max(m, scratch);
     float s = 0.0f;
