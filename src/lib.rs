@@ -7,10 +7,13 @@
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod imaging;
+pub mod model;
 pub mod ops;
 pub mod philox;
 pub mod tape;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use device::Device;
 pub use error::{Error, Result};

@@ -1,1 +1,175 @@
-fn main(){}
+//! `mcs-engine`: command-line front end. Every failure is printed as one sentence naming what was
+//! at fault, with a non-zero exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use mcs_engine::cuda::{kernels::KernelFamily, nvrtc_available, unavailable_reason};
+use mcs_engine::model::weights::WeightStore;
+use mcs_engine::model::{MedClipSeg, ModelConfig};
+use mcs_engine::tokenizer::PromptTokenizer;
+use mcs_engine::{imaging, Device, Result, Tensor};
+
+#[derive(Parser)]
+#[command(name = "mcs-engine", version, about = "Train and run MedCLIPSeg: text-prompted medical image segmentation with per-pixel uncertainty")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Segment an image from a text prompt: writes the binary mask, the mean foreground
+    /// probability and the uncertainty (entropy of the mean over Monte-Carlo samples) as PNGs.
+    Predict {
+        /// Input image (PNG or JPEG). Without it a built-in synthetic picture is used.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// What to segment, e.g. "one small round polyp in the upper left of the image".
+        #[arg(long, default_value = "a small bright circle in the upper left of the image")]
+        prompt: String,
+        /// Model config: a preset name (tiny, unimedclip-vit-b16) or a config.json path.
+        #[arg(long, default_value = "tiny")]
+        config: String,
+        /// Weights (safetensors with the official MedCLIPSeg keys). Without it random weights are
+        /// used, which exercises the whole pipeline but segments nothing meaningful.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// tokenizer.json (BERT WordPiece). Defaults to weights/tiny/tokenizer.json for `tiny`.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Monte-Carlo samples (the paper uses 30).
+        #[arg(long, default_value_t = 30)]
+        samples: usize,
+        /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
+        #[arg(long, default_value_t = 666)]
+        seed: u64,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Folder for mask.png, probability.png and uncertainty.png.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+    },
+    /// Show the devices, how the CUDA kernels are built, and the model presets.
+    Info,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Predict { image, prompt, config, weights, tokenizer, samples, seed, device, out } => {
+            predict(image.as_deref(), &prompt, &config, weights.as_deref(), tokenizer.as_deref(), samples, seed, &device, &out)
+        }
+        Command::Info => info(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(spec: &str) -> Result<ModelConfig> {
+    let path = Path::new(spec);
+    if path.is_file() { ModelConfig::load(path) } else { ModelConfig::preset(spec) }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict(
+    image: Option<&Path>,
+    prompt: &str,
+    config: &str,
+    weights: Option<&Path>,
+    tokenizer: Option<&Path>,
+    samples: usize,
+    seed: u64,
+    device: &str,
+    out: &Path,
+) -> Result<()> {
+    let config = load_config(config)?;
+    let device = Device::parse(device)?;
+    let tokenizer_path = match tokenizer {
+        Some(p) => p.to_path_buf(),
+        None if config.name == "tiny" => Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/tiny/tokenizer.json"),
+        None => {
+            return Err(mcs_engine::Error::Invalid(format!(
+                "config `{}` needs --tokenizer (a BERT tokenizer.json; tools/convert_checkpoint.py vocab makes one)",
+                config.name
+            )))
+        }
+    };
+    let tokenizer = PromptTokenizer::load(&tokenizer_path, config.text_context_length, config.text_pad_id)?;
+    let ids = tokenizer.encode(prompt)?;
+
+    let picture = match image {
+        Some(path) => imaging::read_rgb(path)?,
+        None => imaging::synthetic_picture(config.image_size as u32 * 2),
+    };
+    let size = config.image_size;
+    let pixels = Tensor::from_slice(&imaging::preprocess(&picture, size), &[1, 3, size, size], &device)?;
+
+    let store = match weights {
+        Some(path) => WeightStore::load(path)?,
+        None => {
+            eprintln!("note: no --weights given, using random weights: the maps show the pipeline, not a segmentation");
+            WeightStore::synthetic(seed)
+        }
+    };
+    let started = Instant::now();
+    let model = MedClipSeg::from_store(config, store, &device)?;
+    let loaded = started.elapsed();
+    let started = Instant::now();
+    let prediction = model.predict(&pixels, &ids, seed, samples)?;
+    let probability = prediction.probability.to_vec()?;
+    let uncertainty = prediction.uncertainty.to_vec()?;
+    let ran = started.elapsed();
+
+    let (w, h) = (picture.width() as usize, picture.height() as usize);
+    let back = |map: &[f32]| imaging::resize_nearest(map, size, size, w, h);
+    let (probability, uncertainty) = (back(&probability), back(&uncertainty));
+    std::fs::create_dir_all(out).map_err(mcs_engine::Error::io(out))?;
+    imaging::write_gray_png(&out.join("mask.png"), &probability, w, h, |p| if p > 0.5 { 255 } else { 0 })?;
+    imaging::write_gray_png(&out.join("probability.png"), &probability, w, h, |p| (p * 255.0).round() as u8)?;
+    // Entropy of a Bernoulli is at most ln 2: scale so that full uncertainty is white.
+    imaging::write_gray_png(&out.join("uncertainty.png"), &uncertainty, w, h, |u| (u / std::f32::consts::LN_2 * 255.0).round().clamp(0.0, 255.0) as u8)?;
+    let foreground = probability.iter().filter(|&&p| p > 0.5).count() as f32 / probability.len() as f32;
+    let mean_entropy = uncertainty.iter().sum::<f32>() / uncertainty.len() as f32;
+    println!(
+        "{}: {samples} samples on {} in {:.2?} (model load {:.2?}); foreground {:.1}%, mean entropy {mean_entropy:.3} nats",
+        out.display(),
+        device.name(),
+        ran,
+        loaded,
+        foreground * 100.0
+    );
+    Ok(())
+}
+
+fn info() -> Result<()> {
+    match unavailable_reason() {
+        None => {
+            let device = Device::cuda(0)?;
+            println!("GPU: available ({})", device.name());
+        }
+        Some(reason) => println!("GPU: not available ({reason}); the CPU backend runs everything"),
+    }
+    let prebuilt = KernelFamily::ALL.iter().filter(|f| f.prebuilt_ptx().is_some()).count();
+    println!(
+        "kernels: {} families, {prebuilt} with nvcc-built sm_90 PTX; NVRTC {}",
+        KernelFamily::ALL.len(),
+        if nvrtc_available() { "available" } else { "not found" }
+    );
+    for name in ModelConfig::preset_names() {
+        let c = ModelConfig::preset(name)?;
+        println!(
+            "config {name}: {}px, ViT {}x{} ({} layers), text {} tokens, adapters at {:?}",
+            c.image_size, c.vision_width, c.vision_heads, c.vision_layers, c.text_context_length, c.adapter_layers
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Model configurations: the paper's `unimedclip-vit-b16` and a `tiny` one with the same structure
+//! for tests and the demo. The presets are the JSON files in `weights/configs/`, which the PyTorch
+//! reference reads too, so both sides build the same model. A config is saved next to every
+//! checkpoint.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    /// Input images are square, this many pixels a side.
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub vision_width: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub vision_mlp_dim: usize,
+    /// Width of the shared image-text embedding (the ViT `proj` output and the text projection).
+    pub embed_dim: usize,
+    pub text_vocab_size: usize,
+    /// Every prompt is padded or truncated to this many tokens.
+    pub text_context_length: usize,
+    pub text_width: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_intermediate_dim: usize,
+    pub text_max_positions: usize,
+    pub text_type_vocab_size: usize,
+    pub text_pad_id: u32,
+    pub text_proj_hidden: usize,
+    pub adapter_dim: usize,
+    /// Block indices (0-based) whose *input* is modified by a PVL adapter; adapter `k` sits before
+    /// block `adapter_layers[k]`.
+    pub adapter_layers: Vec<usize>,
+    pub beta: f32,
+    pub gate_init: f32,
+    pub num_upscale: usize,
+    pub vision_ln_eps: f32,
+    pub text_ln_eps: f32,
+    pub adapter_ln_eps: f32,
+    pub decoder_ln_eps: f32,
+}
+
+const PRESETS: &[(&str, &str)] = &[
+    ("unimedclip-vit-b16", include_str!("../../weights/configs/unimedclip-vit-b16.json")),
+    ("tiny", include_str!("../../weights/configs/tiny.json")),
+];
+
+impl ModelConfig {
+    /// Names accepted by [`ModelConfig::preset`].
+    pub fn preset_names() -> Vec<&'static str> {
+        PRESETS.iter().map(|(name, _)| *name).collect()
+    }
+
+    /// A built-in configuration by name.
+    pub fn preset(name: &str) -> Result<ModelConfig> {
+        let (_, json) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            Error::Invalid(format!("unknown model config `{name}`; known: {}", Self::preset_names().join(", ")))
+        })?;
+        Self::from_json(json, &format!("built-in config `{name}`"))
+    }
+
+    /// The paper's configuration: UniMedCLIP ViT-B/16 at 224 with BiomedBERT-base.
+    pub fn unimedclip_vit_b16() -> ModelConfig {
+        Self::preset("unimedclip-vit-b16").expect("the built-in paper config parses (tested)")
+    }
+
+    /// A small model with the paper's structure, for tests and the demo.
+    pub fn tiny() -> ModelConfig {
+        Self::preset("tiny").expect("the built-in tiny config parses (tested)")
+    }
+
+    /// Reads a config file (JSON), or a preset name when `spec` is not a file.
+    pub fn load(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("a config always serialises");
+        crate::model::weights::write_atomically(path, json.as_bytes())
+    }
+
+    fn from_json(json: &str, origin: &str) -> Result<ModelConfig> {
+        let config: ModelConfig =
+            serde_json::from_str(json).map_err(|e| Error::Invalid(format!("{origin}: invalid model config: {e}")))?;
+        config.validate().map_err(|e| Error::Invalid(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    /// Checks the relations the model relies on.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(Error::Invalid(format!("model config `{}`: {msg}", self.name)));
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return fail(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+        }
+        if self.vision_heads == 0 || self.vision_width % self.vision_heads != 0 {
+            return fail(format!("vision_width {} is not divisible by vision_heads {}", self.vision_width, self.vision_heads));
+        }
+        if self.text_heads == 0 || self.text_width % self.text_heads != 0 {
+            return fail(format!("text_width {} is not divisible by text_heads {}", self.text_width, self.text_heads));
+        }
+        if self.vision_layers != self.text_layers {
+            return fail(format!(
+                "the towers run in lock-step, so vision_layers ({}) must equal text_layers ({})",
+                self.vision_layers, self.text_layers
+            ));
+        }
+        if self.text_context_length > self.text_max_positions || self.text_context_length < 2 {
+            return fail(format!(
+                "text_context_length {} must be in 2..={} (text_max_positions)",
+                self.text_context_length, self.text_max_positions
+            ));
+        }
+        if let Some(&bad) = self.adapter_layers.iter().find(|&&l| l == 0 || l >= self.vision_layers) {
+            return fail(format!("adapter layer {bad} is outside 1..{}", self.vision_layers));
+        }
+        if self.adapter_layers.windows(2).any(|w| w[0] >= w[1]) {
+            return fail(format!("adapter_layers {:?} must be strictly increasing", self.adapter_layers));
+        }
+        let upscaled = self.grid() << self.num_upscale;
+        if upscaled > self.image_size {
+            return fail(format!("{} upscale blocks take the {}-patch grid past the image size", self.num_upscale, self.grid()));
+        }
+        Ok(())
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Image tokens: one per patch plus the class token.
+    pub fn vision_tokens(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+
+    /// Side of the decoder's feature map before the final bilinear resize.
+    pub fn decoder_size(&self) -> usize {
+        self.grid() << self.num_upscale
+    }
+}

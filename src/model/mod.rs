@@ -1,0 +1,208 @@
+//! MedCLIPSeg: the two CLIP towers run in lock-step with PVL adapters between their layers, and a
+//! decoder that turns image tokens and the text embedding into segmentation logits (spec §1-§3, §5).
+
+pub mod adapter;
+pub mod config;
+pub mod decoder;
+pub mod layers;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub use adapter::Sampling;
+pub use config::ModelConfig;
+use layers::{repeat_batch, Loader};
+use weights::WeightStore;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::tape::Tape;
+use crate::tensor::Tensor;
+
+/// Keys the official checkpoints carry that the model does not use.
+pub const UNUSED_KEYS: &[&str] = &["logit_scale"];
+
+pub struct MedClipSeg {
+    config: ModelConfig,
+    device: Device,
+    vision: vision::VisionTower,
+    text: text::TextTower,
+    adapters: Vec<adapter::PvlAdapter>,
+    decoder: decoder::Decoder,
+    params: BTreeMap<String, Tensor>,
+}
+
+/// Named intermediate tensors of one forward pass, recorded only when enabled (parity tests and
+/// debugging); the names are those of the PyTorch reference's fixtures.
+#[derive(Default)]
+pub struct Trace {
+    enabled: bool,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Trace {
+    pub fn enabled() -> Trace {
+        Trace { enabled: true, tensors: BTreeMap::new() }
+    }
+
+    pub fn disabled() -> Trace {
+        Trace::default()
+    }
+
+    fn put(&mut self, name: impl FnOnce() -> String, tensor: &Tensor) {
+        if self.enabled {
+            self.tensors.insert(name(), tensor.clone());
+        }
+    }
+}
+
+/// Everything one forward pass produces (the batch is `samples * B`, sample-major).
+pub struct ForwardOutput {
+    /// `[S*B, H, W]` segmentation logits.
+    pub logits: Tensor,
+    /// `[S*B, Tv, E]` projected image tokens (the contrastive loss uses the patches).
+    pub image_tokens: Tensor,
+    /// `[S*B, E]` unnormalised text embedding.
+    pub text_embedding: Tensor,
+}
+
+/// The Monte-Carlo prediction for a batch (spec §5).
+pub struct Prediction {
+    /// `[S, B, H, W]` logits of every draw.
+    pub logits: Tensor,
+    /// `[B, H, W]` mean foreground probability over the draws.
+    pub probability: Tensor,
+    /// `[B, H, W]` binary entropy (nats) of the mean probability.
+    pub uncertainty: Tensor,
+}
+
+impl MedClipSeg {
+    /// Builds the model from a weight store holding every key of the config (spec §9).
+    pub fn from_store(config: ModelConfig, mut store: WeightStore, device: &Device) -> Result<MedClipSeg> {
+        config.validate()?;
+        let mut l = Loader::new(&mut store, device);
+        let vision = vision::VisionTower::load(&mut l, &config)?;
+        let text = text::TextTower::load(&mut l, &config)?;
+        let adapters = (0..config.adapter_layers.len())
+            .map(|k| adapter::PvlAdapter::load(&mut l, &config, k))
+            .collect::<Result<Vec<_>>>()?;
+        let decoder = decoder::Decoder::load(&mut l, &config)?;
+        let params = l.into_params();
+        store.finish(UNUSED_KEYS)?;
+        Ok(MedClipSeg { config, device: device.clone(), vision, text, adapters, decoder, params })
+    }
+
+    /// Loads `weights` (safetensors with the official keys) for `config` onto `device`.
+    pub fn load(config: ModelConfig, weights: &Path, device: &Device) -> Result<MedClipSeg> {
+        Self::from_store(config, WeightStore::load(weights)?, device)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every parameter by official key (trainable ones report `needs_grad`).
+    pub fn parameters(&self) -> &BTreeMap<String, Tensor> {
+        &self.params
+    }
+
+    /// Runs both towers with the adapters, then the decoder. `pixels` is `[B, 3, H, W]`
+    /// (normalised), `ids` holds `B * context` token ids. The batch is stacked `sampling.samples`
+    /// times at the first adapter (everything before it is deterministic and computed once).
+    pub fn forward(&self, tape: &Tape, pixels: &Tensor, ids: &[u32], sampling: Sampling, trace: &mut Trace) -> Result<ForwardOutput> {
+        let c = &self.config;
+        if pixels.rank() != 4 || pixels.dim(1) != 3 || pixels.dim(2) != c.image_size || pixels.dim(3) != c.image_size {
+            return Err(Error::shape(
+                "MedCLIPSeg",
+                format!("pixels must be [B, 3, {0}, {0}], got {1:?}", c.image_size, pixels.shape()),
+            ));
+        }
+        if sampling.samples == 0 {
+            return Err(Error::Invalid("the number of Monte-Carlo samples must be at least 1".into()));
+        }
+        let batch = pixels.dim(0);
+        let mut image = self.vision.embed(tape, pixels)?;
+        let mut text = self.text.embed(tape, ids, batch)?;
+        let mut mask = self.text.pad_mask(ids, batch, &self.device)?;
+        trace.put(|| "act.vision.embed".into(), &image);
+        trace.put(|| "act.text.embed".into(), &text);
+
+        let mut stacked = sampling.samples == 1;
+        for (i, (vision_block, text_layer)) in self.vision.blocks.iter().zip(&self.text.layers).enumerate() {
+            if let Some(k) = c.adapter_layers.iter().position(|&layer| layer == i) {
+                if !stacked {
+                    image = repeat_batch(tape, &image, sampling.samples)?;
+                    text = repeat_batch(tape, &text, sampling.samples)?;
+                    mask = repeat_batch(tape, &mask, sampling.samples)?;
+                    stacked = true;
+                }
+                let out = self.adapters[k].forward(tape, &image, &text, sampling)?;
+                trace.put(|| format!("act.adapter.{k}.dv"), &out.dv);
+                trace.put(|| format!("act.adapter.{k}.dt"), &out.dt);
+                trace.put(|| format!("act.adapter.{k}.v_prime"), &out.v_prime);
+                trace.put(|| format!("act.adapter.{k}.t_prime"), &out.t_prime);
+                text = ops::add(tape, &text, &out.dt)?;
+                image = ops::add(tape, &image, &out.dv)?;
+            }
+            image = vision_block.forward(tape, &image)?;
+            text = text_layer.forward(tape, &text, &mask)?;
+            trace.put(|| format!("act.vision.block.{i}"), &image);
+            trace.put(|| format!("act.text.block.{i}"), &text);
+        }
+        if !stacked {
+            image = repeat_batch(tape, &image, sampling.samples)?;
+            text = repeat_batch(tape, &text, sampling.samples)?;
+        }
+
+        let image_tokens = self.vision.project(tape, &image)?;
+        let text_embedding = self.text.pool(tape, &text)?;
+        trace.put(|| "act.vision.tokens".into(), &image_tokens);
+        trace.put(|| "act.text.embedding".into(), &text_embedding);
+        let decoded = self.decoder.forward(tape, &image_tokens, &text_embedding)?;
+        trace.put(|| "act.decoder.features_nhwc".into(), &decoded.features);
+        trace.put(|| "act.decoder.query".into(), &decoded.query);
+        trace.put(|| "act.logits_lowres".into(), &decoded.logits_lowres);
+        trace.put(|| "act.logits".into(), &decoded.logits);
+        Ok(ForwardOutput { logits: decoded.logits, image_tokens, text_embedding })
+    }
+
+    /// `samples` stochastic passes (draws `0..samples`, all in one batched pass), their mean
+    /// probability and its binary entropy (spec §5).
+    pub fn predict(&self, pixels: &Tensor, ids: &[u32], seed: u64, samples: usize) -> Result<Prediction> {
+        let tape = Tape::inference();
+        let sampling = Sampling { seed, first_draw: 0, samples };
+        let out = self.forward(&tape, pixels, ids, sampling, &mut Trace::disabled())?;
+        let (b, h, w) = (pixels.dim(0), self.config.image_size, self.config.image_size);
+        let logits = ops::reshape(&tape, &out.logits, &[samples, b, h, w])?;
+        let (probability, uncertainty) = mean_probability_and_entropy(&logits)?;
+        Ok(Prediction { logits, probability, uncertainty })
+    }
+}
+
+/// Mean of `sigmoid(logits)` over the leading sample axis of `[S, B, H, W]`, and the binary
+/// entropy `-(p ln(p + 1e-8) + (1 - p) ln(1 - p + 1e-8))` of that mean (natural log, as the
+/// official code).
+pub fn mean_probability_and_entropy(logits: &Tensor) -> Result<(Tensor, Tensor)> {
+    let tape = Tape::inference();
+    let samples = logits.dim(0);
+    let rest: Vec<usize> = logits.shape()[1..].to_vec();
+    let p = ops::sigmoid(&tape, logits)?;
+    let flat = ops::reshape(&tape, &p, &[samples, rest.iter().product()])?;
+    let by_pixel = ops::permute(&tape, &flat, &[1, 0])?;
+    let mean = ops::reshape(&tape, &ops::mean_last(&tape, &by_pixel)?, &rest)?;
+    let q = ops::add_scalar(&tape, &ops::neg(&tape, &mean)?, 1.0)?;
+    let term = |x: &Tensor| -> Result<Tensor> {
+        let log = ops::log(&tape, &ops::add_scalar(&tape, x, 1e-8)?)?;
+        ops::mul(&tape, x, &log)
+    };
+    let entropy = ops::neg(&tape, &ops::add(&tape, &term(&mean)?, &term(&q)?)?)?;
+    Ok((mean, entropy))
+}

@@ -1,0 +1,135 @@
+//! The BiomedBERT text tower (spec §1.2) with Hugging Face `BertModel` semantics: word + token
+//! type + position embeddings and LayerNorm, post-LN layers with exact-erf GELU, an additive pad
+//! mask on keys, and the projected `[CLS]` token as the text embedding.
+
+use super::config::ModelConfig;
+use super::layers::{multi_head_attention, Linear, Loader, Norm};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::tape::Tape;
+use crate::tensor::Tensor;
+
+pub struct TextTower {
+    context: usize,
+    width: usize,
+    pad_id: u32,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embeddings_norm: Norm,
+    pub layers: Vec<BertLayer>,
+    proj_hidden: Tensor,
+    proj_out: Tensor,
+}
+
+pub struct BertLayer {
+    heads: usize,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: Norm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: Norm,
+}
+
+const PREFIX: &str = "text_model.transformer";
+
+impl TextTower {
+    pub fn load(l: &mut Loader, c: &ModelConfig) -> Result<TextTower> {
+        let (w, eps) = (c.text_width, c.text_ln_eps);
+        let layers = (0..c.text_layers)
+            .map(|i| {
+                let p = format!("{PREFIX}.encoder.layer.{i}");
+                Ok(BertLayer {
+                    heads: c.text_heads,
+                    query: Linear::load(l, &format!("{p}.attention.self.query"), w, w, true, false)?,
+                    key: Linear::load(l, &format!("{p}.attention.self.key"), w, w, true, false)?,
+                    value: Linear::load(l, &format!("{p}.attention.self.value"), w, w, true, false)?,
+                    attention_out: Linear::load(l, &format!("{p}.attention.output.dense"), w, w, true, false)?,
+                    attention_norm: Norm::load(l, &format!("{p}.attention.output.LayerNorm"), w, eps, false)?,
+                    intermediate: Linear::load(l, &format!("{p}.intermediate.dense"), c.text_intermediate_dim, w, true, false)?,
+                    output: Linear::load(l, &format!("{p}.output.dense"), w, c.text_intermediate_dim, true, false)?,
+                    output_norm: Norm::load(l, &format!("{p}.output.LayerNorm"), w, eps, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TextTower {
+            context: c.text_context_length,
+            width: w,
+            pad_id: c.text_pad_id,
+            word_embeddings: l.frozen(&format!("{PREFIX}.embeddings.word_embeddings.weight"), &[c.text_vocab_size, w])?,
+            position_embeddings: l
+                .frozen(&format!("{PREFIX}.embeddings.position_embeddings.weight"), &[c.text_max_positions, w])?,
+            token_type_embeddings: l
+                .frozen(&format!("{PREFIX}.embeddings.token_type_embeddings.weight"), &[c.text_type_vocab_size, w])?,
+            embeddings_norm: Norm::load(l, &format!("{PREFIX}.embeddings.LayerNorm"), w, eps, false)?,
+            layers,
+            proj_hidden: l.frozen("text_model.proj.0.weight", &[c.text_proj_hidden, w])?,
+            proj_out: l.frozen("text_model.proj.2.weight", &[c.embed_dim, c.text_proj_hidden])?,
+        })
+    }
+
+    /// Checks token ids `[B * context]` against the vocabulary and context length.
+    pub fn check_ids(&self, ids: &[u32], batch: usize) -> Result<()> {
+        if ids.len() != batch * self.context {
+            return Err(Error::shape(
+                "text tower",
+                format!("{} token ids for a batch of {batch} at context length {}", ids.len(), self.context),
+            ));
+        }
+        let vocab = self.word_embeddings.dim(0);
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {vocab} entries")));
+        }
+        Ok(())
+    }
+
+    /// `[B, L, width]` embeddings after LayerNorm: `(word + token_type[0]) + position`, HF order.
+    pub fn embed(&self, tape: &Tape, ids: &[u32], batch: usize) -> Result<Tensor> {
+        self.check_ids(ids, batch)?;
+        let words = ops::index_select_rows(tape, &self.word_embeddings, ids)?;
+        let words = ops::reshape(tape, &words, &[batch, self.context, self.width])?;
+        let token_type = ops::narrow(tape, &self.token_type_embeddings, 0, 0, 1)?;
+        let positions = ops::narrow(tape, &self.position_embeddings, 0, 0, self.context)?;
+        let x = ops::add(tape, &words, &token_type)?;
+        let x = ops::add(tape, &x, &positions)?;
+        self.embeddings_norm.forward(tape, &x)
+    }
+
+    /// Additive key mask `[B, L]`: 0 for tokens, the most negative f32 for padding (HF's
+    /// `(1 - mask) * finfo(float32).min`).
+    pub fn pad_mask(&self, ids: &[u32], batch: usize, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = ids.iter().map(|&id| if id == self.pad_id { f32::MIN } else { 0.0 }).collect();
+        Tensor::from_slice(&mask, &[batch, self.context], device)
+    }
+
+    /// Projected `[CLS]` token: `[B, L, width]` -> `[B, embed]` (not normalised).
+    pub fn pool(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
+        let cls = ops::narrow(tape, x, 1, 0, 1)?;
+        let cls = ops::reshape(tape, &cls, &[x.dim(0), self.width])?;
+        let h = ops::linear(tape, &cls, &self.proj_hidden, None)?;
+        let h = ops::gelu(tape, &h)?;
+        ops::linear(tape, &h, &self.proj_out, None)
+    }
+}
+
+impl BertLayer {
+    /// Post-LN: `x1 = LN(x + Attn(x))`, `x2 = LN(x1 + FFN(x1))`. Dropout is never applied here
+    /// (inference and parity); training-mode dropout belongs to the training path.
+    pub fn forward(&self, tape: &Tape, x: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
+        let q = self.query.forward(tape, x)?;
+        let k = self.key.forward(tape, x)?;
+        let v = self.value.forward(tape, x)?;
+        let attn = multi_head_attention(tape, &q, &k, &v, self.heads, Some(key_mask))?;
+        let attn = self.attention_out.forward(tape, &attn)?;
+        let (_, x1) = self.attention_norm.add_forward(tape, &attn, x)?;
+        let h = self.intermediate.forward(tape, &x1)?;
+        let h = ops::gelu(tape, &h)?;
+        let h = self.output.forward(tape, &h)?;
+        let (_, x2) = self.output_norm.add_forward(tape, &h, &x1)?;
+        Ok(x2)
+    }
+}

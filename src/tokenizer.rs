@@ -1,0 +1,80 @@
+//! Prompt text -> token ids, as the official UniMedCLIP `HFTokenizer` does (spec §1.2): clean the
+//! text (HTML entities, whitespace), run the BERT WordPiece tokenizer from a `tokenizer.json`,
+//! truncate to the context length keeping `[CLS]` and `[SEP]`, pad with the pad id.
+
+use std::path::Path;
+
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::error::{Error, Result};
+
+pub struct PromptTokenizer {
+    inner: Tokenizer,
+    context_length: usize,
+}
+
+impl PromptTokenizer {
+    /// Loads a Hugging Face `tokenizer.json` and fixes padding/truncation to `context_length`.
+    pub fn load(path: &Path, context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
+        let bytes = std::fs::read(path).map_err(Error::io(path))?;
+        Self::from_bytes(&bytes, context_length, pad_id)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    pub fn from_bytes(bytes: &[u8], context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
+        let mut inner = Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::Invalid(format!("not a readable tokenizer.json: {e}")))?;
+        let pad_token = inner.id_to_token(pad_id).unwrap_or_else(|| "[PAD]".to_string());
+        inner
+            .with_truncation(Some(TruncationParams { max_length: context_length, ..Default::default() }))
+            .map_err(|e| Error::Invalid(format!("cannot truncate to {context_length} tokens: {e}")))?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(context_length),
+            pad_id,
+            pad_token,
+            ..Default::default()
+        }));
+        Ok(PromptTokenizer { inner, context_length })
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Exactly `context_length` ids for one prompt. An empty prompt is an error: a segmentation
+    /// prompt must say what to segment.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let cleaned = clean_prompt(prompt);
+        if cleaned.is_empty() {
+            return Err(Error::Invalid("empty prompt: say what to segment, e.g. \"a polyp in the image\"".into()));
+        }
+        let encoding = self
+            .inner
+            .encode(cleaned.as_str(), true)
+            .map_err(|e| Error::Invalid(format!("cannot tokenize prompt {prompt:?}: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Ids for a batch of prompts, concatenated (`B * context_length`).
+    pub fn encode_batch(&self, prompts: &[&str]) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.context_length);
+        for prompt in prompts {
+            ids.extend(self.encode(prompt)?);
+        }
+        Ok(ids)
+    }
+}
+
+/// The official cleaning minus ftfy's mojibake repair: HTML entities unescaped, whitespace runs
+/// collapsed to one space, ends trimmed (so a prompt's trailing newline disappears).
+pub fn clean_prompt(text: &str) -> String {
+    let unescaped = text
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&apos;", "'")
+        .replace("&nbsp;", " ")
+        .replace("&amp;", "&");
+    unescaped.split_whitespace().collect::<Vec<_>>().join(" ")
+}
