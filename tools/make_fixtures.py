@@ -4,7 +4,8 @@
     python tools/make_fixtures.py --check    # regenerates in memory, fails if a committed file differs
 
 Deterministic: weights come from torch.manual_seed(SEED), noise from the shared Philox generator with
-the same seed, so rerunning produces byte-identical files (same torch/numpy/safetensors versions).
+the same seed, one CPU thread, a sorted safetensors writer: rerunning produces byte-identical files
+(same torch version and CPU family; another CPU's kernels may change the last bits of activations).
 
 Files:
   tiny_weights.safetensors  every official state-dict key of the tiny model, float32, RANDOM values
@@ -103,6 +104,15 @@ def make_inputs(cfg, tokenizer):
 
 def build(cfg, tokenizer):
     """(weights dict, forward dict, metadata, token cases) — everything the fixtures hold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one reduction order whatever the machine's core count
+    try:
+        return _build(cfg, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(cfg, tokenizer):
     model = MedCLIPSeg(cfg)
     randomize(model, SEED)
     model.eval()
@@ -163,7 +173,6 @@ def main():
     parser.add_argument("--list", action="store_true", help="print the tensors of the forward fixture")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)  # same reduction order on every machine
     cfg = Config.from_json(CONFIG_PATH)
     tokenizer = Tokenizer.from_file(TOKENIZER_PATH)
     if tokenizer.get_vocab_size() != cfg.text_vocab_size:
