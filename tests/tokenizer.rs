@@ -1,0 +1,53 @@
+//! Prompt tokenization against the Hugging Face `tokenizers` library's output for the tiny
+//! vocabulary (`tests/fixtures/tiny_tokens.json`, written by tools/make_fixtures.py).
+
+use mcs_engine::model::ModelConfig;
+use mcs_engine::tokenizer::{clean_prompt, PromptTokenizer};
+
+const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/tiny/tokenizer.json");
+const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_tokens.json");
+
+fn tokenizer() -> PromptTokenizer {
+    let c = ModelConfig::tiny();
+    PromptTokenizer::load(TOKENIZER.as_ref(), c.text_context_length, c.text_pad_id).unwrap()
+}
+
+#[test]
+fn ids_match_hugging_face_padding_and_truncation() {
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(CASES).unwrap()).unwrap();
+    let tokenizer = tokenizer();
+    let mut checked = 0;
+    for case in &cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        if clean_prompt(text).is_empty() {
+            // The engine refuses an empty prompt instead of segmenting "nothing".
+            let err = tokenizer.encode(text).unwrap_err().to_string();
+            assert!(err.contains("empty prompt"), "{err}");
+            continue;
+        }
+        assert_eq!(tokenizer.encode(text).unwrap(), want, "prompt {text:?}");
+        checked += 1;
+    }
+    assert!(checked >= 8, "only {checked} prompts compared");
+}
+
+#[test]
+fn cleaning_unescapes_html_and_collapses_whitespace() {
+    assert_eq!(clean_prompt("  a &amp; b\n\tc &lt;d&gt;\n"), "a & b c <d>");
+    assert_eq!(clean_prompt("&amp;lt;"), "&lt;");
+}
+
+#[test]
+fn batch_encoding_concatenates_fixed_length_rows() {
+    let tokenizer = tokenizer();
+    let ids = tokenizer.encode_batch(&["a red circle", "no lesion"]).unwrap();
+    assert_eq!(ids.len(), 2 * tokenizer.context_length());
+    assert_eq!(ids[0], ids[tokenizer.context_length()], "both rows start with [CLS]");
+}
+
+#[test]
+fn a_missing_tokenizer_file_is_named_in_the_error() {
+    let err = PromptTokenizer::load("no/such/tokenizer.json".as_ref(), 16, 0).err().unwrap().to_string();
+    assert!(err.contains("no/such/tokenizer.json"), "{err}");
+}
