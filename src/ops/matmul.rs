@@ -1,3 +1,491 @@
-//! PLACEHOLDER until the matmul family lands.
-use crate::error::Result;
-pub(crate) fn configure_strict_fp32(_blas: &cudarc::cublas::CudaBlas) -> Result<()> { Ok(()) }
+//! Matrix products: batched `matmul` (transposes as GEMM flags, never copies), `linear` with a
+//! PyTorch-layout `[out, in]` weight, and `column_sums` (a GEMM with a ones vector).
+//! CPU: the `gemm` crate (strides give transposes for free). CUDA: cuBLAS strided-batched SGEMM in
+//! strict FP32, using the row-major trick. Bias pre-fill kernel: `kernels/movement.cu`.
+//! Tests: `tests/matmul.rs`.
+
+use std::ffi::{c_int, c_longlong, c_void};
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use rayon::prelude::*;
+
+use super::movement::{repeat_rows_cpu, repeat_rows_cuda};
+use super::{cuda_output, cuda_slice, same_device};
+use crate::cuda::CudaDevice;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tape::Tape;
+use crate::tensor::{numel, Tensor};
+
+/// Puts a fresh cuBLAS handle into strict FP32: the default math mode (no TF32 tensor-op
+/// down-conversion, no BF16x9 emulation, even when the environment asks for them), checked by
+/// reading it back. Every GEMM of the engine also names `CUBLAS_COMPUTE_32F` explicitly.
+pub(crate) fn configure_strict_fp32(blas: &CudaBlas) -> Result<()> {
+    let handle = *blas.handle();
+    let wanted = blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH;
+    // SAFETY: `handle` is the live handle owned by `blas`; setting its math mode touches nothing else.
+    unsafe { blas_sys::cublasSetMathMode(handle, wanted) }
+        .result()
+        .map_err(Error::blas("setting the cuBLAS math mode to strict FP32"))?;
+    let mut mode = std::mem::MaybeUninit::uninit();
+    // SAFETY: as above; cuBLAS writes the mode into `mode` before returning success.
+    let mode = unsafe {
+        blas_sys::cublasGetMathMode(handle, mode.as_mut_ptr())
+            .result()
+            .map_err(Error::blas("reading back the cuBLAS math mode"))?;
+        mode.assume_init()
+    };
+    if mode != wanted {
+        return Err(Error::CudaUnavailable(format!("cuBLAS kept math mode {mode:?} instead of strict FP32")));
+    }
+    Ok(())
+}
+
+/// Options of [`matmul_with`]: `C = alpha * op(A) * op(B)` where `op` transposes the last two
+/// dimensions when asked (as a GEMM flag: no data moves).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulOpts {
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    pub alpha: f32,
+}
+
+impl Default for MatmulOpts {
+    fn default() -> Self {
+        MatmulOpts { transpose_a: false, transpose_b: false, alpha: 1.0 }
+    }
+}
+
+/// `a @ b` over the last two dimensions: a `[..., M, K]`, b `[..., K, N]` with equal leading
+/// (batch) dimensions, or b a 2-D `[K, N]` shared by every batch of a. Returns `[..., M, N]`.
+pub fn matmul(tape: &Tape, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_with(tape, a, b, MatmulOpts::default())
+}
+
+/// [`matmul`] with transposes and a scale: a is `[..., K, M]` when `transpose_a`, b is
+/// `[..., N, K]` when `transpose_b`.
+pub fn matmul_with(tape: &Tape, a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<Tensor> {
+    let y = matmul_forward(a, b, opts)?;
+    let (a_saved, b_saved) = (a.clone(), b.clone());
+    Ok(tape.record(y, &[a, b], move |dy| {
+        let (da, db) = matmul_backward(&a_saved, &b_saved, dy, opts, a_saved.needs_grad(), b_saved.needs_grad())?;
+        Ok(vec![da, db])
+    }))
+}
+
+/// Untracked [`matmul_with`].
+pub fn matmul_forward(a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<Tensor> {
+    let s = MatmulShape::of(a, b, opts)?;
+    let mut out_shape = s.batch_dims.clone();
+    out_shape.extend([s.m, s.n]);
+    let g = Gemm::new(s.m, s.k, s.n, opts.transpose_a, opts.transpose_b, opts.alpha);
+    let g = if s.shared_b && !opts.transpose_a {
+        // a's rows of every batch are consecutive: one [batch*M, K] x [K, N] GEMM.
+        Gemm { m: s.batch * s.m, ..g }
+    } else {
+        g.batched(s.batch, true, !s.shared_b)
+    };
+    gemm("matmul", a, b, g, None, &out_shape)
+}
+
+/// Untracked gradients of [`matmul_with`] for `a` and `b` (each only when asked for).
+pub fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    opts: MatmulOpts,
+    need_a: bool,
+    need_b: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let s = MatmulShape::of(a, b, opts)?;
+    let mut out_shape = s.batch_dims.clone();
+    out_shape.extend([s.m, s.n]);
+    if dy.shape() != out_shape {
+        return Err(Error::shape(
+            "matmul_backward",
+            format!("gradient {:?} does not match the product's shape {out_shape:?}", dy.shape()),
+        ));
+    }
+    let (ta, tb, alpha) = (opts.transpose_a, opts.transpose_b, opts.alpha);
+    let (m, k, n) = (s.m, s.k, s.n);
+    // With C = alpha op(A) op(B): d op(A) = alpha dC op(B)^T and d op(B) = alpha op(A)^T dC,
+    // transposed back when the operand is stored transposed. Each row below is one GEMM over the
+    // stored operands: (lhs, transpose lhs, rhs, transpose rhs, m, k, n).
+    let da = if need_a {
+        let (lhs, tl, rhs, tr, gm, gk, gn) = match (ta, tb) {
+            (false, false) => (dy, false, b, true, m, n, k),
+            (false, true) => (dy, false, b, false, m, n, k),
+            (true, false) => (b, false, dy, true, k, n, m),
+            (true, true) => (b, true, dy, true, k, n, m),
+        };
+        let g = Gemm::new(gm, gk, gn, tl, tr, alpha);
+        let g = if s.shared_b && !ta {
+            // dC and dA are [batch*M, .] blocks of consecutive rows: fold the batch into M.
+            Gemm { m: s.batch * gm, ..g }
+        } else {
+            let (lhs_batched, rhs_batched) = if ta { (!s.shared_b, true) } else { (true, !s.shared_b) };
+            g.batched(s.batch, lhs_batched, rhs_batched)
+        };
+        Some(gemm("matmul_backward", lhs, rhs, g, None, a.shape())?)
+    } else {
+        None
+    };
+    let db = if need_b {
+        let (lhs, tl, rhs, tr, gm, gk, gn) = match (ta, tb) {
+            (false, false) => (a, true, dy, false, k, m, n),
+            (false, true) => (dy, true, a, false, n, m, k),
+            (true, false) => (a, false, dy, false, k, m, n),
+            (true, true) => (dy, true, a, true, n, m, k),
+        };
+        let g = Gemm::new(gm, gk, gn, tl, tr, alpha);
+        let g = match (s.shared_b, ta) {
+            // Shared b: its gradient sums over the batch. Without transpose_a both operands are
+            // [batch*M, .] row blocks, so the sum is the inner dimension of one GEMM.
+            (true, false) => Gemm { k: s.batch * gk, ..g },
+            (true, true) => g.batched(s.batch, true, true).summed_over_batches(),
+            (false, _) => g.batched(s.batch, true, true),
+        };
+        Some(gemm("matmul_backward", lhs, rhs, g, None, b.shape())?)
+    } else {
+        None
+    };
+    Ok((da, db))
+}
+
+/// `x @ weight^T + bias`: x `[..., in]`, weight `[out, in]` (PyTorch layout, read transposed by
+/// the GEMM), bias `[out]`. Returns `[..., out]`. The bias is the GEMM's starting value, so no
+/// elementwise pass is needed.
+pub fn linear(tape: &Tape, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = linear_forward(x, weight, bias)?;
+    let (x_saved, w_saved) = (x.clone(), weight.clone());
+    let has_bias = bias.is_some();
+    let bias_needs_grad = bias.is_some_and(|b| b.needs_grad());
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    Ok(tape.record(y, &inputs, move |dy| {
+        let (dx, dw, db) =
+            linear_backward(&x_saved, &w_saved, dy, x_saved.needs_grad(), w_saved.needs_grad(), bias_needs_grad)?;
+        // One gradient per recorded input: the bias is an input only when given.
+        Ok(if has_bias { vec![dx, dw, db] } else { vec![dx, dw] })
+    }))
+}
+
+struct LinearShape {
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    out_shape: Vec<usize>,
+}
+
+impl LinearShape {
+    fn of(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<LinearShape> {
+        if weight.rank() != 2 {
+            return Err(Error::shape("linear", format!("weight must be [out, in], got shape {:?}", weight.shape())));
+        }
+        let (outputs, inputs) = (weight.shape()[0], weight.shape()[1]);
+        if x.rank() == 0 || x.dim(-1) != inputs {
+            return Err(Error::shape(
+                "linear",
+                format!("input {:?} does not end in {inputs}, the in-features of weight {:?}", x.shape(), weight.shape()),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [outputs] {
+                return Err(Error::shape(
+                    "linear",
+                    format!("bias {:?} does not match the {outputs} out-features of weight {:?}", b.shape(), weight.shape()),
+                ));
+            }
+        }
+        let mut out_shape = x.shape().to_vec();
+        *out_shape.last_mut().expect("rank checked above") = outputs;
+        Ok(LinearShape { rows: numel(&x.shape()[..x.rank() - 1]), inputs, outputs, out_shape })
+    }
+}
+
+/// Untracked [`linear`].
+pub fn linear_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let s = LinearShape::of(x, weight, bias)?;
+    let g = Gemm::new(s.rows, s.inputs, s.outputs, false, true, 1.0);
+    gemm("linear", x, weight, g, bias, &s.out_shape)
+}
+
+/// Untracked gradients of [`linear`] for x, weight and bias (each only when asked for).
+pub fn linear_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    need_x: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let s = LinearShape::of(x, weight, None)?;
+    if dy.shape() != s.out_shape {
+        return Err(Error::shape(
+            "linear_backward",
+            format!("gradient {:?} does not match the output shape {:?}", dy.shape(), s.out_shape),
+        ));
+    }
+    // dX = dY W ([rows, out] x [out, in]); dW = dY^T X ([out, rows] x [rows, in]).
+    let dx = need_x
+        .then(|| gemm("linear_backward", dy, weight, Gemm::new(s.rows, s.outputs, s.inputs, false, false, 1.0), None, x.shape()))
+        .transpose()?;
+    let dw = need_weight
+        .then(|| gemm("linear_backward", dy, x, Gemm::new(s.outputs, s.rows, s.inputs, true, false, 1.0), None, weight.shape()))
+        .transpose()?;
+    let db = need_bias.then(|| column_sums(dy)).transpose()?;
+    Ok((dx, dw, db))
+}
+
+/// Sums of `x` over every dimension but the last: `[..., C] -> [C]`, as one GEMM
+/// `ones[1, rows] x X[rows, C]` (the gradient of a bias or of rows repeated down a matrix).
+pub fn column_sums(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        return Err(Error::shape("column_sums", "needs at least one dimension, got a scalar"));
+    }
+    let cols = x.dim(-1);
+    let rows = numel(&x.shape()[..x.rank() - 1]);
+    let ones = Tensor::ones(&[rows], &x.device())?;
+    gemm("column_sums", &ones, x, Gemm::new(1, rows, cols, false, false, 1.0), None, &[cols])
+}
+
+/// The dimensions of one matmul after its shapes were checked.
+struct MatmulShape {
+    batch_dims: Vec<usize>,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// b is 2-D and shared by every batch of a.
+    shared_b: bool,
+}
+
+impl MatmulShape {
+    fn of(a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<MatmulShape> {
+        let describe = |t: &Tensor, transposed: bool| {
+            format!("{:?}{}", t.shape(), if transposed { " (transposed)" } else { "" })
+        };
+        let (da, db) = (describe(a, opts.transpose_a), describe(b, opts.transpose_b));
+        if a.rank() < 2 || b.rank() < 2 {
+            return Err(Error::shape("matmul", format!("needs matrices (rank >= 2), got a {da} and b {db}")));
+        }
+        let (ra, rb) = (a.rank(), b.rank());
+        let shared_b = rb == 2 && ra > 2;
+        if !shared_b && a.shape()[..ra - 2] != b.shape()[..rb - 2] {
+            return Err(Error::shape(
+                "matmul",
+                format!("batch dimensions of a {da} and b {db} differ (b must match them or be 2-D)"),
+            ));
+        }
+        let (a_rows, a_cols) = (a.shape()[ra - 2], a.shape()[ra - 1]);
+        let (b_rows, b_cols) = (b.shape()[rb - 2], b.shape()[rb - 1]);
+        let (m, ka) = if opts.transpose_a { (a_cols, a_rows) } else { (a_rows, a_cols) };
+        let (kb, n) = if opts.transpose_b { (b_cols, b_rows) } else { (b_rows, b_cols) };
+        if ka != kb {
+            return Err(Error::shape("matmul", format!("inner dimensions of a {da} and b {db} differ ({ka} vs {kb})")));
+        }
+        let batch_dims = a.shape()[..ra - 2].to_vec();
+        Ok(MatmulShape { batch: numel(&batch_dims), batch_dims, m, k: ka, n, shared_b })
+    }
+}
+
+/// One row-major (batched) GEMM: for each batch i, `C_i = alpha * op(A_i) op(B_i)` with op(A_i)
+/// `[m, k]` (stored `[k, m]` when `trans_a`), op(B_i) `[k, n]` (stored `[n, k]` when `trans_b`),
+/// C_i `[m, n]`. A_i starts at `i * stride_a` (0: one A shared by every batch), likewise B.
+#[derive(Clone, Copy, Debug)]
+struct Gemm {
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    stride_a: usize,
+    stride_b: usize,
+    alpha: f32,
+    /// Accumulate every batch's product into one `[m, n]` output.
+    sum_batches: bool,
+}
+
+impl Gemm {
+    fn new(m: usize, k: usize, n: usize, trans_a: bool, trans_b: bool, alpha: f32) -> Gemm {
+        Gemm { batch: 1, m, k, n, trans_a, trans_b, stride_a: 0, stride_b: 0, alpha, sum_batches: false }
+    }
+
+    /// `batch` products; an operand that is not `batched` is shared (stride 0).
+    fn batched(self, batch: usize, a_batched: bool, b_batched: bool) -> Gemm {
+        Gemm {
+            batch,
+            stride_a: if a_batched { self.m * self.k } else { 0 },
+            stride_b: if b_batched { self.k * self.n } else { 0 },
+            ..self
+        }
+    }
+
+    fn summed_over_batches(self) -> Gemm {
+        Gemm { sum_batches: true, ..self }
+    }
+
+    fn outputs(&self) -> usize {
+        if self.sum_batches { 1 } else { self.batch }
+    }
+
+    /// Floats each operand must hold for every batch's matrix to lie inside it.
+    fn extent(&self, stride: usize, matrix: usize) -> usize {
+        if self.batch == 0 || matrix == 0 { 0 } else { (self.batch - 1) * stride + matrix }
+    }
+}
+
+/// Runs `g` on `a` and `b`, starting from `bias_rows` (a `[n]` row repeated down every output
+/// matrix) when given, else from zero. Returns a tensor of `out_shape`.
+fn gemm(op: &'static str, a: &Tensor, b: &Tensor, g: Gemm, bias_rows: Option<&Tensor>, out_shape: &[usize]) -> Result<Tensor> {
+    // The plans above are built from checked shapes; this guards the unsafe pointer arithmetic
+    // of both backends against a wrong plan rather than a wrong user input.
+    let fits = a.numel() >= g.extent(g.stride_a, g.m * g.k)
+        && b.numel() >= g.extent(g.stride_b, g.k * g.n)
+        && numel(out_shape) == g.outputs() * g.m * g.n
+        && bias_rows.is_none_or(|r| r.numel() == g.n);
+    if !fits {
+        return Err(Error::shape(op, format!("internal GEMM plan {g:?} does not fit a {:?}, b {:?}, out {out_shape:?}", a.shape(), b.shape())));
+    }
+    let mut inputs = vec![a, b];
+    inputs.extend(bias_rows);
+    match same_device(op, &inputs)? {
+        Device::Cpu => {
+            let rows = g.outputs() * g.m;
+            let mut c = match bias_rows {
+                Some(r) => repeat_rows_cpu(r.cpu_data(op)?, rows),
+                None => vec![0.0; rows * g.n],
+            };
+            cpu_gemm(a.cpu_data(op)?, b.cpu_data(op)?, &mut c, g, bias_rows.is_some());
+            Tensor::from_vec(c, out_shape)
+        }
+        Device::Cuda(dev) => {
+            let rows = g.outputs() * g.m;
+            let (mut c, beta) = match bias_rows {
+                Some(r) => (repeat_rows_cuda(&dev, cuda_slice(r)?, rows, g.n)?, 1.0),
+                // beta = 0: cuBLAS does not read C, so it may start uninitialised.
+                None => (dev.alloc(rows * g.n)?, 0.0),
+            };
+            cuda_gemm(&dev, cuda_slice(a)?, cuda_slice(b)?, &mut c, g, beta)?;
+            Ok(cuda_output(&dev, c, out_shape))
+        }
+    }
+}
+
+/// Row-major strides (row step, column step) of op(X) for X stored `[rows, cols]` untransposed,
+/// or stored `[cols, rows]` when `transposed`.
+fn op_strides(rows: usize, cols: usize, transposed: bool) -> (isize, isize) {
+    if transposed { (1, rows as isize) } else { (cols as isize, 1) }
+}
+
+/// CPU GEMM with the `gemm` crate. `c` already holds the starting values when `accumulate`.
+fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
+    if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
+        return; // c already holds its starting values (zeros or bias rows)
+    }
+    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
+    let (b_rs, b_cs) = op_strides(g.k, g.n, g.trans_b);
+    let product = |i: usize, c_mat: &mut [f32], read_c: bool, parallelism: gemm::Parallelism| {
+        let (a_mat, b_mat) = (&a[i * g.stride_a..], &b[i * g.stride_b..]);
+        // SAFETY: `gemm` checked that a holds (batch-1)*stride_a + m*k floats and b likewise, so
+        // every element op(A_i)[r][c] = a_mat[r*a_rs + c*a_cs] is in bounds (same for B); c_mat
+        // is an [m, n] row-major block of its own.
+        unsafe {
+            gemm::gemm(
+                g.m, g.n, g.k,
+                c_mat.as_mut_ptr(), 1, g.n as isize, read_c,
+                a_mat.as_ptr(), a_cs, a_rs,
+                b_mat.as_ptr(), b_cs, b_rs,
+                1.0, g.alpha,
+                false, false, false,
+                parallelism,
+            );
+        }
+    };
+    let matrix = g.m * g.n;
+    if g.sum_batches {
+        for i in 0..g.batch {
+            product(i, c, accumulate || i > 0, gemm::Parallelism::Rayon(0));
+        }
+    } else if g.batch >= rayon::current_num_threads() {
+        // Many small products (attention heads): one thread per product.
+        c.par_chunks_mut(matrix)
+            .enumerate()
+            .for_each(|(i, c_mat)| product(i, c_mat, accumulate, gemm::Parallelism::None));
+    } else {
+        for (i, c_mat) in c.chunks_mut(matrix).enumerate() {
+            product(i, c_mat, accumulate, gemm::Parallelism::Rayon(0));
+        }
+    }
+}
+
+fn to_c_int(value: usize, what: &str) -> Result<c_int> {
+    c_int::try_from(value).map_err(|_| Error::shape("matmul", format!("{what} = {value} exceeds cuBLAS's 32-bit limit")))
+}
+
+fn blas_op(transposed: bool) -> blas_sys::cublasOperation_t {
+    if transposed { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N }
+}
+
+/// cuBLAS strided-batched SGEMM in strict FP32. cuBLAS is column-major, and a row-major `[r, c]`
+/// matrix is a column-major `[c, r]` one, so the row-major `C = op(A) op(B)` is computed as the
+/// column-major `C^T = op(B)^T op(A)^T`: the operands swap places and keep their transpose flags.
+fn cuda_gemm(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>, c: &mut CudaSlice<f32>, g: Gemm, beta: f32) -> Result<()> {
+    if g.m == 0 || g.n == 0 || g.batch == 0 {
+        return Ok(());
+    }
+    let (m, n, k) = (to_c_int(g.n, "n")?, to_c_int(g.m, "m")?, to_c_int(g.k, "k")?);
+    // Leading dimensions of the stored matrices seen column-major (at least 1, as cuBLAS asks).
+    let lda = to_c_int(if g.trans_b { g.k } else { g.n }.max(1), "ldb")?;
+    let ldb = to_c_int(if g.trans_a { g.m } else { g.k }.max(1), "lda")?;
+    let ldc = m;
+    let stream = dev.stream();
+    let (a_ptr, _a_guard) = a.device_ptr(stream);
+    let (b_ptr, _b_guard) = b.device_ptr(stream);
+    let (c_ptr, _c_guard) = c.device_ptr_mut(stream);
+    let float = std::mem::size_of::<f32>() as u64;
+    let call = |offset_a: usize, offset_b: usize, offset_c: usize, batch: usize, beta: f32| -> Result<()> {
+        let batch = to_c_int(batch, "batch")?;
+        // SAFETY: the handle is bound to `stream`, which orders this call after the writes of
+        // a, b and c (the guards above); `gemm` checked that a and b hold every batch's matrix
+        // at the given strides and that c holds outputs()*m*n floats, which the offsets and
+        // strides below stay inside. alpha and beta are host values read during the call.
+        unsafe {
+            blas_result::gemm_strided_batched_ex(
+                *dev.blas().handle(),
+                blas_op(g.trans_b),
+                blas_op(g.trans_a),
+                m, n, k,
+                (&g.alpha) as *const f32 as *const c_void,
+                (b_ptr + offset_b as u64 * float) as *const c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                lda,
+                g.stride_b as c_longlong,
+                (a_ptr + offset_a as u64 * float) as *const c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                ldb,
+                g.stride_a as c_longlong,
+                (&beta) as *const f32 as *const c_void,
+                (c_ptr + offset_c as u64 * float) as *mut c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                ldc,
+                (g.m * g.n) as c_longlong,
+                batch,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(Error::blas(format!("running an SGEMM of {g:?}")))
+    };
+    if g.sum_batches {
+        // One product at a time into the same C (batches of one call could race on it).
+        for i in 0..g.batch {
+            call(i * g.stride_a, i * g.stride_b, 0, 1, if i == 0 { beta } else { 1.0 })?;
+        }
+        Ok(())
+    } else {
+        call(0, 0, 0, g.batch, beta)
+    }
+}

@@ -33,8 +33,9 @@ pub fn log_softmax_last(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 }
 
 fn rows_cols(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
-    if x.rank() == 0 || x.dim(-1) == 0 {
-        return Err(Error::shape(op, format!("needs a non-empty last dimension, got shape {:?}", x.shape())));
+    // A launch always has at least one block, so empty tensors are refused rather than launched.
+    if x.rank() == 0 || x.numel() == 0 {
+        return Err(Error::shape(op, format!("needs a non-empty tensor of rank >= 1, got shape {:?}", x.shape())));
     }
     let cols = x.dim(-1);
     Ok((x.numel() / cols, cols))

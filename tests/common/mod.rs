@@ -35,7 +35,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     let mut max_abs = 0.0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let diff = (g - w).abs();
-        if !(g.is_finite() == w.is_finite()) || diff.is_nan() {
+        if g.is_finite() != w.is_finite() || diff.is_nan() {
             panic!("{what}: element {i} is {g}, expected {w}");
         }
         max_abs = max_abs.max(if diff.is_finite() { diff } else { 0.0 });
