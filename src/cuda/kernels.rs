@@ -25,6 +25,7 @@ pub enum KernelFamily {
     Reduce,
     Movement,
     Philox,
+    Spatial,
 }
 
 impl KernelFamily {
@@ -35,6 +36,7 @@ impl KernelFamily {
         KernelFamily::Reduce,
         KernelFamily::Movement,
         KernelFamily::Philox,
+        KernelFamily::Spatial,
     ];
 
     /// The file name under `kernels/` without `.cu`.
@@ -46,6 +48,7 @@ impl KernelFamily {
             KernelFamily::Reduce => "reduce",
             KernelFamily::Movement => "movement",
             KernelFamily::Philox => "philox",
+            KernelFamily::Spatial => "spatial",
         }
     }
 

@@ -13,6 +13,7 @@ pub mod movement;
 pub mod random;
 pub mod reduce;
 pub mod softmax;
+pub mod spatial;
 
 pub use attention::*;
 pub use elementwise::*;
@@ -22,6 +23,7 @@ pub use movement::*;
 pub use random::*;
 pub use reduce::*;
 pub use softmax::*;
+pub use spatial::*;
 
 use std::sync::Arc;
 
