@@ -167,7 +167,7 @@ fn info() -> Result<()> {
     for name in ModelConfig::preset_names() {
         let c = ModelConfig::preset(name)?;
         println!(
-            "config {name}: {}px, ViT {}x{} ({} layers), text {} tokens, adapters at {:?}",
+            "config {name}: {}px images, ViT width {} with {} heads and {} layers, text {} tokens, adapters before blocks {:?}",
             c.image_size, c.vision_width, c.vision_heads, c.vision_layers, c.text_context_length, c.adapter_layers
         );
     }
