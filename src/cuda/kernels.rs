@@ -26,6 +26,7 @@ pub enum KernelFamily {
     Movement,
     Philox,
     Spatial,
+    ProbAttention,
 }
 
 impl KernelFamily {
@@ -37,6 +38,7 @@ impl KernelFamily {
         KernelFamily::Movement,
         KernelFamily::Philox,
         KernelFamily::Spatial,
+        KernelFamily::ProbAttention,
     ];
 
     /// The file name under `kernels/` without `.cu`.
@@ -49,6 +51,7 @@ impl KernelFamily {
             KernelFamily::Movement => "movement",
             KernelFamily::Philox => "philox",
             KernelFamily::Spatial => "spatial",
+            KernelFamily::ProbAttention => "prob_attention",
         }
     }
 

@@ -1,0 +1,743 @@
+//! Probabilistic cross-attention of MedCLIPSeg's PVL adapters (spec §2.3), fused:
+//!
+//! ```text
+//! S_mu    = Q K_mu^T / sqrt(C)              logits = S_mu - beta * S_sigma
+//! S_sigma = sqrt((Q*Q) K_var^T / C)         A      = softmax over keys (logits)
+//! V_s     = V_mu + sqrt(V_var) * eps        O      = A V_s
+//! ```
+//!
+//! `S` Monte-Carlo samples are stacked in the leading dimension: q is `[S*B, Tq, C]`, the four
+//! key/value tensors `[S*B, Tk, C]`, and row `r` belongs to sample `r / B`. The noise of sample
+//! `s` is `philox::normal(seed, stream(s), (b * Tk + k) * C + c)` with
+//! `stream(s) = stream_id(first_draw + s, adapter, direction)` (see [`NoiseKey`]), bit-identical on
+//! every backend. It is never stored: the backward regenerates it. The forward saves only its
+//! output and one log-sum-exp per query, from which the backward recomputes the attention weights.
+//!
+//! [`prob_attention`] is the fused op (CPU reference below, CUDA kernels in
+//! `kernels/prob_attention.cu`); [`prob_attention_composed`] builds the same function from the
+//! generic differentiable ops and exists to check the fused one. Tests: `tests/prob_attention.rs`.
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
+
+use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
+use crate::cuda::{launch_elements, CudaDevice, KernelFamily};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::philox::{normal_block, stream_id};
+use crate::tape::Tape;
+use crate::tensor::Tensor;
+
+const OP: &str = "prob_attention";
+
+/// Which Gaussian noise the attention draws for its value samples.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct NoiseKey {
+    pub seed: u64,
+    /// Draw index of sample 0; sample `s` uses draw `first_draw + s`.
+    pub first_draw: u64,
+    /// Monte-Carlo samples stacked in the leading dimension of every input.
+    pub samples: usize,
+    /// PVL adapter index.
+    pub adapter: u32,
+    /// 0: image->text attention, 1: text->image.
+    pub direction: u32,
+}
+
+impl NoiseKey {
+    /// The Philox stream of sample `sample`.
+    pub fn stream(&self, sample: usize) -> u64 {
+        stream_id(self.first_draw + sample as u64, self.adapter, self.direction)
+    }
+}
+
+/// The five inputs of the attention, borrowed.
+#[derive(Copy, Clone, Debug)]
+pub struct ProbAttentionInputs<'a> {
+    /// Queries `[S*B, Tq, C]`.
+    pub q: &'a Tensor,
+    /// Key means `[S*B, Tk, C]`.
+    pub k_mu: &'a Tensor,
+    /// Key variances `[S*B, Tk, C]` (positive).
+    pub k_var: &'a Tensor,
+    /// Value means `[S*B, Tk, C]`.
+    pub v_mu: &'a Tensor,
+    /// Value variances `[S*B, Tk, C]` (positive).
+    pub v_var: &'a Tensor,
+}
+
+impl<'a> ProbAttentionInputs<'a> {
+    fn all(&self) -> [&'a Tensor; 5] {
+        [self.q, self.k_mu, self.k_var, self.v_mu, self.v_var]
+    }
+}
+
+/// What the fused forward returns: the output and what its backward needs besides the inputs.
+#[derive(Clone, Debug)]
+pub struct ProbAttentionForward {
+    /// `O = A V_s`, `[S*B, Tq, C]`.
+    pub out: Tensor,
+    /// `log(sum_k exp(logit_k))` per query, `[S*B, Tq]`.
+    pub lse: Tensor,
+}
+
+/// Gradients of the five inputs; `None` for those not asked for.
+#[derive(Clone, Debug, Default)]
+pub struct ProbAttentionGrads {
+    pub q: Option<Tensor>,
+    pub k_mu: Option<Tensor>,
+    pub k_var: Option<Tensor>,
+    pub v_mu: Option<Tensor>,
+    pub v_var: Option<Tensor>,
+}
+
+/// Sizes of one call.
+#[derive(Copy, Clone, Debug)]
+struct Dims {
+    /// `S * B`.
+    rows: usize,
+    /// `B`: rows per sample.
+    batch: usize,
+    tq: usize,
+    tk: usize,
+    c: usize,
+}
+
+impl Dims {
+    fn inv_sqrt_c(&self) -> f32 {
+        1.0 / (self.c as f32).sqrt()
+    }
+
+    fn inv_c(&self) -> f32 {
+        1.0 / self.c as f32
+    }
+
+    /// Index of the first noise element of `row` (element (b, 0, 0) of the `[B, Tk, C]` draw).
+    fn noise_first(&self, row: usize) -> u64 {
+        ((row % self.batch) * self.tk * self.c) as u64
+    }
+}
+
+/// Checks the shapes against each other and the sample count.
+fn dims(x: &ProbAttentionInputs, noise: &NoiseKey) -> Result<Dims> {
+    let shapes = || {
+        format!(
+            "q {:?}, k_mu {:?}, k_var {:?}, v_mu {:?}, v_var {:?}",
+            x.q.shape(),
+            x.k_mu.shape(),
+            x.k_var.shape(),
+            x.v_mu.shape(),
+            x.v_var.shape()
+        )
+    };
+    if x.all().iter().any(|t| t.rank() != 3) {
+        return Err(Error::shape(OP, format!("expects rank-3 tensors [S*B, T, C], got {}", shapes())));
+    }
+    let [rows, tq, c] = [x.q.dim(0), x.q.dim(1), x.q.dim(2)];
+    let key_shape = x.k_mu.shape();
+    if [x.k_var, x.v_mu, x.v_var].iter().any(|t| t.shape() != key_shape) {
+        return Err(Error::shape(OP, format!("k_mu, k_var, v_mu and v_var must have one shape, got {}", shapes())));
+    }
+    if key_shape[0] != rows || key_shape[2] != c {
+        return Err(Error::shape(OP, format!("keys must be [{rows}, Tk, {c}] to match q, got {}", shapes())));
+    }
+    let tk = key_shape[1];
+    if rows == 0 || tq == 0 || tk == 0 || c == 0 {
+        return Err(Error::shape(OP, format!("needs non-empty tensors, got {}", shapes())));
+    }
+    if noise.samples == 0 || rows % noise.samples != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("{} samples do not divide the {rows} leading rows of {}", noise.samples, shapes()),
+        ));
+    }
+    Ok(Dims { rows, batch: rows / noise.samples, tq, tk, c })
+}
+
+/// The fused probabilistic cross-attention `O = softmax(S_mu - beta S_sigma) (V_mu + sqrt(V_var) eps)`,
+/// differentiable in all five inputs. See the module documentation for shapes and noise.
+#[allow(clippy::too_many_arguments)]
+pub fn prob_attention(
+    tape: &Tape,
+    q: &Tensor,
+    k_mu: &Tensor,
+    k_var: &Tensor,
+    v_mu: &Tensor,
+    v_var: &Tensor,
+    beta: f32,
+    noise: NoiseKey,
+) -> Result<Tensor> {
+    let inputs = ProbAttentionInputs { q, k_mu, k_var, v_mu, v_var };
+    let ProbAttentionForward { out, lse } = prob_attention_forward(inputs, beta, noise)?;
+    let saved_out = out.clone();
+    let saved: [Tensor; 5] = inputs.all().map(Tensor::clone);
+    let wanted = inputs.all().map(Tensor::needs_grad);
+    Ok(tape.record(out, &inputs.all(), move |d_out| {
+        let [q, k_mu, k_var, v_mu, v_var] = &saved;
+        let inputs = ProbAttentionInputs { q, k_mu, k_var, v_mu, v_var };
+        let g = prob_attention_backward(inputs, beta, noise, &saved_out, &lse, d_out, wanted)?;
+        Ok(vec![g.q, g.k_mu, g.k_var, g.v_mu, g.v_var])
+    }))
+}
+
+/// Untracked fused forward: the output and the per-query log-sum-exp its backward needs.
+pub fn prob_attention_forward(x: ProbAttentionInputs, beta: f32, noise: NoiseKey) -> Result<ProbAttentionForward> {
+    let d = dims(&x, &noise)?;
+    match same_device(OP, &x.all())? {
+        Device::Cpu => cpu_forward(&x, d, beta, &noise),
+        Device::Cuda(dev) => cuda_forward(&dev, &x, d, beta, &noise),
+    }
+}
+
+/// Untracked fused backward. `out` and `lse` come from [`prob_attention_forward`] on the same
+/// inputs and noise; `wanted` says which of (q, k_mu, k_var, v_mu, v_var) need a gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn prob_attention_backward(
+    x: ProbAttentionInputs,
+    beta: f32,
+    noise: NoiseKey,
+    out: &Tensor,
+    lse: &Tensor,
+    d_out: &Tensor,
+    wanted: [bool; 5],
+) -> Result<ProbAttentionGrads> {
+    let d = dims(&x, &noise)?;
+    if out.shape() != x.q.shape() || d_out.shape() != x.q.shape() || lse.shape() != [d.rows, d.tq] {
+        return Err(Error::shape(
+            "prob_attention_backward",
+            format!(
+                "out {:?} and d_out {:?} must match q {:?}, lse {:?} must be [{}, {}]",
+                out.shape(),
+                d_out.shape(),
+                x.q.shape(),
+                lse.shape(),
+                d.rows,
+                d.tq
+            ),
+        ));
+    }
+    if !wanted.contains(&true) {
+        return Ok(ProbAttentionGrads::default());
+    }
+    let mut all = x.all().to_vec();
+    all.extend([out, lse, d_out]);
+    match same_device("prob_attention_backward", &all)? {
+        Device::Cpu => cpu_backward(&x, d, beta, &noise, out, lse, d_out, wanted),
+        Device::Cuda(dev) => cuda_backward(&dev, &x, d, beta, &noise, out, lse, d_out, wanted),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// CPU reference: direct loops, rayon over rows and queries/keys.
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Elements `start .. start + len` of the noise under (seed, stream), drawn whole Philox blocks at
+/// a time.
+fn noise_range(seed: u64, stream: u64, start: u64, len: usize) -> Vec<f32> {
+    let first_block = start / 4;
+    let end_block = (start + len as u64).div_ceil(4);
+    let blocks: Vec<f32> = (first_block..end_block).flat_map(|b| normal_block(seed, stream, b)).collect();
+    blocks[(start % 4) as usize..][..len].to_vec()
+}
+
+/// One row's tensors as `[T, C]` slices.
+struct RowData<'a> {
+    q: &'a [f32],
+    k_mu: &'a [f32],
+    k_var: &'a [f32],
+    v_mu: &'a [f32],
+    v_var: &'a [f32],
+}
+
+/// The host data of all inputs, cut into rows.
+struct CpuInputs<'a> {
+    q: &'a [f32],
+    k_mu: &'a [f32],
+    k_var: &'a [f32],
+    v_mu: &'a [f32],
+    v_var: &'a [f32],
+    d: Dims,
+}
+
+impl<'a> CpuInputs<'a> {
+    fn new(x: &ProbAttentionInputs<'a>, d: Dims) -> Result<Self> {
+        Ok(CpuInputs {
+            q: x.q.cpu_data(OP)?,
+            k_mu: x.k_mu.cpu_data(OP)?,
+            k_var: x.k_var.cpu_data(OP)?,
+            v_mu: x.v_mu.cpu_data(OP)?,
+            v_var: x.v_var.cpu_data(OP)?,
+            d,
+        })
+    }
+
+    fn row(&self, r: usize) -> RowData<'a> {
+        let (qn, kn) = (self.d.tq * self.d.c, self.d.tk * self.d.c);
+        RowData {
+            q: &self.q[r * qn..][..qn],
+            k_mu: &self.k_mu[r * kn..][..kn],
+            k_var: &self.k_var[r * kn..][..kn],
+            v_mu: &self.v_mu[r * kn..][..kn],
+            v_var: &self.v_var[r * kn..][..kn],
+        }
+    }
+}
+
+/// The noise `eps` of one row, `[Tk, C]`.
+fn row_noise(d: Dims, noise: &NoiseKey, row: usize) -> Vec<f32> {
+    noise_range(noise.seed, noise.stream(row / d.batch), d.noise_first(row), d.tk * d.c)
+}
+
+/// `V_s = V_mu + sqrt(V_var) * eps` of one row.
+fn v_sample(x: &RowData, eps: &[f32]) -> Vec<f32> {
+    x.v_mu.iter().zip(x.v_var).zip(eps).map(|((m, v), e)| m + v.sqrt() * e).collect()
+}
+
+/// Logits of query row `q_i` against every key, and the S_sigma of each pair.
+fn logits(x: &RowData, d: Dims, q_i: &[f32], beta: f32) -> (Vec<f32>, Vec<f32>) {
+    let q_sq: Vec<f32> = q_i.iter().map(|v| v * v).collect();
+    (0..d.tk)
+        .map(|k| {
+            let mu = dot(q_i, &x.k_mu[k * d.c..][..d.c]) * d.inv_sqrt_c();
+            let sigma = (dot(&q_sq, &x.k_var[k * d.c..][..d.c]) * d.inv_c()).sqrt();
+            (mu - beta * sigma, sigma)
+        })
+        .unzip()
+}
+
+fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) -> Result<ProbAttentionForward> {
+    let data = CpuInputs::new(x, d)?;
+    let mut out = vec![0.0f32; d.rows * d.tq * d.c];
+    let mut lse = vec![0.0f32; d.rows * d.tq];
+    out.par_chunks_mut(d.tq * d.c).zip(lse.par_chunks_mut(d.tq)).enumerate().for_each(|(r, (out_r, lse_r))| {
+        let x = data.row(r);
+        let v_s = v_sample(&x, &row_noise(d, noise, r));
+        out_r.par_chunks_mut(d.c).zip(lse_r.par_iter_mut()).enumerate().for_each(|(i, (o_i, lse_i))| {
+            let (logit, _) = logits(&x, d, &x.q[i * d.c..][..d.c], beta);
+            let max = logit.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = logit.iter().map(|l| (l - max).exp()).collect();
+            let sum: f32 = weights.iter().sum();
+            for (k, w) in weights.iter().enumerate() {
+                let a = w / sum;
+                for (o, v) in o_i.iter_mut().zip(&v_s[k * d.c..][..d.c]) {
+                    *o += a * v;
+                }
+            }
+            *lse_i = max + sum.ln();
+        });
+    });
+    Ok(ProbAttentionForward {
+        out: Tensor::from_vec(out, &[d.rows, d.tq, d.c])?,
+        lse: Tensor::from_vec(lse, &[d.rows, d.tq])?,
+    })
+}
+
+/// Per (query, key) pair of one row: the attention weight A, the logit gradient
+/// g = A (dA - delta) and h = g / S_sigma (0 where S_sigma = 0, where sqrt has no derivative).
+struct PairGrads {
+    a: Vec<f32>,
+    g: Vec<f32>,
+    h: Vec<f32>,
+}
+
+/// The gradients of one row's five inputs (empty vectors for those not wanted).
+struct RowGrads {
+    q: Vec<f32>,
+    k_mu: Vec<f32>,
+    k_var: Vec<f32>,
+    v_mu: Vec<f32>,
+    v_var: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_row_backward(
+    x: &RowData,
+    d: Dims,
+    beta: f32,
+    eps: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    d_out: &[f32],
+    wanted: [bool; 5],
+) -> RowGrads {
+    let c = d.c;
+    let v_s = v_sample(x, eps);
+    // A, g and h for every pair, query-major [Tq, Tk].
+    let per_query: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.tq)
+        .into_par_iter()
+        .map(|i| {
+            let (logit, sigma) = logits(x, d, &x.q[i * c..][..c], beta);
+            let do_i = &d_out[i * c..][..c];
+            // delta = sum_k A dA = dO . O.
+            let delta = dot(do_i, &out[i * c..][..c]);
+            let mut row = (vec![0.0; d.tk], vec![0.0; d.tk], vec![0.0; d.tk]);
+            for k in 0..d.tk {
+                let a = (logit[k] - lse[i]).exp();
+                let g = a * (dot(do_i, &v_s[k * c..][..c]) - delta);
+                row.0[k] = a;
+                row.1[k] = g;
+                row.2[k] = if sigma[k] > 0.0 { g / sigma[k] } else { 0.0 };
+            }
+            row
+        })
+        .collect();
+    let pairs = PairGrads {
+        a: per_query.iter().flat_map(|p| p.0.iter().copied()).collect(),
+        g: per_query.iter().flat_map(|p| p.1.iter().copied()).collect(),
+        h: per_query.iter().flat_map(|p| p.2.iter().copied()).collect(),
+    };
+    let pair = |m: &[f32], i: usize, k: usize| m[i * d.tk + k];
+
+    // dQ_i = (1/sqrt(C)) sum_k g_ik K_mu_k - (beta/C) Q_i * sum_k h_ik K_var_k
+    let q_grad = |i: usize| -> Vec<f32> {
+        let mut from_mu = vec![0.0f32; c];
+        let mut from_var = vec![0.0f32; c];
+        for k in 0..d.tk {
+            let (g, h) = (pair(&pairs.g, i, k), pair(&pairs.h, i, k));
+            for ch in 0..c {
+                from_mu[ch] += g * x.k_mu[k * c + ch];
+                from_var[ch] += h * x.k_var[k * c + ch];
+            }
+        }
+        (0..c).map(|ch| from_mu[ch] * d.inv_sqrt_c() - beta * d.inv_c() * x.q[i * c + ch] * from_var[ch]).collect()
+    };
+    // dK_mu_k = (1/sqrt(C)) sum_i g_ik Q_i;  dK_var_k = -(beta/(2C)) sum_i h_ik Q_i^2;
+    // dV_s_k = sum_i A_ik dO_i (= dV_mu_k);  dV_var_k = dV_s_k * eps_k / (2 sqrt(V_var_k)).
+    let key_grads = |k: usize| -> [Vec<f32>; 3] {
+        let (mut kmu, mut kvar, mut vs) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
+        for i in 0..d.tq {
+            let (a, g, h) = (pair(&pairs.a, i, k), pair(&pairs.g, i, k), pair(&pairs.h, i, k));
+            for ch in 0..c {
+                let qv = x.q[i * c + ch];
+                kmu[ch] += g * qv;
+                kvar[ch] += h * qv * qv;
+                vs[ch] += a * d_out[i * c + ch];
+            }
+        }
+        kmu.iter_mut().for_each(|v| *v *= d.inv_sqrt_c());
+        kvar.iter_mut().for_each(|v| *v *= -0.5 * beta * d.inv_c());
+        [kmu, kvar, vs]
+    };
+
+    let q = if wanted[0] { (0..d.tq).into_par_iter().flat_map_iter(q_grad).collect() } else { Vec::new() };
+    let keys: Vec<[Vec<f32>; 3]> =
+        if wanted[1..].contains(&true) { (0..d.tk).into_par_iter().map(key_grads).collect() } else { Vec::new() };
+    let gather = |which: usize| -> Vec<f32> { keys.iter().flat_map(|k| k[which].iter().copied()).collect() };
+    let v_mu = if wanted[3] || wanted[4] { gather(2) } else { Vec::new() };
+    let v_var = if wanted[4] {
+        v_mu.iter().zip(eps).zip(x.v_var).map(|((dv, e), var)| dv * e / (2.0 * var.sqrt())).collect()
+    } else {
+        Vec::new()
+    };
+    RowGrads {
+        q,
+        k_mu: if wanted[1] { gather(0) } else { Vec::new() },
+        k_var: if wanted[2] { gather(1) } else { Vec::new() },
+        v_mu: if wanted[3] { v_mu } else { Vec::new() },
+        v_var,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_backward(
+    x: &ProbAttentionInputs,
+    d: Dims,
+    beta: f32,
+    noise: &NoiseKey,
+    out: &Tensor,
+    lse: &Tensor,
+    d_out: &Tensor,
+    wanted: [bool; 5],
+) -> Result<ProbAttentionGrads> {
+    let data = CpuInputs::new(x, d)?;
+    let (out, lse, d_out) = (out.cpu_data(OP)?, lse.cpu_data(OP)?, d_out.cpu_data(OP)?);
+    let qn = d.tq * d.c;
+    let rows: Vec<RowGrads> = (0..d.rows)
+        .into_par_iter()
+        .map(|r| {
+            let eps = row_noise(d, noise, r);
+            let (o, l, g) = (&out[r * qn..][..qn], &lse[r * d.tq..][..d.tq], &d_out[r * qn..][..qn]);
+            cpu_row_backward(&data.row(r), d, beta, &eps, o, l, g, wanted)
+        })
+        .collect();
+    let assemble = |wanted: bool, part: fn(&RowGrads) -> &Vec<f32>, shape: &[usize]| -> Result<Option<Tensor>> {
+        if !wanted {
+            return Ok(None);
+        }
+        Tensor::from_vec(rows.iter().flat_map(|r| part(r).iter().copied()).collect(), shape).map(Some)
+    };
+    let (q_shape, k_shape) = (x.q.shape(), x.k_mu.shape());
+    Ok(ProbAttentionGrads {
+        q: assemble(wanted[0], |r| &r.q, q_shape)?,
+        k_mu: assemble(wanted[1], |r| &r.k_mu, k_shape)?,
+        k_var: assemble(wanted[2], |r| &r.k_var, k_shape)?,
+        v_mu: assemble(wanted[3], |r| &r.v_mu, k_shape)?,
+        v_var: assemble(wanted[4], |r| &r.v_var, k_shape)?,
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA launchers for kernels/prob_attention.cu. The tile sizes mirror the #defines there.
+
+const THREADS: u32 = 256;
+const FWD_TQ: usize = 32;
+const FWD_TK: usize = 16;
+const KV_TK: usize = 16;
+const KV_TQ: usize = 16;
+/// Shared memory a block may use without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+/// The kernels spread C over the 32 lanes of a warp, at most 8 columns per lane.
+const MAX_CUDA_CHANNELS: usize = 256;
+
+/// The kernel variant for C channels: columns per lane 1, 2, 4 or 8.
+fn columns_per_lane(c: usize) -> Result<usize> {
+    match c {
+        1..=32 => Ok(1),
+        33..=64 => Ok(2),
+        65..=128 => Ok(4),
+        129..=MAX_CUDA_CHANNELS => Ok(8),
+        _ => {
+            Err(Error::shape(OP, format!("the CUDA kernels support at most {MAX_CUDA_CHANNELS} channels, got C = {c}")))
+        }
+    }
+}
+
+fn forward_shared_bytes(c: usize) -> usize {
+    4 * ((FWD_TQ + 2 * FWD_TK) * (c + 1) + FWD_TQ * FWD_TK + 3 * FWD_TQ)
+}
+
+fn dq_shared_bytes(c: usize) -> usize {
+    4 * ((2 * FWD_TQ + 3 * FWD_TK) * (c + 1) + 2 * FWD_TQ * FWD_TK + 2 * FWD_TQ)
+}
+
+fn dkv_shared_bytes(c: usize) -> usize {
+    4 * ((3 * KV_TK + 2 * KV_TQ) * (c + 1) + 3 * KV_TQ * KV_TK + 2 * KV_TQ)
+}
+
+/// A launch of one block per (row, tile of `tile` along `len`) with `shared` bytes of dynamic
+/// shared memory, opting the kernel in to more than the default 48 KiB when it needs it.
+fn tiled_launch(
+    f: &cudarc::driver::CudaFunction,
+    name: &str,
+    d: Dims,
+    len: usize,
+    tile: usize,
+    shared: usize,
+) -> Result<LaunchConfig> {
+    let tiles = len.div_ceil(tile);
+    if d.rows > i32::MAX as usize || tiles > 65_535 {
+        return Err(Error::shape(OP, format!("{} rows x {tiles} tiles exceed the CUDA grid", d.rows)));
+    }
+    if shared > DEFAULT_SHARED_BYTES {
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+            .map_err(Error::driver(format!("granting `{name}` {shared} bytes of shared memory")))?;
+    }
+    Ok(LaunchConfig {
+        grid_dim: (d.rows as u32, tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    })
+}
+
+/// The Philox stream of sample 0 and the step between consecutive samples' streams, so that a
+/// kernel finds sample s's stream as `first + s * stride` (stream ids are linear in the draw).
+fn stream_first_and_stride(noise: &NoiseKey) -> (u64, u64) {
+    let first = noise.stream(0);
+    let stride = if noise.samples > 1 { noise.stream(1) - first } else { 0 };
+    debug_assert_eq!(noise.stream(noise.samples - 1), first + (noise.samples as u64 - 1) * stride);
+    (first, stride)
+}
+
+/// The scalar arguments every attention kernel ends with, in kernel order.
+struct ScalarArgs {
+    batch: i32,
+    tq: i32,
+    tk: i32,
+    c: i32,
+    beta: f32,
+    seed: u64,
+    stream_first: u64,
+    stream_stride: u64,
+}
+
+impl ScalarArgs {
+    fn new(d: Dims, beta: f32, noise: &NoiseKey) -> Result<Self> {
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::shape(OP, format!("size {v} exceeds the kernels' 32-bit indexing")))
+        };
+        // Elements of one row are indexed with 32-bit ints inside the kernels.
+        int(d.tq.max(d.tk) * (d.c + 1))?;
+        let (stream_first, stream_stride) = stream_first_and_stride(noise);
+        Ok(ScalarArgs {
+            batch: int(d.batch)?,
+            tq: int(d.tq)?,
+            tk: int(d.tk)?,
+            c: int(d.c)?,
+            beta,
+            seed: noise.seed,
+            stream_first,
+            stream_stride,
+        })
+    }
+
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(&self.batch).arg(&self.tq).arg(&self.tk).arg(&self.c).arg(&self.beta);
+        b.arg(&self.seed).arg(&self.stream_first).arg(&self.stream_stride);
+    }
+}
+
+fn cuda_forward(
+    dev: &std::sync::Arc<CudaDevice>,
+    x: &ProbAttentionInputs,
+    d: Dims,
+    beta: f32,
+    noise: &NoiseKey,
+) -> Result<ProbAttentionForward> {
+    let name = format!("prob_attention_forward_c{}", columns_per_lane(d.c)?);
+    let f = dev.function(KernelFamily::ProbAttention, &name)?;
+    let cfg = tiled_launch(&f, &name, d, d.tq, FWD_TQ, forward_shared_bytes(d.c))?;
+    let scalars = ScalarArgs::new(d, beta, noise)?;
+    let mut out = dev.alloc(d.rows * d.tq * d.c)?;
+    let mut lse = dev.alloc(d.rows * d.tq)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut out).arg(&mut lse);
+    for t in x.all() {
+        b.arg(cuda_slice(t)?);
+    }
+    scalars.push(&mut b);
+    // SAFETY: arguments match `prob_attention_forward_cN(float* out, float* lse, const float* q,
+    // k_mu, k_var, v_mu, v_var, int batch, int Tq, int Tk, int C, float beta, u64 seed, u64
+    // stream_first, u64 stream_stride)`; `dims` checked q is [rows, Tq, C] and the others
+    // [rows, Tk, C]; out holds rows*Tq*C and lse rows*Tq floats, every element written once.
+    // The grid covers every (row, query tile); the shared memory size is the kernel's formula.
+    launch(&name, unsafe { b.launch(cfg) })?;
+    Ok(ProbAttentionForward {
+        out: cuda_output(dev, out, &[d.rows, d.tq, d.c]),
+        lse: cuda_output(dev, lse, &[d.rows, d.tq]),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_backward(
+    dev: &std::sync::Arc<CudaDevice>,
+    x: &ProbAttentionInputs,
+    d: Dims,
+    beta: f32,
+    noise: &NoiseKey,
+    out: &Tensor,
+    lse: &Tensor,
+    d_out: &Tensor,
+    wanted: [bool; 5],
+) -> Result<ProbAttentionGrads> {
+    let cpt = columns_per_lane(d.c)?;
+    let scalars = ScalarArgs::new(d, beta, noise)?;
+    let query_rows = d.rows * d.tq;
+
+    // delta = rowsum(dO * O), one warp per query row.
+    let mut delta = dev.alloc(query_rows)?;
+    {
+        let f = dev.function(KernelFamily::ProbAttention, "prob_attention_delta")?;
+        let (rows_i, c_i) = (query_rows as i64, scalars.c);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&mut delta).arg(cuda_slice(d_out)?).arg(cuda_slice(out)?).arg(&rows_i).arg(&c_i);
+        // SAFETY: arguments match `prob_attention_delta(float*, const float*, const float*, long long,
+        // int)`; d_out and out hold query_rows*C floats, delta query_rows. Warps grid-stride.
+        launch("prob_attention_delta", unsafe { b.launch(launch_elements(query_rows * 32)) })?;
+    }
+
+    let mut grads = ProbAttentionGrads::default();
+    if wanted[0] {
+        let name = format!("prob_attention_backward_dq_c{cpt}");
+        let f = dev.function(KernelFamily::ProbAttention, &name)?;
+        let cfg = tiled_launch(&f, &name, d, d.tq, FWD_TQ, dq_shared_bytes(d.c))?;
+        let mut dq = dev.alloc(query_rows * d.c)?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&mut dq).arg(cuda_slice(d_out)?).arg(cuda_slice(lse)?).arg(&delta);
+        for t in x.all() {
+            b.arg(cuda_slice(t)?);
+        }
+        scalars.push(&mut b);
+        // SAFETY: arguments match `prob_attention_backward_dq_cN(float* dq, const float* d_out,
+        // lse, delta, q, k_mu, k_var, v_mu, v_var, <scalars>)`; dq and d_out hold rows*Tq*C
+        // floats, lse and delta rows*Tq, the inputs their checked shapes. Every dq element is
+        // written by the block of its (row, query tile).
+        launch(&name, unsafe { b.launch(cfg) })?;
+        grads.q = Some(cuda_output(dev, dq, x.q.shape()));
+    }
+    if wanted[1..].contains(&true) {
+        let name = format!("prob_attention_backward_dkv_c{cpt}");
+        let f = dev.function(KernelFamily::ProbAttention, &name)?;
+        let cfg = tiled_launch(&f, &name, d, d.tk, KV_TK, dkv_shared_bytes(d.c))?;
+        let key_len = d.rows * d.tk * d.c;
+        let mut outputs: Vec<Option<CudaSlice<f32>>> = wanted[1..]
+            .iter()
+            .map(|&w| if w { dev.alloc(key_len).map(Some) } else { Ok(None) })
+            .collect::<Result<_>>()?;
+        let mut b = dev.stream().launch_builder(&f);
+        for slot in outputs.iter_mut() {
+            match slot {
+                Some(buf) => b.arg(buf),
+                None => b.arg(&NULL_DEVICE_PTR),
+            };
+        }
+        b.arg(cuda_slice(d_out)?).arg(cuda_slice(lse)?).arg(&delta);
+        for t in x.all() {
+            b.arg(cuda_slice(t)?);
+        }
+        scalars.push(&mut b);
+        // SAFETY: arguments match `prob_attention_backward_dkv_cN(float* dk_mu, dk_var, dv_mu,
+        // dv_var (each null or rows*Tk*C floats), const float* d_out, lse, delta, q, k_mu, k_var,
+        // v_mu, v_var, <scalars>)`; the kernel skips null outputs and writes every element of the
+        // others from the block of its (row, key tile).
+        launch(&name, unsafe { b.launch(cfg) })?;
+        drop(b);
+        let shape = x.k_mu.shape();
+        let [k_mu, k_var, v_mu, v_var] = <[Option<CudaSlice<f32>>; 4]>::try_from(outputs)
+            .unwrap_or_else(|_| unreachable!("one slot per key/value input"))
+            .map(|slot| slot.map(|buf| cuda_output(dev, buf, shape)));
+        (grads.k_mu, grads.k_var, grads.v_mu, grads.v_var) = (k_mu, k_var, v_mu, v_var);
+    }
+    Ok(grads)
+}
+
+// ------------------------------------------------------------------------------------------------
+// The composed version: generic differentiable ops only, for testing the fused op.
+
+/// The same function as [`prob_attention`] built from `matmul_with`, elementwise ops,
+/// `softmax_last` and `normal_noise`: slow (it materialises scores, weights and the V sample) but
+/// plainly the formula of spec §2.3, and differentiable through the tape.
+#[allow(clippy::too_many_arguments)]
+pub fn prob_attention_composed(
+    tape: &Tape,
+    q: &Tensor,
+    k_mu: &Tensor,
+    k_var: &Tensor,
+    v_mu: &Tensor,
+    v_var: &Tensor,
+    beta: f32,
+    noise: NoiseKey,
+) -> Result<Tensor> {
+    use super::{
+        add, concat_forward, matmul, matmul_with, mul, normal_noise, scale, softmax_last, sqrt, sub, MatmulOpts,
+    };
+    let x = ProbAttentionInputs { q, k_mu, k_var, v_mu, v_var };
+    let d = dims(&x, &noise)?;
+    let device = same_device(OP, &x.all())?;
+    let transposed_keys = |alpha: f32| MatmulOpts { transpose_a: false, transpose_b: true, alpha };
+
+    let s_mu = matmul_with(tape, q, k_mu, transposed_keys(d.inv_sqrt_c()))?;
+    let s_var = matmul_with(tape, &mul(tape, q, q)?, k_var, transposed_keys(d.inv_c()))?;
+    let s_sigma = sqrt(tape, &s_var)?;
+    let weights = softmax_last(tape, &sub(tape, &s_mu, &scale(tape, &s_sigma, beta)?)?, None)?;
+
+    let per_sample: Vec<Tensor> = (0..noise.samples)
+        .map(|s| normal_noise(&device, &[d.batch, d.tk, d.c], noise.seed, noise.stream(s)))
+        .collect::<Result<_>>()?;
+    let eps = concat_forward(&per_sample.iter().collect::<Vec<_>>(), 0)?;
+    let v_sample = add(tape, v_mu, &mul(tape, &sqrt(tape, v_var)?, &eps)?)?;
+    matmul(tape, &weights, &v_sample)
+}
