@@ -96,13 +96,13 @@ impl ModelConfig {
     /// Checks the relations the model relies on.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Invalid(format!("model config `{}`: {msg}", self.name)));
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return fail(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
         }
-        if self.vision_heads == 0 || self.vision_width % self.vision_heads != 0 {
+        if self.vision_heads == 0 || !self.vision_width.is_multiple_of(self.vision_heads) {
             return fail(format!("vision_width {} is not divisible by vision_heads {}", self.vision_width, self.vision_heads));
         }
-        if self.text_heads == 0 || self.text_width % self.text_heads != 0 {
+        if self.text_heads == 0 || !self.text_width.is_multiple_of(self.text_heads) {
             return fail(format!("text_width {} is not divisible by text_heads {}", self.text_width, self.text_heads));
         }
         if self.vision_layers != self.text_layers {
