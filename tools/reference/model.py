@@ -1,4 +1,4 @@
-"""MedCLIPSeg in plain PyTorch, written from /work/shared/spec/medclipseg.md (sections 1-5, 9-11).
+"""MedCLIPSeg in plain PyTorch, written from the project spec (shared/spec/medclipseg.md) (sections 1-5, 9-11).
 
 This is the reference the Rust engine is checked against (through committed fixtures). It follows the
 official code's maths, quirks included:

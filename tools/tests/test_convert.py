@@ -1,7 +1,7 @@
 """Tests of tools/convert_checkpoint.py.
 
-    /work/tools-cache/torchenv/bin/python tools/tests/test_convert.py            # the tests (~1-2 min)
-    /work/tools-cache/torchenv/bin/python tools/tests/test_convert.py --write-full-size DIR
+    python tools/tests/test_convert.py            # the tests (~1-2 min)
+    python tools/tests/test_convert.py --write-full-size DIR
         leaves the converted full-size (paper config) random checkpoint in DIR for the Rust side:
         DIR/model.safetensors (~860 MB), DIR/config.json and DIR/reference_io.safetensors (one input,
         its logits for seed 20261123 draw 0, and a few named activations).

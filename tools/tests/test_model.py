@@ -1,7 +1,7 @@
 """Checks of the PyTorch reference against independent formulations (torch built-ins, naive loops,
 the spec's numbers) and of the committed fixtures.
 
-    /work/tools-cache/torchenv/bin/python -m unittest discover -s tools/tests -v
+    python -m unittest discover -s tools/tests -v
 Optional: MEDCLIPSEG_OFFICIAL_REPO=<checkout of HealthX-Lab/MedCLIPSeg> also compares the PVL adapter
 with the official trainers/layers.py (torch only).
 """
