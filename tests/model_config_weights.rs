@@ -95,3 +95,12 @@ fn a_file_that_is_not_safetensors_is_reported_by_name() {
     assert!(err.contains("broken.safetensors") && err.contains("not a readable safetensors file"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A loaded model can be shared across threads by programs that embed the engine.
+#[test]
+fn model_and_tensors_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<MedClipSeg>();
+    assert_send_sync::<Tensor>();
+    assert_send_sync::<Device>();
+}
