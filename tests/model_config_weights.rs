@@ -104,3 +104,14 @@ fn model_and_tensors_can_be_shared_across_threads() {
     assert_send_sync::<Tensor>();
     assert_send_sync::<Device>();
 }
+
+#[test]
+fn a_non_finite_weight_is_refused_by_key() {
+    let mut tensors = tiny_tensors();
+    let mut values = vec![0.5f32; 24 * 24];
+    values[7] = f32::NAN;
+    tensors.insert("mask_head.2.weight".into(), Tensor::from_vec(values, &[24, 24]).unwrap());
+    let store = WeightStore::from_tensors("test weights", tensors);
+    let err = MedClipSeg::from_store(ModelConfig::tiny(), store, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("`mask_head.2.weight` holds a non-finite value"), "{err}");
+}

@@ -183,6 +183,11 @@ impl MedClipSeg {
         let (b, h, w) = (pixels.dim(0), self.config.image_size, self.config.image_size);
         let logits = ops::reshape(&tape, &out.logits, &[samples, b, h, w])?;
         let (probability, uncertainty) = mean_probability_and_entropy(&logits)?;
+        if ops::sum_all_forward(&probability)?.to_scalar()?.is_nan() {
+            return Err(Error::Invalid(
+                "the model produced non-finite probabilities (is the input image or the checkpoint damaged?)".into(),
+            ));
+        }
         Ok(Prediction { logits, probability, uncertainty })
     }
 }

@@ -88,6 +88,10 @@ impl WeightStore {
                 tensor.shape()
             )));
         }
+        // A NaN or infinity in a weight would silently poison every output: refuse it here.
+        if let Some(bad) = tensor.cpu_data("weights")?.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Weights(format!("{}: key `{key}` holds a non-finite value ({bad})", self.origin)));
+        }
         self.taken.insert(key.to_string());
         tensor.to_device(device)
     }
