@@ -173,6 +173,32 @@ struct SliceCopy {
 }
 
 impl SliceCopy {
+    /// Takes `len` of `size` positions from `start` along the middle axis: `[outer, size, inner]`
+    /// -> `[outer, len, inner]` (narrow).
+    fn take(outer: usize, inner: usize, size: usize, start: usize, len: usize) -> SliceCopy {
+        SliceCopy {
+            count: outer,
+            chunk: len * inner,
+            src_block: size * inner,
+            src_offset: start * inner,
+            dst_block: len * inner,
+            dst_offset: 0,
+        }
+    }
+
+    /// Places a `[outer, len, inner]` block at `start` along the middle axis of an
+    /// `[outer, size, inner]` one (narrow's backward, concat).
+    fn place(outer: usize, inner: usize, size: usize, start: usize, len: usize) -> SliceCopy {
+        SliceCopy {
+            count: outer,
+            chunk: len * inner,
+            src_block: len * inner,
+            src_offset: 0,
+            dst_block: size * inner,
+            dst_offset: start * inner,
+        }
+    }
+
     fn cpu(&self, dst: &mut [f32], src: &[f32]) {
         for o in 0..self.count {
             let from = &src[o * self.src_block + self.src_offset..][..self.chunk];
@@ -226,14 +252,7 @@ pub fn narrow_forward(x: &Tensor, dim: usize, start: usize, len: usize) -> Resul
     let (outer, inner) = outer_inner(x.shape(), dim);
     let mut out_shape = x.shape().to_vec();
     out_shape[dim] = len;
-    let copy = SliceCopy {
-        count: outer,
-        chunk: len * inner,
-        src_block: size * inner,
-        src_offset: start * inner,
-        dst_block: len * inner,
-        dst_offset: 0,
-    };
+    let copy = SliceCopy::take(outer, inner, size, start, len);
     match x.device() {
         Device::Cpu => {
             let mut out = vec![0.0; numel(&out_shape)];
@@ -262,14 +281,7 @@ pub fn narrow_backward(dy: &Tensor, input_shape: &[usize], dim: usize, start: us
     check_addressable("narrow_backward", input_shape)?;
     let (outer, inner) = outer_inner(input_shape, dim);
     let len = dy.shape()[dim];
-    let copy = SliceCopy {
-        count: outer,
-        chunk: len * inner,
-        src_block: len * inner,
-        src_offset: 0,
-        dst_block: input_shape[dim] * inner,
-        dst_offset: start * inner,
-    };
+    let copy = SliceCopy::place(outer, inner, input_shape[dim], start, len);
     match dy.device() {
         Device::Cpu => {
             let mut dx = vec![0.0; numel(input_shape)];
@@ -329,14 +341,7 @@ pub fn concat_forward(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
         xs.iter()
             .map(|x| {
                 let len = x.shape()[dim];
-                let copy = SliceCopy {
-                    count: outer,
-                    chunk: len * inner,
-                    src_block: len * inner,
-                    src_offset: 0,
-                    dst_block: out_shape[dim] * inner,
-                    dst_offset: start * inner,
-                };
+                let copy = SliceCopy::place(outer, inner, out_shape[dim], start, len);
                 start += len;
                 copy
             })
