@@ -35,3 +35,10 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = lane < warps ? scratch[lane] : neg_infinity();
     return warp_max(v);
 }
+
+// sum(a[c] * b[c]) over one row of `cols`, threads striding over the columns (returned to all).
+__device__ __forceinline__ float block_row_dot(const float* a, const float* b, int cols, float* scratch) {
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += a[c] * b[c];
+    return block_sum(dot, scratch);
+}

@@ -66,9 +66,7 @@ extern "C" __global__ void l2_normalize_backward(float* __restrict__ dx, const f
     const long row = blockIdx.x;
     const float* yr = y + row * cols;
     const float* dyr = dy + row * cols;
-    float dot = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += dyr[c] * yr[c];
-    dot = block_sum(dot, scratch);
+    const float dot = block_row_dot(dyr, yr, cols, scratch);
     const float n = norm[row];
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dx[row * cols + c] = (dyr[c] - yr[c] * dot) / n;
 }

@@ -34,9 +34,7 @@ extern "C" __global__ void softmax_backward(float* __restrict__ dx, const float*
     const long row = blockIdx.x;
     const float* yr = y + row * cols;
     const float* dyr = dy + row * cols;
-    float dot = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) dot += dyr[c] * yr[c];
-    dot = block_sum(dot, scratch);
+    const float dot = block_row_dot(dyr, yr, cols, scratch);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dx[row * cols + c] = yr[c] * (dyr[c] - dot);
 }
 
