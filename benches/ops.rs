@@ -1,0 +1,88 @@
+//! Op microbenchmarks: `cargo bench --bench ops`. Each op is first checked on the GPU against the
+//! CPU reference, then timed on every device with the device synchronised around each repeat.
+//! Figures are only meaningful on the GPU machine (ENGINE.md §6); on a machine without one this
+//! times the CPU backend.
+
+use std::time::Instant;
+
+use mcs_engine::cuda::gpu_available;
+use mcs_engine::ops::{self, MatmulOpts, NoiseKey};
+use mcs_engine::{Device, Tape, Tensor};
+
+/// Median wall time of `repeats` runs of `f`, synchronising the device after each.
+fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> Tensor) -> f64 {
+    f(); // warm-up: module loading, allocator
+    device.synchronize().unwrap();
+    let mut times: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            device.synchronize().unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[repeats / 2]
+}
+
+fn random(shape: &[usize], seed: u64, device: &Device) -> Tensor {
+    ops::normal_noise(device, shape, seed, 0).unwrap()
+}
+
+/// Paper-size shapes: batch 1 with 30 Monte-Carlo samples stacked, width 768, 197 image tokens,
+/// 256 text tokens, adapter width 256.
+fn cases(device: &Device) -> Vec<(&'static str, f64, Box<dyn FnMut() -> Tensor>)> {
+    let t = Tape::inference();
+    let s = 30;
+    let x = random(&[s, 197, 768], 1, device);
+    let w = random(&[3072, 768], 2, device);
+    let ln_w = Tensor::ones(&[768], device).unwrap();
+    let ln_b = Tensor::zeros(&[768], device).unwrap();
+    let scores = random(&[s * 12, 197, 197], 3, device);
+    let q = random(&[s, 197, 256], 4, device);
+    let k = random(&[s, 256, 256], 5, device);
+    let var = ops::softplus(&t, &random(&[s, 256, 256], 6, device)).unwrap();
+    let gemm_flops = 2.0 * (s * 197) as f64 * 768.0 * 3072.0;
+    let noise = NoiseKey { seed: 7, first_draw: 0, samples: s, adapter: 0, direction: 0 };
+    vec![
+        ("linear 5910x768 -> 3072", gemm_flops / 1e9, {
+            let (x, w) = (x.clone(), w.clone());
+            Box::new(move || ops::matmul_with(&Tape::inference(), &x, &w, MatmulOpts { transpose_b: true, ..Default::default() }).unwrap())
+        }),
+        ("layer_norm 5910x768", 0.0, {
+            let x = x.clone();
+            Box::new(move || ops::layer_norm(&Tape::inference(), &x, &ln_w, &ln_b, 1e-5).unwrap())
+        }),
+        ("softmax 360x197x197", 0.0, Box::new(move || ops::softmax_last(&Tape::inference(), &scores, None).unwrap())),
+        ("quick_gelu 30x197x768", 0.0, Box::new(move || ops::quick_gelu(&Tape::inference(), &x).unwrap())),
+        ("prob_attention S=30 197x256 keys 256", 0.0, {
+            Box::new(move || ops::prob_attention(&Tape::inference(), &q, &k, &var, &k, &var, 2.35, noise).unwrap())
+        }),
+    ]
+}
+
+fn main() {
+    let mut devices = vec![Device::Cpu];
+    if gpu_available() {
+        devices.push(Device::cuda(0).expect("a GPU was detected but could not be opened"));
+        // Validate first: the GPU results of every case against the CPU reference.
+        let (cpu_cases, gpu_cases) = (cases(&Device::Cpu), cases(&devices[1]));
+        for ((name, _, mut on_cpu), (_, _, mut on_gpu)) in cpu_cases.into_iter().zip(gpu_cases) {
+            let (a, b) = (on_cpu().to_vec().unwrap(), on_gpu().to_vec().unwrap());
+            let scale = a.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            // Same maths in f32 with other summation orders: far below 1e-3 relative unless broken.
+            assert!(diff <= 1e-3 * scale, "{name}: GPU differs from the CPU reference by {diff:e}");
+        }
+    } else {
+        eprintln!("no GPU: timing the CPU backend only");
+    }
+    for device in &devices {
+        let repeats = if device.is_cuda() { 50 } else { 3 };
+        for (name, gflop, mut run) in cases(device) {
+            let ms = median_ms(device, repeats, &mut run);
+            let rate = if gflop > 0.0 { format!("  {:.1} GFLOP/s", gflop / ms * 1e3) } else { String::new() };
+            println!("{:<6} {name:<40} {ms:>9.3} ms{rate}", device.name());
+        }
+    }
+}
