@@ -23,46 +23,47 @@ struct Cli {
 enum Command {
     /// Segment an image from a text prompt: writes the binary mask, the mean foreground
     /// probability and the uncertainty (entropy of the mean over Monte-Carlo samples) as PNGs.
-    Predict {
-        /// Input image (PNG or JPEG). Without it a built-in synthetic picture is used.
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// What to segment, e.g. "one small round polyp in the upper left of the image".
-        #[arg(long, default_value = "a small bright circle in the upper left of the image")]
-        prompt: String,
-        /// Model config: a preset name (tiny, unimedclip-vit-b16) or a config.json path.
-        #[arg(long, default_value = "tiny")]
-        config: String,
-        /// Weights (safetensors with the official MedCLIPSeg keys). Without it random weights are
-        /// used, which exercises the whole pipeline but segments nothing meaningful.
-        #[arg(long)]
-        weights: Option<PathBuf>,
-        /// tokenizer.json (BERT WordPiece). Defaults to weights/tiny/tokenizer.json for `tiny`.
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// Monte-Carlo samples (the paper uses 30).
-        #[arg(long, default_value_t = 30)]
-        samples: usize,
-        /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
-        #[arg(long, default_value_t = 666)]
-        seed: u64,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Folder for mask.png, probability.png and uncertainty.png.
-        #[arg(long, default_value = "out")]
-        out: PathBuf,
-    },
+    Predict(PredictArgs),
     /// Show the devices, how the CUDA kernels are built, and the model presets.
     Info,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// Input image (PNG or JPEG). Without it a built-in synthetic picture is used.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// What to segment, e.g. "one small round polyp in the upper left of the image".
+    #[arg(long, default_value = "a small bright circle in the upper left of the image")]
+    prompt: String,
+    /// Model config: a preset name (tiny, unimedclip-vit-b16) or a config.json path.
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    /// Weights (safetensors with the official MedCLIPSeg keys). Without it random weights are
+    /// used, which exercises the whole pipeline but segments nothing meaningful.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// tokenizer.json (BERT WordPiece). Defaults to weights/tiny/tokenizer.json for `tiny`.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Monte-Carlo samples (the paper uses 30).
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
+    #[arg(long, default_value_t = 666)]
+    seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Folder for mask.png, probability.png and uncertainty.png.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Predict { image, prompt, config, weights, tokenizer, samples, seed, device, out } => {
-            predict(image.as_deref(), &prompt, &config, weights.as_deref(), tokenizer.as_deref(), samples, seed, &device, &out)
-        }
+        Command::Predict(args) => predict(&args),
         Command::Info => info(),
     };
     match result {
@@ -79,18 +80,9 @@ fn load_config(spec: &str) -> Result<ModelConfig> {
     if path.is_file() { ModelConfig::load(path) } else { ModelConfig::preset(spec) }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn predict(
-    image: Option<&Path>,
-    prompt: &str,
-    config: &str,
-    weights: Option<&Path>,
-    tokenizer: Option<&Path>,
-    samples: usize,
-    seed: u64,
-    device: &str,
-    out: &Path,
-) -> Result<()> {
+fn predict(args: &PredictArgs) -> Result<()> {
+    let PredictArgs { image, prompt, config, weights, tokenizer, samples, seed, device, out } = args;
+    let (samples, seed) = (*samples, *seed);
     let config = load_config(config)?;
     let device = Device::parse(device)?;
     let tokenizer_path = match tokenizer {
