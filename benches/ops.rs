@@ -29,9 +29,12 @@ fn random(shape: &[usize], seed: u64, device: &Device) -> Tensor {
     ops::normal_noise(device, shape, seed, 0).unwrap()
 }
 
+/// One timed op: its label, its work in GFLOP (0 when a rate is not meaningful), and the call.
+type Case = (&'static str, f64, Box<dyn FnMut() -> Tensor>);
+
 /// Paper-size shapes: batch 1 with 30 Monte-Carlo samples stacked, width 768, 197 image tokens,
 /// 256 text tokens, adapter width 256.
-fn cases(device: &Device) -> Vec<(&'static str, f64, Box<dyn FnMut() -> Tensor>)> {
+fn cases(device: &Device) -> Vec<Case> {
     let t = Tape::inference();
     let s = 30;
     let x = random(&[s, 197, 768], 1, device);
