@@ -215,6 +215,13 @@ impl Tensor {
         Ok(Tensor::from_storage(storage, self.shape().to_vec()).with_needs_grad(self.needs_grad()))
     }
 
+    /// The storage for writing in place, when this handle is its only owner (no clone, view or
+    /// tape entry shares it). Optimisers update parameters through this between steps, so a
+    /// parameter is never reallocated; `None` means someone else can still see the data.
+    pub fn storage_mut(&mut self) -> Option<&mut Storage> {
+        Arc::get_mut(&mut self.0).and_then(|inner| Arc::get_mut(&mut inner.storage))
+    }
+
     /// The host data of a CPU tensor, or an error naming the op that needed it.
     pub fn cpu_data(&self, op: &'static str) -> Result<&[f32]> {
         match &*self.0.storage {

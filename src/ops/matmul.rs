@@ -158,17 +158,38 @@ pub fn matmul_backward(
 /// elementwise pass is needed.
 pub fn linear(tape: &Tape, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = linear_forward(x, weight, bias)?;
-    let (x_saved, w_saved) = (x.clone(), weight.clone());
+    // Save only what the backward needs: dX needs W, dW needs X. A frozen layer (no weight
+    // gradient) therefore keeps its weight, which exists anyway, and not its input activation.
+    let (need_x, need_w) = (x.needs_grad(), weight.needs_grad());
+    let x_shape = x.shape().to_vec();
+    let x_saved = need_w.then(|| x.clone());
+    let w_saved = need_x.then(|| weight.clone());
+    let w_shape = weight.shape().to_vec();
     let has_bias = bias.is_some();
     let bias_needs_grad = bias.is_some_and(|b| b.needs_grad());
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     Ok(tape.record(y, &inputs, move |dy| {
-        let (dx, dw, db) =
-            linear_backward(&x_saved, &w_saved, dy, x_saved.needs_grad(), w_saved.needs_grad(), bias_needs_grad)?;
+        let dx = w_saved.as_ref().map(|w| linear_backward_input(dy, w, &x_shape)).transpose()?;
+        let dw = x_saved.as_ref().map(|x| linear_backward_weight(dy, x, &w_shape)).transpose()?;
+        let db = bias_needs_grad.then(|| column_sums(dy)).transpose()?;
         // One gradient per recorded input: the bias is an input only when given.
         Ok(if has_bias { vec![dx, dw, db] } else { vec![dx, dw] })
     }))
+}
+
+/// dX = dY W (`[rows, out] x [out, in]`) for an input of shape `x_shape`.
+fn linear_backward_input(dy: &Tensor, weight: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    let (outputs, inputs) = (weight.dim(0), weight.dim(1));
+    let rows = dy.numel() / outputs.max(1);
+    gemm("linear_backward", dy, weight, Gemm::new(rows, outputs, inputs, false, false, 1.0), None, x_shape)
+}
+
+/// dW = dY^T X (`[out, rows] x [rows, in]`).
+fn linear_backward_weight(dy: &Tensor, x: &Tensor, w_shape: &[usize]) -> Result<Tensor> {
+    let (outputs, inputs) = (w_shape[0], w_shape[1]);
+    let rows = x.numel() / inputs.max(1);
+    gemm("linear_backward", dy, x, Gemm::new(outputs, rows, inputs, true, false, 1.0), None, w_shape)
 }
 
 struct LinearShape {
@@ -227,13 +248,8 @@ pub fn linear_backward(
             format!("gradient {:?} does not match the output shape {:?}", dy.shape(), s.out_shape),
         ));
     }
-    // dX = dY W ([rows, out] x [out, in]); dW = dY^T X ([out, rows] x [rows, in]).
-    let dx = need_x
-        .then(|| gemm("linear_backward", dy, weight, Gemm::new(s.rows, s.outputs, s.inputs, false, false, 1.0), None, x.shape()))
-        .transpose()?;
-    let dw = need_weight
-        .then(|| gemm("linear_backward", dy, x, Gemm::new(s.outputs, s.rows, s.inputs, true, false, 1.0), None, weight.shape()))
-        .transpose()?;
+    let dx = need_x.then(|| linear_backward_input(dy, weight, x.shape())).transpose()?;
+    let dw = need_weight.then(|| linear_backward_weight(dy, x, weight.shape())).transpose()?;
     let db = need_bias.then(|| column_sums(dy)).transpose()?;
     Ok((dx, dw, db))
 }
