@@ -2,7 +2,7 @@
 //! hidden states, image->text then text->image probabilistic cross-attention, up-projections.
 
 use super::config::ModelConfig;
-use super::layers::{Linear, Loader, Norm};
+use super::layers::{Linear, Loader, Norm, Param};
 use crate::error::Result;
 use crate::ops::{self, NoiseKey};
 use crate::tape::Tape;
@@ -43,7 +43,7 @@ pub struct ProbCrossAttention {
     out_proj: Linear,
     norm_k: Norm,
     norm_v: Norm,
-    gate: Tensor,
+    gate: Param,
 }
 
 /// What the adapter's intermediate results are, for parity traces.
@@ -60,10 +60,10 @@ impl PvlAdapter {
         let a = c.adapter_dim;
         Ok(PvlAdapter {
             index: index as u32,
-            vis_down: Linear::load(l, &format!("{p}.proj_vis_down.0"), a, c.vision_width, false, true)?,
-            txt_down: Linear::load(l, &format!("{p}.proj_txt_down"), a, c.text_width, false, true)?,
-            vis_up: Linear::load(l, &format!("{p}.proj_vis_up"), c.vision_width, a, false, true)?,
-            txt_up: Linear::load(l, &format!("{p}.proj_txt_up"), c.text_width, a, false, true)?,
+            vis_down: Linear::load(l, &format!("{p}.proj_vis_down.0"), a, c.vision_width, false)?,
+            txt_down: Linear::load(l, &format!("{p}.proj_txt_down"), a, c.text_width, false)?,
+            vis_up: Linear::load(l, &format!("{p}.proj_vis_up"), c.vision_width, a, false)?,
+            txt_up: Linear::load(l, &format!("{p}.proj_txt_up"), c.text_width, a, false)?,
             img_to_txt: ProbCrossAttention::load(l, c, &format!("{p}.two_way.cross_attn_img_to_txt"))?,
             txt_to_img: ProbCrossAttention::load(l, c, &format!("{p}.two_way.cross_attn_txt_to_img"))?,
         })
@@ -89,6 +89,16 @@ impl PvlAdapter {
             t_prime,
         })
     }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut all = Vec::new();
+        for linear in [&mut self.vis_down, &mut self.txt_down, &mut self.vis_up, &mut self.txt_up] {
+            all.extend(linear.params_mut());
+        }
+        all.extend(self.img_to_txt.params_mut());
+        all.extend(self.txt_to_img.params_mut());
+        all
+    }
 }
 
 impl ProbCrossAttention {
@@ -97,13 +107,13 @@ impl ProbCrossAttention {
         Ok(ProbCrossAttention {
             dim: d,
             beta: c.beta,
-            q_proj: Linear::load(l, &format!("{p}.q_proj"), d, d, true, true)?,
-            k_proj: Linear::load(l, &format!("{p}.k_proj"), 2 * d, d, true, true)?,
-            v_proj: Linear::load(l, &format!("{p}.v_proj"), 2 * d, d, true, true)?,
-            out_proj: Linear::load(l, &format!("{p}.out_proj"), d, d, true, true)?,
-            norm_k: Norm::load(l, &format!("{p}.norm_k"), d, c.adapter_ln_eps, true)?,
-            norm_v: Norm::load(l, &format!("{p}.norm_v"), d, c.adapter_ln_eps, true)?,
-            gate: l.trainable(&format!("{p}.gate"), &[])?,
+            q_proj: Linear::load(l, &format!("{p}.q_proj"), d, d, true)?,
+            k_proj: Linear::load(l, &format!("{p}.k_proj"), 2 * d, d, true)?,
+            v_proj: Linear::load(l, &format!("{p}.v_proj"), 2 * d, d, true)?,
+            out_proj: Linear::load(l, &format!("{p}.out_proj"), d, d, true)?,
+            norm_k: Norm::load(l, &format!("{p}.norm_k"), d, c.adapter_ln_eps)?,
+            norm_v: Norm::load(l, &format!("{p}.norm_v"), d, c.adapter_ln_eps)?,
+            gate: l.param(&format!("{p}.gate"), &[])?,
         })
     }
 
@@ -123,8 +133,19 @@ impl ProbCrossAttention {
         let (v_mu, v_var) = self.mean_and_variance(tape, &self.v_proj.forward(tape, z)?, &self.norm_v)?;
         let o = ops::prob_attention(tape, &q, &k_mu, &k_var, &v_mu, &v_var, self.beta, noise)?;
         let o = self.out_proj.forward(tape, &o)?;
-        let g = ops::sigmoid(tape, &self.gate)?;
+        let g = ops::sigmoid(tape, &self.gate.value)?;
         let keep = ops::add_scalar(tape, &ops::neg(tape, &g)?, 1.0)?;
         ops::add(tape, &ops::mul(tape, &g, &o)?, &ops::mul(tape, &keep, x)?)
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut all = Vec::new();
+        for linear in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.out_proj] {
+            all.extend(linear.params_mut());
+        }
+        all.extend(self.norm_k.params_mut());
+        all.extend(self.norm_v.params_mut());
+        all.push(&mut self.gate);
+        all
     }
 }

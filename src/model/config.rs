@@ -44,6 +44,15 @@ pub struct ModelConfig {
     pub text_ln_eps: f32,
     pub adapter_ln_eps: f32,
     pub decoder_ln_eps: f32,
+    /// Parameters whose key contains one of these strings are trained; all others are frozen
+    /// (the official rule: `pvl_adapters`, `mask_head`, `upscale`). A model trained from scratch
+    /// lists the towers too.
+    #[serde(default = "official_trainable")]
+    pub trainable: Vec<String>,
+}
+
+fn official_trainable() -> Vec<String> {
+    ["pvl_adapters", "mask_head", "upscale"].map(String::from).to_vec()
 }
 
 const PRESETS: &[(&str, &str)] = &[
@@ -100,7 +109,10 @@ impl ModelConfig {
             return fail(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
         }
         if self.vision_heads == 0 || !self.vision_width.is_multiple_of(self.vision_heads) {
-            return fail(format!("vision_width {} is not divisible by vision_heads {}", self.vision_width, self.vision_heads));
+            return fail(format!(
+                "vision_width {} is not divisible by vision_heads {}",
+                self.vision_width, self.vision_heads
+            ));
         }
         if self.text_heads == 0 || !self.text_width.is_multiple_of(self.text_heads) {
             return fail(format!("text_width {} is not divisible by text_heads {}", self.text_width, self.text_heads));
@@ -125,9 +137,18 @@ impl ModelConfig {
         }
         let upscaled = self.grid() << self.num_upscale;
         if upscaled > self.image_size {
-            return fail(format!("{} upscale blocks take the {}-patch grid past the image size", self.num_upscale, self.grid()));
+            return fail(format!(
+                "{} upscale blocks take the {}-patch grid past the image size",
+                self.num_upscale,
+                self.grid()
+            ));
         }
         Ok(())
+    }
+
+    /// True when the parameter `key` is trained under this config.
+    pub fn is_trainable(&self, key: &str) -> bool {
+        self.trainable.iter().any(|part| key.contains(part.as_str()))
     }
 
     /// Patches per side.

@@ -4,7 +4,7 @@
 //! head, their per-pixel dot product gives low-resolution logits, bilinearly resized to the image.
 
 use super::config::ModelConfig;
-use super::layers::{Linear, Loader, Norm};
+use super::layers::{Linear, Loader, Norm, Param};
 use crate::error::Result;
 use crate::ops;
 use crate::tape::Tape;
@@ -20,9 +20,9 @@ pub struct Decoder {
 
 pub struct ScaleBlock {
     /// `ConvTranspose2d` weight `[in, out, 2, 2]` seen as `[in, out*4]`.
-    up_weight: Tensor,
-    up_bias: Tensor,
-    depthwise: Tensor,
+    up_weight: Param,
+    up_bias: Param,
+    depthwise: Param,
     norm: Norm,
 }
 
@@ -45,14 +45,14 @@ impl Decoder {
             .map(|i| {
                 let p = format!("upscale.{i}");
                 Ok(ScaleBlock {
-                    up_weight: l.trainable(&format!("{p}.conv1.weight"), &[e, e, 2, 2])?,
-                    up_bias: l.trainable(&format!("{p}.conv1.bias"), &[e])?,
-                    depthwise: l.trainable(&format!("{p}.conv2.weight"), &[e, 1, 3, 3])?,
-                    norm: Norm::load(l, &format!("{p}.norm"), e, c.decoder_ln_eps, true)?,
+                    up_weight: l.param(&format!("{p}.conv1.weight"), &[e, e, 2, 2])?,
+                    up_bias: l.param(&format!("{p}.conv1.bias"), &[e])?,
+                    depthwise: l.param(&format!("{p}.conv2.weight"), &[e, 1, 3, 3])?,
+                    norm: Norm::load(l, &format!("{p}.norm"), e, c.decoder_ln_eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let head = |l: &mut Loader, i: usize| Linear::load(l, &format!("mask_head.{i}"), e, e, true, true);
+        let head = |l: &mut Loader, i: usize| Linear::load(l, &format!("mask_head.{i}"), e, e, true);
         Ok(Decoder {
             grid: c.grid(),
             image_size: c.image_size,
@@ -88,6 +88,18 @@ impl Decoder {
         let logits = ops::reshape(tape, &logits, &[b, self.image_size, self.image_size])?;
         Ok(DecoderOutput { features, query, logits_lowres, logits })
     }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut all = Vec::new();
+        for block in &mut self.upscale {
+            all.extend([&mut block.up_weight, &mut block.up_bias, &mut block.depthwise]);
+            all.extend(block.norm.params_mut());
+        }
+        for layer in &mut self.mask_head {
+            all.extend(layer.params_mut());
+        }
+        all
+    }
 }
 
 impl ScaleBlock {
@@ -97,14 +109,14 @@ impl ScaleBlock {
         // Stride equals kernel size, so every output pixel gets exactly one input pixel:
         // out[b, 2i+di, 2j+dj, o] = sum_c x[b, i, j, c] W[c, o, di, dj] + bias[o].
         let rows = ops::reshape(tape, x, &[b * h * w, e])?;
-        let weight = ops::reshape(tape, &self.up_weight, &[e, e * 4])?;
+        let weight = ops::reshape(tape, &self.up_weight.value, &[e, e * 4])?;
         let y = ops::matmul(tape, &rows, &weight)?; // columns ordered (o, di, dj)
         let y = ops::reshape(tape, &y, &[b, h, w, e, 2, 2])?;
         let y = ops::permute(tape, &y, &[0, 1, 4, 2, 5, 3])?; // [B, h, di, w, dj, E]
         let y = ops::reshape(tape, &y, &[b, 2 * h, 2 * w, e])?;
-        let y = ops::add(tape, &y, &self.up_bias)?;
+        let y = ops::add(tape, &y, &self.up_bias.value)?;
         let y = ops::gelu(tape, &y)?;
-        let y = ops::depthwise_conv3x3_nhwc(tape, &y, &self.depthwise)?;
+        let y = ops::depthwise_conv3x3_nhwc(tape, &y, &self.depthwise.value)?;
         self.norm.forward(tape, &y)
     }
 }

@@ -1,92 +1,91 @@
 //! Building blocks shared by the towers, the adapters and the decoder: loading parameters by
 //! official key, linear layers, layer norms and multi-head attention.
 
-use std::collections::BTreeMap;
-
 use crate::device::Device;
 use crate::error::Result;
+use crate::model::config::ModelConfig;
 use crate::model::weights::WeightStore;
 use crate::ops;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 
-/// Takes parameters out of a [`WeightStore`] by key, moves them to the device, marks the
-/// trainable ones, and remembers every parameter under its key (for saving and optimisers).
+/// One parameter of the model under its official key. The layer that uses it is its only owner,
+/// so an optimiser can update it in place between steps ([`Tensor::storage_mut`]).
+pub struct Param {
+    pub key: String,
+    pub value: Tensor,
+}
+
+/// Takes parameters out of a [`WeightStore`] by key, moves them to the device, and marks as
+/// trainable exactly those the config's `trainable` list names.
 pub struct Loader<'a> {
     store: &'a mut WeightStore,
     device: Device,
-    params: BTreeMap<String, Tensor>,
+    config: &'a ModelConfig,
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(store: &'a mut WeightStore, device: &Device) -> Loader<'a> {
-        Loader { store, device: device.clone(), params: BTreeMap::new() }
+    pub fn new(store: &'a mut WeightStore, config: &'a ModelConfig, device: &Device) -> Loader<'a> {
+        Loader { store, device: device.clone(), config }
     }
 
-    /// A frozen parameter (no gradient).
-    pub fn frozen(&mut self, key: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.store.take(key, shape, &self.device)?;
-        self.params.insert(key.to_string(), t.clone());
-        Ok(t)
-    }
-
-    /// A trainable parameter (the tape produces its gradient).
-    pub fn trainable(&mut self, key: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.store.take(key, shape, &self.device)?.into_trainable();
-        self.params.insert(key.to_string(), t.clone());
-        Ok(t)
-    }
-
-    pub fn param(&mut self, key: &str, shape: &[usize], trainable: bool) -> Result<Tensor> {
-        if trainable { self.trainable(key, shape) } else { self.frozen(key, shape) }
-    }
-
-    pub fn into_params(self) -> BTreeMap<String, Tensor> {
-        self.params
+    /// The parameter `key`, checked to have `shape`; trainable when the config says so.
+    pub fn param(&mut self, key: &str, shape: &[usize]) -> Result<Param> {
+        let value = self.store.take(key, shape, &self.device)?;
+        let value = if self.config.is_trainable(key) { value.into_trainable() } else { value };
+        Ok(Param { key: key.to_string(), value })
     }
 }
 
 /// `y = x W^T (+ b)` with PyTorch's `[out, in]` weight layout.
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    pub weight: Param,
+    pub bias: Option<Param>,
 }
 
 impl Linear {
-    pub fn load(l: &mut Loader, prefix: &str, out: usize, inp: usize, bias: bool, trainable: bool) -> Result<Linear> {
-        let weight = l.param(&format!("{prefix}.weight"), &[out, inp], trainable)?;
-        let bias = if bias { Some(l.param(&format!("{prefix}.bias"), &[out], trainable)?) } else { None };
+    pub fn load(l: &mut Loader, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = l.param(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias { Some(l.param(&format!("{prefix}.bias"), &[out])?) } else { None };
         Ok(Linear { weight, bias })
     }
 
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
-        ops::linear(tape, x, &self.weight, self.bias.as_ref())
+        ops::linear(tape, x, &self.weight.value, self.bias.as_ref().map(|b| &b.value))
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        std::iter::once(&mut self.weight).chain(self.bias.as_mut()).collect()
     }
 }
 
 /// LayerNorm over the last dimension.
 pub struct Norm {
-    pub weight: Tensor,
-    pub bias: Tensor,
+    pub weight: Param,
+    pub bias: Param,
     pub eps: f32,
 }
 
 impl Norm {
-    pub fn load(l: &mut Loader, prefix: &str, width: usize, eps: f32, trainable: bool) -> Result<Norm> {
+    pub fn load(l: &mut Loader, prefix: &str, width: usize, eps: f32) -> Result<Norm> {
         Ok(Norm {
-            weight: l.param(&format!("{prefix}.weight"), &[width], trainable)?,
-            bias: l.param(&format!("{prefix}.bias"), &[width], trainable)?,
+            weight: l.param(&format!("{prefix}.weight"), &[width])?,
+            bias: l.param(&format!("{prefix}.bias"), &[width])?,
             eps,
         })
     }
 
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(tape, x, &self.weight, &self.bias, self.eps)
+        ops::layer_norm(tape, x, &self.weight.value, &self.bias.value, self.eps)
     }
 
     /// `(x + residual, LayerNorm(x + residual))` in one kernel.
     pub fn add_forward(&self, tape: &Tape, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
-        ops::add_layer_norm(tape, x, residual, &self.weight, &self.bias, self.eps)
+        ops::add_layer_norm(tape, x, residual, &self.weight.value, &self.bias.value, self.eps)
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        vec![&mut self.weight, &mut self.bias]
     }
 }
 
@@ -107,7 +106,14 @@ pub fn merge_heads(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 /// Multi-head scaled dot-product attention over already projected `[B, T, W]` queries, keys and
 /// values, with an optional additive key mask `[B, Tk]`. Returns `[B, Tq, W]` before the output
 /// projection.
-pub fn multi_head_attention(tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn multi_head_attention(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let head_dim = q.dim(-1) / heads;
     let (q, k, v) = (split_heads(tape, q, heads)?, split_heads(tape, k, heads)?, split_heads(tape, v, heads)?);
     let o = ops::scaled_dot_product_attention(tape, &q, &k, &v, key_mask, 1.0 / (head_dim as f32).sqrt())?;

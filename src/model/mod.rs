@@ -14,7 +14,7 @@ use std::path::Path;
 
 pub use adapter::Sampling;
 pub use config::ModelConfig;
-use layers::{repeat_batch, Loader};
+use layers::{repeat_batch, Loader, Param};
 use weights::WeightStore;
 
 use crate::device::Device;
@@ -33,7 +33,9 @@ pub struct MedClipSeg {
     text: text::TextTower,
     adapters: Vec<adapter::PvlAdapter>,
     decoder: decoder::Decoder,
-    params: BTreeMap<String, Tensor>,
+    /// Every parameter by key: clones of the layers' handles, for reading and saving. Dropped
+    /// while parameters are updated in place (see [`MedClipSeg::update_parameters`]).
+    catalogue: BTreeMap<String, Tensor>,
 }
 
 /// Named intermediate tensors of one forward pass, recorded only when enabled (parity tests and
@@ -84,16 +86,58 @@ impl MedClipSeg {
     /// Builds the model from a weight store holding every key of the config (spec §9).
     pub fn from_store(config: ModelConfig, mut store: WeightStore, device: &Device) -> Result<MedClipSeg> {
         config.validate()?;
-        let mut l = Loader::new(&mut store, device);
+        let mut l = Loader::new(&mut store, &config, device);
         let vision = vision::VisionTower::load(&mut l, &config)?;
         let text = text::TextTower::load(&mut l, &config)?;
         let adapters = (0..config.adapter_layers.len())
             .map(|k| adapter::PvlAdapter::load(&mut l, &config, k))
             .collect::<Result<Vec<_>>>()?;
         let decoder = decoder::Decoder::load(&mut l, &config)?;
-        let params = l.into_params();
         store.finish(UNUSED_KEYS)?;
-        Ok(MedClipSeg { config, device: device.clone(), vision, text, adapters, decoder, params })
+        let mut model =
+            MedClipSeg { config, device: device.clone(), vision, text, adapters, decoder, catalogue: BTreeMap::new() };
+        model.rebuild_catalogue();
+        Ok(model)
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut all = self.vision.params_mut();
+        all.extend(self.text.params_mut());
+        for adapter in &mut self.adapters {
+            all.extend(adapter.params_mut());
+        }
+        all.extend(self.decoder.params_mut());
+        all
+    }
+
+    fn rebuild_catalogue(&mut self) {
+        let catalogue = self.params_mut().into_iter().map(|p| (p.key.clone(), p.value.clone())).collect();
+        self.catalogue = catalogue;
+    }
+
+    /// Calls `update` with every trainable parameter (in key order) as the only handle to its
+    /// storage, so the update can write in place. Fails, naming the key, when something else
+    /// (a live tape, a caller's clone) still holds a parameter.
+    pub fn update_parameters(&mut self, update: impl FnOnce(&mut [(&str, &mut Tensor)]) -> Result<()>) -> Result<()> {
+        self.catalogue.clear();
+        let result = (|| {
+            let mut trainable: Vec<&mut Param> =
+                self.params_mut().into_iter().filter(|p| p.value.needs_grad()).collect();
+            trainable.sort_by(|a, b| a.key.cmp(&b.key));
+            for p in trainable.iter_mut() {
+                if p.value.storage_mut().is_none() {
+                    return Err(Error::Invalid(format!(
+                        "parameter `{}` cannot be updated in place: another handle (a live tape or a clone) still holds it",
+                        p.key
+                    )));
+                }
+            }
+            let mut view: Vec<(&str, &mut Tensor)> =
+                trainable.into_iter().map(|p| (p.key.as_str(), &mut p.value)).collect();
+            update(&mut view)
+        })();
+        self.rebuild_catalogue();
+        result
     }
 
     /// Loads `weights` (safetensors with the official keys) for `config` onto `device`.
@@ -111,13 +155,25 @@ impl MedClipSeg {
 
     /// Every parameter by official key (trainable ones report `needs_grad`).
     pub fn parameters(&self) -> &BTreeMap<String, Tensor> {
-        &self.params
+        &self.catalogue
+    }
+
+    /// The trainable parameters by key.
+    pub fn trainable_parameters(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.catalogue.iter().filter(|(_, t)| t.needs_grad())
     }
 
     /// Runs both towers with the adapters, then the decoder. `pixels` is `[B, 3, H, W]`
     /// (normalised), `ids` holds `B * context` token ids. The batch is stacked `sampling.samples`
     /// times at the first adapter (everything before it is deterministic and computed once).
-    pub fn forward(&self, tape: &Tape, pixels: &Tensor, ids: &[u32], sampling: Sampling, trace: &mut Trace) -> Result<ForwardOutput> {
+    pub fn forward(
+        &self,
+        tape: &Tape,
+        pixels: &Tensor,
+        ids: &[u32],
+        sampling: Sampling,
+        trace: &mut Trace,
+    ) -> Result<ForwardOutput> {
         let c = &self.config;
         if pixels.rank() != 4 || pixels.dim(1) != 3 || pixels.dim(2) != c.image_size || pixels.dim(3) != c.image_size {
             return Err(Error::shape(

@@ -3,7 +3,7 @@
 //! mask on keys, and the projected `[CLS]` token as the text embedding.
 
 use super::config::ModelConfig;
-use super::layers::{multi_head_attention, Linear, Loader, Norm};
+use super::layers::{multi_head_attention, Linear, Loader, Norm, Param};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops;
@@ -14,13 +14,13 @@ pub struct TextTower {
     context: usize,
     width: usize,
     pad_id: u32,
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
+    word_embeddings: Param,
+    position_embeddings: Param,
+    token_type_embeddings: Param,
     embeddings_norm: Norm,
     pub layers: Vec<BertLayer>,
-    proj_hidden: Tensor,
-    proj_out: Tensor,
+    proj_hidden: Param,
+    proj_out: Param,
 }
 
 pub struct BertLayer {
@@ -45,14 +45,20 @@ impl TextTower {
                 let p = format!("{PREFIX}.encoder.layer.{i}");
                 Ok(BertLayer {
                     heads: c.text_heads,
-                    query: Linear::load(l, &format!("{p}.attention.self.query"), w, w, true, false)?,
-                    key: Linear::load(l, &format!("{p}.attention.self.key"), w, w, true, false)?,
-                    value: Linear::load(l, &format!("{p}.attention.self.value"), w, w, true, false)?,
-                    attention_out: Linear::load(l, &format!("{p}.attention.output.dense"), w, w, true, false)?,
-                    attention_norm: Norm::load(l, &format!("{p}.attention.output.LayerNorm"), w, eps, false)?,
-                    intermediate: Linear::load(l, &format!("{p}.intermediate.dense"), c.text_intermediate_dim, w, true, false)?,
-                    output: Linear::load(l, &format!("{p}.output.dense"), w, c.text_intermediate_dim, true, false)?,
-                    output_norm: Norm::load(l, &format!("{p}.output.LayerNorm"), w, eps, false)?,
+                    query: Linear::load(l, &format!("{p}.attention.self.query"), w, w, true)?,
+                    key: Linear::load(l, &format!("{p}.attention.self.key"), w, w, true)?,
+                    value: Linear::load(l, &format!("{p}.attention.self.value"), w, w, true)?,
+                    attention_out: Linear::load(l, &format!("{p}.attention.output.dense"), w, w, true)?,
+                    attention_norm: Norm::load(l, &format!("{p}.attention.output.LayerNorm"), w, eps)?,
+                    intermediate: Linear::load(
+                        l,
+                        &format!("{p}.intermediate.dense"),
+                        c.text_intermediate_dim,
+                        w,
+                        true,
+                    )?,
+                    output: Linear::load(l, &format!("{p}.output.dense"), w, c.text_intermediate_dim, true)?,
+                    output_norm: Norm::load(l, &format!("{p}.output.LayerNorm"), w, eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -60,15 +66,16 @@ impl TextTower {
             context: c.text_context_length,
             width: w,
             pad_id: c.text_pad_id,
-            word_embeddings: l.frozen(&format!("{PREFIX}.embeddings.word_embeddings.weight"), &[c.text_vocab_size, w])?,
+            word_embeddings: l
+                .param(&format!("{PREFIX}.embeddings.word_embeddings.weight"), &[c.text_vocab_size, w])?,
             position_embeddings: l
-                .frozen(&format!("{PREFIX}.embeddings.position_embeddings.weight"), &[c.text_max_positions, w])?,
+                .param(&format!("{PREFIX}.embeddings.position_embeddings.weight"), &[c.text_max_positions, w])?,
             token_type_embeddings: l
-                .frozen(&format!("{PREFIX}.embeddings.token_type_embeddings.weight"), &[c.text_type_vocab_size, w])?,
-            embeddings_norm: Norm::load(l, &format!("{PREFIX}.embeddings.LayerNorm"), w, eps, false)?,
+                .param(&format!("{PREFIX}.embeddings.token_type_embeddings.weight"), &[c.text_type_vocab_size, w])?,
+            embeddings_norm: Norm::load(l, &format!("{PREFIX}.embeddings.LayerNorm"), w, eps)?,
             layers,
-            proj_hidden: l.frozen("text_model.proj.0.weight", &[c.text_proj_hidden, w])?,
-            proj_out: l.frozen("text_model.proj.2.weight", &[c.embed_dim, c.text_proj_hidden])?,
+            proj_hidden: l.param("text_model.proj.0.weight", &[c.text_proj_hidden, w])?,
+            proj_out: l.param("text_model.proj.2.weight", &[c.embed_dim, c.text_proj_hidden])?,
         })
     }
 
@@ -80,7 +87,7 @@ impl TextTower {
                 format!("{} token ids for a batch of {batch} at context length {}", ids.len(), self.context),
             ));
         }
-        let vocab = self.word_embeddings.dim(0);
+        let vocab = self.word_embeddings.value.dim(0);
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary of {vocab} entries")));
         }
@@ -90,10 +97,10 @@ impl TextTower {
     /// `[B, L, width]` embeddings after LayerNorm: `(word + token_type[0]) + position`, HF order.
     pub fn embed(&self, tape: &Tape, ids: &[u32], batch: usize) -> Result<Tensor> {
         self.check_ids(ids, batch)?;
-        let words = ops::index_select_rows(tape, &self.word_embeddings, ids)?;
+        let words = ops::index_select_rows(tape, &self.word_embeddings.value, ids)?;
         let words = ops::reshape(tape, &words, &[batch, self.context, self.width])?;
-        let token_type = ops::narrow(tape, &self.token_type_embeddings, 0, 0, 1)?;
-        let positions = ops::narrow(tape, &self.position_embeddings, 0, 0, self.context)?;
+        let token_type = ops::narrow(tape, &self.token_type_embeddings.value, 0, 0, 1)?;
+        let positions = ops::narrow(tape, &self.position_embeddings.value, 0, 0, self.context)?;
         let x = ops::add(tape, &words, &token_type)?;
         let x = ops::add(tape, &x, &positions)?;
         self.embeddings_norm.forward(tape, &x)
@@ -110,9 +117,20 @@ impl TextTower {
     pub fn pool(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
         let cls = ops::narrow(tape, x, 1, 0, 1)?;
         let cls = ops::reshape(tape, &cls, &[x.dim(0), self.width])?;
-        let h = ops::linear(tape, &cls, &self.proj_hidden, None)?;
+        let h = ops::linear(tape, &cls, &self.proj_hidden.value, None)?;
         let h = ops::gelu(tape, &h)?;
-        ops::linear(tape, &h, &self.proj_out, None)
+        ops::linear(tape, &h, &self.proj_out.value, None)
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut all = vec![&mut self.word_embeddings, &mut self.position_embeddings, &mut self.token_type_embeddings];
+        all.extend(self.embeddings_norm.params_mut());
+        for layer in &mut self.layers {
+            all.extend(layer.params_mut());
+        }
+        all.push(&mut self.proj_hidden);
+        all.push(&mut self.proj_out);
+        all
     }
 }
 
@@ -131,5 +149,22 @@ impl BertLayer {
         let h = self.output.forward(tape, &h)?;
         let (_, x2) = self.output_norm.add_forward(tape, &h, &x1)?;
         Ok(x2)
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut all = Vec::new();
+        for linear in [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attention_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ] {
+            all.extend(linear.params_mut());
+        }
+        all.extend(self.attention_norm.params_mut());
+        all.extend(self.output_norm.params_mut());
+        all
     }
 }
