@@ -78,7 +78,7 @@ fn tensors(values: &[Vec<f32>], device: &Device) -> Vec<Tensor> {
 
 /// Runs `steps` Adam steps on `device` from the deterministic parameters and gradients; returns
 /// the final parameters and the state.
-fn run_steps(device: &Device, steps: u64, lr: f32, cfg: AdamConfig) -> (Vec<Tensor>, AdamState) {
+fn run_steps(device: &Device, steps: u64, lr: f64, cfg: AdamConfig) -> (Vec<Tensor>, AdamState) {
     let mut params = tensors(&initial_params(1), device);
     let mut state = AdamState::new(&params.iter().collect::<Vec<_>>()).unwrap();
     for t in 1..=steps {
@@ -98,11 +98,11 @@ fn cpu_steps_match_f64_reference_of_pytorch_formula() {
     // The defaults, and betas whose lerp weight 1 - beta1 = 0.7 takes PyTorch's other lerp branch.
     let configs = [AdamConfig::default(), AdamConfig { beta1: 0.3, beta2: 0.99, eps: 1e-6 }];
     for cfg in configs {
-        let (lr, steps) = (1e-2f32, 6);
+        let (lr, steps) = (1e-2, 6);
         let (params, state) = run_steps(&Device::Cpu, steps, lr, cfg);
         let mut reference = ReferenceAdam::new(&initial_params(1));
         for t in 1..=steps {
-            reference.step(&gradients(2, t), lr as f64, cfg);
+            reference.step(&gradients(2, t), lr, cfg);
         }
         assert_eq!(state.step_count(), steps);
         for (i, p) in params.iter().enumerate() {
@@ -128,7 +128,7 @@ fn cpu_steps_match_f64_reference_of_pytorch_formula() {
 fn first_step_moves_every_element_by_the_learning_rate() {
     // At t = 1 the bias-corrected moments are g and g^2, so the update is lr * g / (|g| + eps):
     // lr * sign(g) up to eps / |g| <= 1e-8 / 1e-3 relative.
-    let lr = 3e-3f32;
+    let lr = 3e-3;
     let start = initial_params(1);
     let (params, _) = run_steps(&Device::Cpu, 1, lr, AdamConfig::default());
     for ((p, p0), g) in params.iter().zip(&start).zip(gradients(2, 1)) {
@@ -138,7 +138,7 @@ fn first_step_moves_every_element_by_the_learning_rate() {
             }
             let moved = (before as f64 - after as f64) * g.signum() as f64;
             // Rounding of the f32 parameter (<= 6e-8 each side) dominates the eps term (<= 3e-8).
-            assert!((moved - lr as f64).abs() < 2e-7, "moved {moved} for gradient {g}, lr {lr}");
+            assert!((moved - lr).abs() < 2e-7, "moved {moved} for gradient {g}, lr {lr}");
         }
     }
 }
@@ -212,7 +212,7 @@ fn mismatched_shapes_counts_and_hyper_parameters_are_errors() {
     let bad = AdamConfig { eps: 0.0, ..AdamConfig::default() };
     let err = adam_step(&mut [&mut p], &[&g], &mut state, 1e-3, bad).unwrap_err().to_string();
     assert!(err.contains("eps"), "{err}");
-    let err = adam_step(&mut [&mut p], &[&g], &mut state, f32::NAN, AdamConfig::default()).unwrap_err().to_string();
+    let err = adam_step(&mut [&mut p], &[&g], &mut state, f64::NAN, AdamConfig::default()).unwrap_err().to_string();
     assert!(err.contains("learning rate") && err.contains("NaN"), "{err}");
     assert_eq!(state.step_count(), 0, "a rejected step must not count");
 
