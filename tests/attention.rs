@@ -1,10 +1,13 @@
 //! Scaled dot-product attention (src/ops/attention.rs) against a naive f64 loop, with and without
-//! a padding mask, on every device; GPU against CPU; gradients against finite differences.
+//! a padding mask, on every device; GPU against CPU; gradients against finite differences; and
+//! dropout on the probabilities against the same loop with the Philox mask applied.
 
 mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
-use mcs_engine::ops::scaled_dot_product_attention;
+use mcs_engine::ops::{
+    dropout_keeps, scaled_dot_product_attention, scaled_dot_product_attention_with_dropout, DropoutKey,
+};
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
 
@@ -22,6 +25,20 @@ struct Dims {
 /// Naive attention in f64: for each (batch, head, query), softmax over keys of
 /// scale * q.k + mask, then the weighted sum of value rows.
 fn attention_f64(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, scale: f32, s: Dims) -> Vec<f32> {
+    attention_f64_with_dropout(q, k, v, mask, scale, s, |_| 1.0)
+}
+
+/// [`attention_f64`] with each probability multiplied by `dropout_factor(index)`, its row-major
+/// index in the `[B, H, Tq, Tk]` probabilities (0 when dropped, 1 / (1 - p) when kept).
+fn attention_f64_with_dropout(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    scale: f32,
+    s: Dims,
+    dropout_factor: impl Fn(usize) -> f64,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; s.b * s.h * s.tq * s.dv];
     for bi in 0..s.b {
         for hi in 0..s.h {
@@ -38,9 +55,13 @@ fn attention_f64(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, scale: f
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
+                let row = (head * s.tq + qi) * s.tk;
                 for c in 0..s.dv {
-                    let value: f64 =
-                        (0..s.tk).map(|ki| weights[ki] / total * v[(head * s.tk + ki) * s.dv + c] as f64).sum();
+                    let value: f64 = (0..s.tk)
+                        .map(|ki| {
+                            weights[ki] / total * dropout_factor(row + ki) * v[(head * s.tk + ki) * s.dv + c] as f64
+                        })
+                        .sum();
                     out[(head * s.tq + qi) * s.dv + c] = value as f32;
                 }
             }
@@ -169,4 +190,109 @@ fn bad_shapes_are_errors_naming_the_shapes() {
     assert!(err.contains("[3, 5, 8]"), "{err}");
     let err = message(scaled_dot_product_attention(&tape, &q, &k, &v, Some(&t(&[2, 5])), 1.0));
     assert!(err.contains("mask") && err.contains("[2, 5]") && err.contains("[2, 7]"), "{err}");
+}
+
+const DROPOUT_KEY: DropoutKey = DropoutKey { seed: 99, stream: 1234 };
+
+/// Random q, k, v and the padding mask of one problem, as CPU values.
+fn problem(s: Dims, seed: u64) -> [Vec<f32>; 4] {
+    [
+        random_vec(seed, s.b * s.h * s.tq * s.d, -1.0, 1.0),
+        random_vec(seed + 1, s.b * s.h * s.tk * s.d, -1.0, 1.0),
+        random_vec(seed + 2, s.b * s.h * s.tk * s.dv, -1.0, 1.0),
+        padding_mask(s.b, s.tk),
+    ]
+}
+
+#[test]
+fn dropout_of_zero_equals_plain_attention_bit_for_bit() {
+    let s = Dims { b: 2, h: 3, tq: 5, tk: 9, d: 8, dv: 4 };
+    let [q, k, v, mask] = problem(s, 31);
+    for device in devices() {
+        let t = |data: &[f32], shape: &[usize]| Tensor::from_slice(data, shape, &device).unwrap();
+        let (q, k, v, m) = (t(&q, &[2, 3, 5, 8]), t(&k, &[2, 3, 9, 8]), t(&v, &[2, 3, 9, 4]), t(&mask, &[2, 9]));
+        let tape = Tape::inference();
+        let plain = scaled_dot_product_attention(&tape, &q, &k, &v, Some(&m), 0.3).unwrap();
+        let zero =
+            scaled_dot_product_attention_with_dropout(&tape, &q, &k, &v, Some(&m), 0.3, Some((0.0, DROPOUT_KEY)))
+                .unwrap();
+        assert_eq!(plain.to_vec().unwrap(), zero.to_vec().unwrap(), "on {}", device.name());
+    }
+}
+
+#[test]
+fn dropout_on_probabilities_matches_f64_reference() {
+    let s = Dims { b: 2, h: 2, tq: 7, tk: 33, d: 16, dv: 8 };
+    let p = 0.25f32;
+    let [q, k, v, mask] = problem(s, 41);
+    let factor = |i: usize| if dropout_keeps(DROPOUT_KEY, p, i as u64) { 1.0 / (1.0 - p as f64) } else { 0.0 };
+    let want = attention_f64_with_dropout(&q, &k, &v, Some(&mask), 0.25, s, factor);
+    let plain = attention_f64(&q, &k, &v, Some(&mask), 0.25, s);
+    assert!(want.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3), "dropout changed nothing");
+    for device in devices() {
+        let t = |data: &[f32], shape: &[usize]| Tensor::from_slice(data, shape, &device).unwrap();
+        let y = scaled_dot_product_attention_with_dropout(
+            &Tape::inference(),
+            &t(&q, &[s.b, s.h, s.tq, s.d]),
+            &t(&k, &[s.b, s.h, s.tk, s.d]),
+            &t(&v, &[s.b, s.h, s.tk, s.dv]),
+            Some(&t(&mask, &[s.b, s.tk])),
+            0.25,
+            Some((p, DROPOUT_KEY)),
+        )
+        .unwrap();
+        // As the plain case (1e-5), with kept probabilities scaled by 4/3: sums of values in
+        // [-1, 1] weighted by up to 4/3 of a convex combination.
+        assert_close(&format!("attention with dropout on {}", device.name()), &y.to_vec().unwrap(), &want, 2e-5, 1e-5);
+    }
+}
+
+// As the plain gradient check: the dropout mask is fixed by its key, so it only rescales paths.
+#[test]
+fn attention_with_dropout_gradients_match_finite_differences() {
+    let s = Dims { b: 2, h: 2, tq: 3, tk: 4, d: 3, dv: 2 };
+    let [q, k, v, mask] = problem(s, 51);
+    let inputs = [(q, vec![s.b, s.h, s.tq, s.d]), (k, vec![s.b, s.h, s.tk, s.d]), (v, vec![s.b, s.h, s.tk, s.dv])];
+    check_gradients("attention with dropout", &inputs, &[], 1e-2, 2e-3, 1e-2, |tape, p| {
+        let m = Tensor::from_vec(mask.clone(), &[s.b, s.tk])?;
+        scaled_dot_product_attention_with_dropout(tape, &p[0], &p[1], &p[2], Some(&m), 0.8, Some((0.3, DROPOUT_KEY)))
+    });
+}
+
+#[test]
+fn gpu_matches_cpu_with_dropout() {
+    let Some(gpu) = gpu() else { return };
+    let s = Dims { b: 2, h: 3, tq: 33, tk: 65, d: 16, dv: 24 };
+    let [q, k, v, mask] = problem(s, 61);
+    let dy = random_vec(65, s.b * s.h * s.tq * s.dv, -1.0, 1.0);
+    let run = |device: &Device| {
+        let t = |data: &[f32], shape: &[usize]| Tensor::from_slice(data, shape, device).unwrap();
+        let tape = Tape::new();
+        let q = t(&q, &[s.b, s.h, s.tq, s.d]).into_trainable();
+        let k = t(&k, &[s.b, s.h, s.tk, s.d]).into_trainable();
+        let v = t(&v, &[s.b, s.h, s.tk, s.dv]).into_trainable();
+        let m = t(&mask, &[s.b, s.tk]);
+        let y = scaled_dot_product_attention_with_dropout(&tape, &q, &k, &v, Some(&m), 0.25, Some((0.1, DROPOUT_KEY)))
+            .unwrap();
+        let grads = tape.backward_from(&y, t(&dy, y.shape())).unwrap();
+        let mut out = vec![y.to_vec().unwrap()];
+        out.extend([&q, &k, &v].map(|x| grads.get(x).unwrap().to_vec().unwrap()));
+        out
+    };
+    let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+    for (i, what) in ["output", "dq", "dk", "dv"].iter().enumerate() {
+        // The masks are bit-identical; the rest is the plain case's tolerance (sums of <= 65 terms
+        // in different orders), with kept probabilities scaled by 1 / 0.9.
+        assert_close(&format!("attention with dropout {what} gpu vs cpu"), &on_gpu[i], &on_cpu[i], 2e-5, 1e-4);
+    }
+}
+
+#[test]
+fn attention_dropout_probability_outside_zero_one_is_an_error() {
+    let t = |shape: &[usize]| Tensor::zeros(shape, &Device::Cpu).unwrap();
+    let (q, k, v) = (t(&[1, 1, 2, 4]), t(&[1, 1, 3, 4]), t(&[1, 1, 3, 2]));
+    let err = scaled_dot_product_attention_with_dropout(&Tape::new(), &q, &k, &v, None, 1.0, Some((1.0, DROPOUT_KEY)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dropout") && err.contains('1'), "unexpected message: {err}");
 }

@@ -1,6 +1,8 @@
-//! Scaled dot-product attention composed from batched GEMMs and the masked row softmax; its
-//! gradient comes from theirs. Tests: `tests/attention.rs`.
+//! Scaled dot-product attention composed from batched GEMMs and the masked row softmax (with
+//! optional dropout on the probabilities); its gradient comes from theirs.
+//! Tests: `tests/attention.rs`.
 
+use super::dropout::{dropout, DropoutKey};
 use super::matmul::{matmul, matmul_with, MatmulOpts};
 use super::softmax::softmax_last;
 use crate::error::{Error, Result};
@@ -21,11 +23,30 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f32,
 ) -> Result<Tensor> {
+    scaled_dot_product_attention_with_dropout(tape, q, k, v, mask, scale, None)
+}
+
+/// [`scaled_dot_product_attention`] with dropout `(p, key)` applied to the softmax probabilities
+/// before they weight the values, as BERT's attention does in training. The mask element of
+/// probability `[b, h, i, j]` is its row-major index in the `[B, H, Tq, Tk]` probabilities.
+pub fn scaled_dot_product_attention_with_dropout(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+    dropout_on_probabilities: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
     check_shapes(q, k, v, mask)?;
     let scores = matmul_with(tape, q, k, MatmulOpts { transpose_b: true, alpha: scale, ..MatmulOpts::default() })?;
     // Scores rows are laid out [B, H * Tq] x Tk, so a [B, Tk] mask row covers H * Tq
     // consecutive rows: exactly softmax_last's grouped mask.
     let probabilities = softmax_last(tape, &scores, mask)?;
+    let probabilities = match dropout_on_probabilities {
+        Some((p, key)) => dropout(tape, &probabilities, p, key)?,
+        None => probabilities,
+    };
     matmul(tape, &probabilities, v)
 }
 

@@ -5,7 +5,9 @@
 //! Differentiable ops take the [`Tape`](crate::tape::Tape) first. `*_forward` / `*_backward`
 //! functions are untracked: backward rules call only those, so replaying the tape records nothing.
 
+pub mod adam;
 pub mod attention;
+pub mod dropout;
 pub mod elementwise;
 pub mod layernorm;
 pub mod matmul;
@@ -16,7 +18,9 @@ pub mod reduce;
 pub mod softmax;
 pub mod spatial;
 
+pub use adam::*;
 pub use attention::*;
+pub use dropout::*;
 pub use elementwise::*;
 pub use layernorm::*;
 pub use matmul::*;
