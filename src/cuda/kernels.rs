@@ -27,6 +27,8 @@ pub enum KernelFamily {
     Philox,
     Spatial,
     ProbAttention,
+    Loss,
+    SoftCon,
 }
 
 impl KernelFamily {
@@ -39,6 +41,8 @@ impl KernelFamily {
         KernelFamily::Philox,
         KernelFamily::Spatial,
         KernelFamily::ProbAttention,
+        KernelFamily::Loss,
+        KernelFamily::SoftCon,
     ];
 
     /// The file name under `kernels/` without `.cu`.
@@ -52,6 +56,8 @@ impl KernelFamily {
             KernelFamily::Philox => "philox",
             KernelFamily::Spatial => "spatial",
             KernelFamily::ProbAttention => "prob_attention",
+            KernelFamily::Loss => "loss",
+            KernelFamily::SoftCon => "softcon",
         }
     }
 

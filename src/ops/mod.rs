@@ -8,22 +8,26 @@
 pub mod attention;
 pub mod elementwise;
 pub mod layernorm;
+pub mod loss;
 pub mod matmul;
 pub mod movement;
 pub mod prob_attention;
 pub mod random;
 pub mod reduce;
+pub mod softcon;
 pub mod softmax;
 pub mod spatial;
 
 pub use attention::*;
 pub use elementwise::*;
 pub use layernorm::*;
+pub use loss::*;
 pub use matmul::*;
 pub use movement::*;
 pub use prob_attention::*;
 pub use random::*;
 pub use reduce::*;
+pub use softcon::*;
 pub use softmax::*;
 pub use spatial::*;
 
