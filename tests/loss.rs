@@ -153,7 +153,11 @@ fn row_dice_ignores_row_zero() {
         let ((l1, g1), (l2, _)) = (run(&x, &y, DiceMode::Rows), run(&x2, &y2, DiceMode::Rows));
         assert_eq!(l1.to_bits(), l2.to_bits(), "row 0 changed the row-wise loss on {}", device.name());
         for image in 0..2 {
-            assert!(g1[image * 35..image * 35 + 7].iter().all(|&g| g == 0.0), "row 0 got a gradient on {}", device.name());
+            assert!(
+                g1[image * 35..image * 35 + 7].iter().all(|&g| g == 0.0),
+                "row 0 got a gradient on {}",
+                device.name()
+            );
             assert!(g1[image * 35 + 7..(image + 1) * 35].iter().any(|&g| g != 0.0));
         }
         let (i1, i2) = (run(&x, &y, DiceMode::Image).0, run(&x2, &y2, DiceMode::Image).0);

@@ -282,7 +282,8 @@ pub fn soft_dice_forward(logits: &Tensor, target: &Tensor, mode: DiceMode) -> Re
             launch("dice_groups_forward", unsafe { b.launch(launch_rows(count, term_threads(terms.len))) })?;
             let loss = mean_of(&dev, &dice, count, 1.0 / count as f64)?;
             let shape = terms.stats_shape();
-            let stats = DiceStats { numerator: cuda_output(&dev, num, &shape), denominator: cuda_output(&dev, den, &shape) };
+            let stats =
+                DiceStats { numerator: cuda_output(&dev, num, &shape), denominator: cuda_output(&dev, den, &shape) };
             Ok((loss, stats))
         }
     }

@@ -19,8 +19,7 @@ use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
 use super::{cuda_output, cuda_slice, launch, same_device};
-use crate::cuda::{launch_elements, launch_rows};
-use crate::cuda::KernelFamily;
+use crate::cuda::{launch_elements, launch_rows, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
@@ -65,7 +64,8 @@ fn dims(op: &'static str, patch_tokens: &Tensor, text: &Tensor, temperature: f32
         return Err(Error::Invalid(format!("{op}: temperature must be finite and > 0, got {temperature}")));
     }
     for value in [batch * batch * 2 + batch * 3, batch * tokens, width] {
-        i32::try_from(value).map_err(|_| Error::shape(op, format!("size {value} exceeds the kernels' 32-bit limit")))?;
+        i32::try_from(value)
+            .map_err(|_| Error::shape(op, format!("size {value} exceeds the kernels' 32-bit limit")))?;
     }
     Ok((batch, tokens, width))
 }
@@ -76,7 +76,11 @@ fn row_threads(width: usize) -> u32 {
 }
 
 /// Untracked forward: the scalar loss and what the backward needs.
-pub fn soft_contrastive_forward(patch_tokens: &Tensor, text: &Tensor, temperature: f32) -> Result<(Tensor, SoftConSaved)> {
+pub fn soft_contrastive_forward(
+    patch_tokens: &Tensor,
+    text: &Tensor,
+    temperature: f32,
+) -> Result<(Tensor, SoftConSaved)> {
     const OP: &str = "soft_contrastive_loss";
     let (batch, tokens, width) = dims(OP, patch_tokens, text, temperature)?;
     let inv_tau = 1.0 / temperature;
