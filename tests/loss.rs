@@ -1,11 +1,14 @@
 //! Loss family (kernels/loss.cu, src/ops/loss.rs): BCE with logits and soft Dice (MONAI's
 //! row-wise quirk and per image) against independent f64 computations and a case worked by hand,
-//! gradients against finite differences, GPU against CPU, and input errors.
+//! gradients against finite differences, GPU against CPU, input errors, and every loss term of
+//! the PyTorch training fixture (`tools/make_train_fixtures.py`) recomputed from its activations.
 
 mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
-use mcs_engine::ops::{bce_with_logits, soft_dice_loss, DiceMode};
+use std::collections::BTreeMap;
+
+use mcs_engine::ops::{bce_with_logits, narrow, soft_contrastive_loss, soft_dice_loss, DiceMode};
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
 
@@ -256,4 +259,51 @@ fn the_target_gets_no_gradient() {
     let grads = tape.backward(&total).unwrap();
     assert!(grads.get(&x).is_some());
     assert!(grads.get(&y).is_none(), "targets are data: no gradient");
+}
+
+const TRAIN_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_train.safetensors");
+
+/// The float32 tensors of the training fixture, by name.
+fn read_train_fixture() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes =
+        std::fs::read(TRAIN_FIXTURE).expect("tests/fixtures/tiny_train.safetensors (run tools/make_train_fixtures.py)");
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .filter(|(_, view)| view.dtype() == safetensors::tensor::Dtype::F32)
+        .map(|(name, view)| {
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+#[test]
+fn loss_terms_match_pytorch_on_the_training_fixture() {
+    let fixture = read_train_fixture();
+    let get = |name: &str, device: &Device| {
+        let (shape, values) = fixture.get(name).unwrap_or_else(|| panic!("fixture has no {name}"));
+        Tensor::from_slice(values, shape, device).unwrap()
+    };
+    let scalar = |name: &str| fixture[name].1[0];
+    for device in devices() {
+        let tape = Tape::inference();
+        let (logits, masks) = (get("act.logits", &device), get("input.masks", &device));
+        // SoftCon takes the patch tokens without CLS and the raw text embedding (spec §4.2).
+        let tokens = get("act.vision.tokens", &device);
+        let patches = narrow(&tape, &tokens, 1, 1, tokens.dim(1) - 1).unwrap();
+        let text = get("act.text.embedding", &device);
+        let bce = bce_with_logits(&tape, &logits, &masks).unwrap().to_scalar().unwrap();
+        let rows = soft_dice_loss(&tape, &logits, &masks, DiceMode::Rows).unwrap().to_scalar().unwrap();
+        let image = soft_dice_loss(&tape, &logits, &masks, DiceMode::Image).unwrap().to_scalar().unwrap();
+        let softcon = soft_contrastive_loss(&tape, &patches, &text, 0.2).unwrap().to_scalar().unwrap();
+        let total = 0.5 * rows + 0.5 * bce + 0.1 * softcon;
+        let on = device.name();
+        // PyTorch computes these in f32 with its own reduction order: a few ulps of values ~1.
+        for (name, got) in
+            [("bce", bce), ("dice_rows", rows), ("dice_image", image), ("softcon", softcon), ("total", total)]
+        {
+            assert_close(&format!("loss.{name} on {on}"), &[got], &[scalar(&format!("loss.{name}"))], 2e-6, 2e-6);
+        }
+    }
 }
