@@ -29,6 +29,8 @@ pub enum KernelFamily {
     ProbAttention,
     Adam,
     Dropout,
+    Loss,
+    SoftCon,
 }
 
 impl KernelFamily {
@@ -43,6 +45,8 @@ impl KernelFamily {
         KernelFamily::ProbAttention,
         KernelFamily::Adam,
         KernelFamily::Dropout,
+        KernelFamily::Loss,
+        KernelFamily::SoftCon,
     ];
 
     /// The file name under `kernels/` without `.cu`.
@@ -58,6 +62,8 @@ impl KernelFamily {
             KernelFamily::ProbAttention => "prob_attention",
             KernelFamily::Adam => "adam",
             KernelFamily::Dropout => "dropout",
+            KernelFamily::Loss => "loss",
+            KernelFamily::SoftCon => "softcon",
         }
     }
 

@@ -10,11 +10,13 @@ pub mod attention;
 pub mod dropout;
 pub mod elementwise;
 pub mod layernorm;
+pub mod loss;
 pub mod matmul;
 pub mod movement;
 pub mod prob_attention;
 pub mod random;
 pub mod reduce;
+pub mod softcon;
 pub mod softmax;
 pub mod spatial;
 
@@ -23,11 +25,13 @@ pub use attention::*;
 pub use dropout::*;
 pub use elementwise::*;
 pub use layernorm::*;
+pub use loss::*;
 pub use matmul::*;
 pub use movement::*;
 pub use prob_attention::*;
 pub use random::*;
 pub use reduce::*;
+pub use softcon::*;
 pub use softmax::*;
 pub use spatial::*;
 
