@@ -51,11 +51,8 @@ fn main() {
         } else {
             "None".to_string()
         };
-        writeln!(
-            table,
-            "    KernelSource {{ stem: {stem:?}, source: include_str!({source_path:?}), ptx: {ptx} }},"
-        )
-        .unwrap();
+        writeln!(table, "    KernelSource {{ stem: {stem:?}, source: include_str!({source_path:?}), ptx: {ptx} }},")
+            .unwrap();
     }
     table.push_str("];\n");
     fs::write(out_dir.join("kernel_table.rs"), table).expect("write kernel_table.rs");
@@ -120,10 +117,7 @@ fn inline_local_includes(dir: &Path, file: &Path) -> String {
     fn splice(dir: &Path, file: &Path, seen: &mut Vec<PathBuf>, out: &mut String) {
         let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
         for line in text.lines() {
-            let include = line
-                .trim()
-                .strip_prefix("#include \"")
-                .and_then(|rest| rest.strip_suffix('"'));
+            let include = line.trim().strip_prefix("#include \"").and_then(|rest| rest.strip_suffix('"'));
             match include {
                 Some(name) => {
                     let path = dir.join(name);

@@ -13,7 +13,11 @@ use mcs_engine::tokenizer::PromptTokenizer;
 use mcs_engine::{imaging, Device, Result, Tensor};
 
 #[derive(Parser)]
-#[command(name = "mcs-engine", version, about = "Train and run MedCLIPSeg: text-prompted medical image segmentation with per-pixel uncertainty")]
+#[command(
+    name = "mcs-engine",
+    version,
+    about = "Train and run MedCLIPSeg: text-prompted medical image segmentation with per-pixel uncertainty"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,11 @@ fn main() -> ExitCode {
 
 fn load_config(spec: &str) -> Result<ModelConfig> {
     let path = Path::new(spec);
-    if path.is_file() { ModelConfig::load(path) } else { ModelConfig::preset(spec) }
+    if path.is_file() {
+        ModelConfig::load(path)
+    } else {
+        ModelConfig::preset(spec)
+    }
 }
 
 fn predict(args: &PredictArgs) -> Result<()> {
@@ -128,7 +136,9 @@ fn predict(args: &PredictArgs) -> Result<()> {
     imaging::write_gray_png(&out.join("mask.png"), &probability, w, h, |p| if p > 0.5 { 255 } else { 0 })?;
     imaging::write_gray_png(&out.join("probability.png"), &probability, w, h, |p| (p * 255.0).round() as u8)?;
     // Entropy of a Bernoulli is at most ln 2: scale so that full uncertainty is white.
-    imaging::write_gray_png(&out.join("uncertainty.png"), &uncertainty, w, h, |u| (u / std::f32::consts::LN_2 * 255.0).round().clamp(0.0, 255.0) as u8)?;
+    imaging::write_gray_png(&out.join("uncertainty.png"), &uncertainty, w, h, |u| {
+        (u / std::f32::consts::LN_2 * 255.0).round().clamp(0.0, 255.0) as u8
+    })?;
     let foreground = probability.iter().filter(|&&p| p > 0.5).count() as f32 / probability.len() as f32;
     let mean_entropy = uncertainty.iter().sum::<f32>() / uncertainty.len() as f32;
     println!(

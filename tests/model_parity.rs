@@ -75,7 +75,8 @@ fn tiny_forward_matches_pytorch_reference() {
     let fixture = read_fixture();
     let config = ModelConfig::tiny();
     for device in devices() {
-        let model = MedClipSeg::from_store(config.clone(), WeightStore::load(WEIGHTS.as_ref()).unwrap(), &device).unwrap();
+        let model =
+            MedClipSeg::from_store(config.clone(), WeightStore::load(WEIGHTS.as_ref()).unwrap(), &device).unwrap();
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let mut trace = Trace::enabled();
@@ -97,7 +98,11 @@ fn tiny_forward_matches_pytorch_reference() {
             let max_diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             let tol = tolerance(want);
             let ok = max_diff <= tol;
-            println!("{name:<42} {:>18} {max_diff:>12.3e} {tol:>12.3e}  {}", format!("{shape:?}"), if ok { "yes" } else { "NO" });
+            println!(
+                "{name:<42} {:>18} {max_diff:>12.3e} {tol:>12.3e}  {}",
+                format!("{shape:?}"),
+                if ok { "yes" } else { "NO" }
+            );
             compared += 1;
             if !ok {
                 failures.push(name.clone());
@@ -118,7 +123,8 @@ fn tiny_forward_matches_pytorch_reference() {
 fn tiny_monte_carlo_prediction_matches_pytorch_reference() {
     let fixture = read_fixture();
     for device in devices() {
-        let model = MedClipSeg::from_store(ModelConfig::tiny(), WeightStore::load(WEIGHTS.as_ref()).unwrap(), &device).unwrap();
+        let model =
+            MedClipSeg::from_store(ModelConfig::tiny(), WeightStore::load(WEIGHTS.as_ref()).unwrap(), &device).unwrap();
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let samples = fixture.tensors["mc.logits"].0[0];

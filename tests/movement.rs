@@ -181,13 +181,28 @@ fn movement_gradients_match_finite_differences() {
     check_gradients("permute", &[x()], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| permute(t, &p[0], &[1, 2, 0]));
     check_gradients("transpose", &[x()], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| transpose(t, &p[0], 1, 2));
     check_gradients("narrow", &[x()], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| narrow(t, &p[0], 1, 1, 2));
-    check_gradients("repeat_rows", &[(random_vec(4, 5, -1.0, 1.0), vec![5])], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| repeat_rows(t, &p[0], 3));
-    let pieces = [x(), (random_vec(5, 2 * 4, -1.0, 1.0), vec![2, 1, 4]), (random_vec(6, 2 * 2 * 4, -1.0, 1.0), vec![2, 2, 4])];
-    check_gradients("concat", &pieces, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| concat(t, &[&p[0], &p[1], &p[2]], 1));
-    check_gradients("concat with a frozen piece", &pieces, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| concat(t, &[&p[0], &p[1], &p[2]], 1));
+    check_gradients(
+        "repeat_rows",
+        &[(random_vec(4, 5, -1.0, 1.0), vec![5])],
+        &[],
+        GRAD_EPS,
+        GRAD_ATOL,
+        GRAD_RTOL,
+        |t, p| repeat_rows(t, &p[0], 3),
+    );
+    let pieces =
+        [x(), (random_vec(5, 2 * 4, -1.0, 1.0), vec![2, 1, 4]), (random_vec(6, 2 * 2 * 4, -1.0, 1.0), vec![2, 2, 4])];
+    check_gradients("concat", &pieces, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| {
+        concat(t, &[&p[0], &p[1], &p[2]], 1)
+    });
+    check_gradients("concat with a frozen piece", &pieces, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| {
+        concat(t, &[&p[0], &p[1], &p[2]], 1)
+    });
     // Repeated ids: their gradients must add up.
     let table = (random_vec(7, 5 * 3, -1.0, 1.0), vec![5, 3]);
-    check_gradients("index_select_rows", &[table], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| index_select_rows(t, &p[0], &[4, 0, 4, 2, 4]));
+    check_gradients("index_select_rows", &[table], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| {
+        index_select_rows(t, &p[0], &[4, 0, 4, 2, 4])
+    });
 }
 
 /// Output and input gradient of `f` on `device` for a fixed output gradient.
@@ -212,14 +227,20 @@ fn gpu_matches_cpu_forward_and_backward() {
         ("permute", Box::new(|t, x| permute(t, x, &[2, 0, 3, 1]).unwrap())),
         ("transpose", Box::new(|t, x| transpose(t, x, 1, 3).unwrap())),
         ("narrow", Box::new(|t, x| narrow(t, x, 2, 2, 4).unwrap())),
-        ("concat", Box::new(|t, x| {
-            let other = random_tensor(9, &[3, 5, 2, 33], -1.0, 1.0, &x.device());
-            concat(t, &[x, &other], 2).unwrap()
-        })),
-        ("index_select_rows", Box::new(|t, x| {
-            let table = reshape(t, x, &[105, 33]).unwrap();
-            index_select_rows(t, &table, &[3, 104, 3, 0, 3, 77]).unwrap()
-        })),
+        (
+            "concat",
+            Box::new(|t, x| {
+                let other = random_tensor(9, &[3, 5, 2, 33], -1.0, 1.0, &x.device());
+                concat(t, &[x, &other], 2).unwrap()
+            }),
+        ),
+        (
+            "index_select_rows",
+            Box::new(|t, x| {
+                let table = reshape(t, x, &[105, 33]).unwrap();
+                index_select_rows(t, &table, &[3, 104, 3, 0, 3, 77]).unwrap()
+            }),
+        ),
         ("repeat_rows", Box::new(|t, x| repeat_rows(t, x, 3).unwrap())),
     ];
     for (name, f) in &cases {

@@ -110,10 +110,7 @@ impl CudaDevice {
             match modules.get(&family) {
                 Some(m) => m.clone(),
                 None => {
-                    let cc = self
-                        .ctx
-                        .compute_capability()
-                        .map_err(Error::driver("reading the compute capability"))?;
+                    let cc = self.ctx.compute_capability().map_err(Error::driver("reading the compute capability"))?;
                     let ptx = kernels::ptx_for(family, cc)?;
                     let m = self
                         .ctx

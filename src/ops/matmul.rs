@@ -208,14 +208,22 @@ impl LinearShape {
         if x.rank() == 0 || x.dim(-1) != inputs {
             return Err(Error::shape(
                 "linear",
-                format!("input {:?} does not end in {inputs}, the in-features of weight {:?}", x.shape(), weight.shape()),
+                format!(
+                    "input {:?} does not end in {inputs}, the in-features of weight {:?}",
+                    x.shape(),
+                    weight.shape()
+                ),
             ));
         }
         if let Some(b) = bias {
             if b.shape() != [outputs] {
                 return Err(Error::shape(
                     "linear",
-                    format!("bias {:?} does not match the {outputs} out-features of weight {:?}", b.shape(), weight.shape()),
+                    format!(
+                        "bias {:?} does not match the {outputs} out-features of weight {:?}",
+                        b.shape(),
+                        weight.shape()
+                    ),
                 ));
             }
         }
@@ -279,9 +287,8 @@ struct MatmulShape {
 
 impl MatmulShape {
     fn of(a: &Tensor, b: &Tensor, opts: MatmulOpts) -> Result<MatmulShape> {
-        let describe = |t: &Tensor, transposed: bool| {
-            format!("{:?}{}", t.shape(), if transposed { " (transposed)" } else { "" })
-        };
+        let describe =
+            |t: &Tensor, transposed: bool| format!("{:?}{}", t.shape(), if transposed { " (transposed)" } else { "" });
         let (da, db) = (describe(a, opts.transpose_a), describe(b, opts.transpose_b));
         if a.rank() < 2 || b.rank() < 2 {
             return Err(Error::shape("matmul", format!("needs matrices (rank >= 2), got a {da} and b {db}")));
@@ -344,18 +351,33 @@ impl Gemm {
     }
 
     fn outputs(&self) -> usize {
-        if self.sum_batches { 1 } else { self.batch }
+        if self.sum_batches {
+            1
+        } else {
+            self.batch
+        }
     }
 
     /// Floats each operand must hold for every batch's matrix to lie inside it.
     fn extent(&self, stride: usize, matrix: usize) -> usize {
-        if self.batch == 0 || matrix == 0 { 0 } else { (self.batch - 1) * stride + matrix }
+        if self.batch == 0 || matrix == 0 {
+            0
+        } else {
+            (self.batch - 1) * stride + matrix
+        }
     }
 }
 
 /// Runs `g` on `a` and `b`, starting from `bias_rows` (a `[n]` row repeated down every output
 /// matrix) when given, else from zero. Returns a tensor of `out_shape`.
-fn gemm(op: &'static str, a: &Tensor, b: &Tensor, g: Gemm, bias_rows: Option<&Tensor>, out_shape: &[usize]) -> Result<Tensor> {
+fn gemm(
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    g: Gemm,
+    bias_rows: Option<&Tensor>,
+    out_shape: &[usize],
+) -> Result<Tensor> {
     // The plans above are built from checked shapes; this guards the unsafe pointer arithmetic
     // of both backends against a wrong plan rather than a wrong user input.
     let fits = a.numel() >= g.extent(g.stride_a, g.m * g.k)
@@ -363,7 +385,10 @@ fn gemm(op: &'static str, a: &Tensor, b: &Tensor, g: Gemm, bias_rows: Option<&Te
         && numel(out_shape) == g.outputs() * g.m * g.n
         && bias_rows.is_none_or(|r| r.numel() == g.n);
     if !fits {
-        return Err(Error::shape(op, format!("internal GEMM plan {g:?} does not fit a {:?}, b {:?}, out {out_shape:?}", a.shape(), b.shape())));
+        return Err(Error::shape(
+            op,
+            format!("internal GEMM plan {g:?} does not fit a {:?}, b {:?}, out {out_shape:?}", a.shape(), b.shape()),
+        ));
     }
     let mut inputs = vec![a, b];
     inputs.extend(bias_rows);
@@ -393,7 +418,11 @@ fn gemm(op: &'static str, a: &Tensor, b: &Tensor, g: Gemm, bias_rows: Option<&Te
 /// Row-major strides (row step, column step) of op(X) for X stored `[rows, cols]` untransposed,
 /// or stored `[cols, rows]` when `transposed`.
 fn op_strides(rows: usize, cols: usize, transposed: bool) -> (isize, isize) {
-    if transposed { (1, rows as isize) } else { (cols as isize, 1) }
+    if transposed {
+        (1, rows as isize)
+    } else {
+        (cols as isize, 1)
+    }
 }
 
 /// CPU GEMM with the `gemm` crate. `c` already holds the starting values when `accumulate`.
@@ -410,12 +439,24 @@ fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
         // is an [m, n] row-major block of its own.
         unsafe {
             gemm::gemm(
-                g.m, g.n, g.k,
-                c_mat.as_mut_ptr(), 1, g.n as isize, read_c,
-                a_mat.as_ptr(), a_cs, a_rs,
-                b_mat.as_ptr(), b_cs, b_rs,
-                1.0, g.alpha,
-                false, false, false,
+                g.m,
+                g.n,
+                g.k,
+                c_mat.as_mut_ptr(),
+                1,
+                g.n as isize,
+                read_c,
+                a_mat.as_ptr(),
+                a_cs,
+                a_rs,
+                b_mat.as_ptr(),
+                b_cs,
+                b_rs,
+                1.0,
+                g.alpha,
+                false,
+                false,
+                false,
                 parallelism,
             );
         }
@@ -438,17 +479,29 @@ fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
 }
 
 fn to_c_int(value: usize, what: &str) -> Result<c_int> {
-    c_int::try_from(value).map_err(|_| Error::shape("matmul", format!("{what} = {value} exceeds cuBLAS's 32-bit limit")))
+    c_int::try_from(value)
+        .map_err(|_| Error::shape("matmul", format!("{what} = {value} exceeds cuBLAS's 32-bit limit")))
 }
 
 fn blas_op(transposed: bool) -> blas_sys::cublasOperation_t {
-    if transposed { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N }
+    if transposed {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
 }
 
 /// cuBLAS strided-batched SGEMM in strict FP32. cuBLAS is column-major, and a row-major `[r, c]`
 /// matrix is a column-major `[c, r]` one, so the row-major `C = op(A) op(B)` is computed as the
 /// column-major `C^T = op(B)^T op(A)^T`: the operands swap places and keep their transpose flags.
-fn cuda_gemm(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>, c: &mut CudaSlice<f32>, g: Gemm, beta: f32) -> Result<()> {
+fn cuda_gemm(
+    dev: &CudaDevice,
+    a: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    c: &mut CudaSlice<f32>,
+    g: Gemm,
+    beta: f32,
+) -> Result<()> {
     if g.m == 0 || g.n == 0 || g.batch == 0 {
         return Ok(());
     }
@@ -473,7 +526,9 @@ fn cuda_gemm(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>, c: &mut C
                 *dev.blas().handle(),
                 blas_op(g.trans_b),
                 blas_op(g.trans_a),
-                m, n, k,
+                m,
+                n,
+                k,
                 (&g.alpha) as *const f32 as *const c_void,
                 (b_ptr + offset_b as u64 * float) as *const c_void,
                 blas_sys::cudaDataType_t::CUDA_R_32F,

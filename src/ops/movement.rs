@@ -21,7 +21,10 @@ pub const MAX_PERMUTE_RANK: usize = 6;
 /// The kernels index with 32-bit integers; refuse anything they could not address.
 fn check_addressable(op: &'static str, shape: &[usize]) -> Result<()> {
     if numel(shape) > i32::MAX as usize {
-        return Err(Error::shape(op, format!("shape {shape:?} has 2^31 elements or more, beyond the 32-bit kernel indices")));
+        return Err(Error::shape(
+            op,
+            format!("shape {shape:?} has 2^31 elements or more, beyond the 32-bit kernel indices"),
+        ));
     }
     Ok(())
 }
@@ -72,7 +75,10 @@ pub fn permute_forward(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let mut seen = vec![false; rank];
     let is_permutation = perm.len() == rank && perm.iter().all(|&p| p < rank && !std::mem::replace(&mut seen[p], true));
     if !is_permutation {
-        return Err(Error::shape("permute", format!("{perm:?} is not a permutation of the dimensions of shape {:?}", x.shape())));
+        return Err(Error::shape(
+            "permute",
+            format!("{perm:?} is not a permutation of the dimensions of shape {:?}", x.shape()),
+        ));
     }
     if rank > MAX_PERMUTE_RANK {
         return Err(Error::shape("permute", format!("supports rank <= {MAX_PERMUTE_RANK}, got shape {:?}", x.shape())));
@@ -213,7 +219,8 @@ impl SliceCopy {
             return Ok(());
         }
         let f = dev.function(KernelFamily::Movement, "copy_slices")?;
-        let args = [self.count, self.chunk, self.src_block, self.src_offset, self.dst_block, self.dst_offset].map(|v| v as u32);
+        let args = [self.count, self.chunk, self.src_block, self.src_offset, self.dst_block, self.dst_offset]
+            .map(|v| v as u32);
         let mut b = dev.stream().launch_builder(&f);
         b.arg(dst).arg(src);
         for v in &args {
@@ -245,7 +252,11 @@ pub fn narrow_forward(x: &Tensor, dim: usize, start: usize, len: usize) -> Resul
     if start.checked_add(len).is_none_or(|end| end > size) {
         return Err(Error::shape(
             "narrow",
-            format!("entries {start}..{} of dimension {dim} do not fit shape {:?}", start.saturating_add(len), x.shape()),
+            format!(
+                "entries {start}..{} of dimension {dim} do not fit shape {:?}",
+                start.saturating_add(len),
+                x.shape()
+            ),
         ));
     }
     check_addressable("narrow", x.shape())?;
@@ -271,7 +282,13 @@ pub fn narrow_forward(x: &Tensor, dim: usize, start: usize, len: usize) -> Resul
 pub fn narrow_backward(dy: &Tensor, input_shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
     let fits = dim < input_shape.len()
         && dy.rank() == input_shape.len()
-        && (0..dy.rank()).all(|d| if d == dim { start + dy.shape()[d] <= input_shape[d] } else { dy.shape()[d] == input_shape[d] });
+        && (0..dy.rank()).all(|d| {
+            if d == dim {
+                start + dy.shape()[d] <= input_shape[d]
+            } else {
+                dy.shape()[d] == input_shape[d]
+            }
+        });
     if !fits {
         return Err(Error::shape(
             "narrow_backward",
@@ -324,9 +341,8 @@ pub fn concat_forward(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
         return Err(Error::shape("concat", "needs at least one tensor"));
     };
     check_dim("concat", first, dim)?;
-    let agrees = |x: &&&Tensor| {
-        x.rank() == first.rank() && (0..x.rank()).all(|d| d == dim || x.shape()[d] == first.shape()[d])
-    };
+    let agrees =
+        |x: &&&Tensor| x.rank() == first.rank() && (0..x.rank()).all(|d| d == dim || x.shape()[d] == first.shape()[d]);
     if !xs.iter().all(|x| agrees(&x)) {
         let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape()).collect();
         return Err(Error::shape("concat", format!("shapes {shapes:?} differ outside dimension {dim}")));
@@ -380,7 +396,10 @@ pub fn index_select_rows(tape: &Tape, table: &Tensor, ids: &[u32]) -> Result<Ten
 /// Untracked [`index_select_rows`].
 pub fn index_select_rows_forward(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     if table.rank() != 2 {
-        return Err(Error::shape("index_select_rows", format!("table must be [rows, D], got shape {:?}", table.shape())));
+        return Err(Error::shape(
+            "index_select_rows",
+            format!("table must be [rows, D], got shape {:?}", table.shape()),
+        ));
     }
     let (rows, cols) = (table.shape()[0], table.shape()[1]);
     if let Some((position, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= rows) {
@@ -428,7 +447,10 @@ pub fn index_select_rows_backward(dy: &Tensor, ids: &[u32], table_rows: usize) -
     let cols = dy.shape()[1];
     let table_shape = [table_rows, cols];
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= table_rows) {
-        return Err(Error::shape("index_select_rows_backward", format!("id {id} is out of range for a table of shape {table_shape:?}")));
+        return Err(Error::shape(
+            "index_select_rows_backward",
+            format!("id {id} is out of range for a table of shape {table_shape:?}"),
+        ));
     }
     check_addressable("index_select_rows_backward", &table_shape)?;
     check_addressable("index_select_rows_backward", dy.shape())?;
@@ -513,7 +535,9 @@ pub fn repeat_rows_forward(row: &Tensor, rows: usize) -> Result<Tensor> {
     check_addressable("repeat_rows", &out_shape)?;
     match row.device() {
         Device::Cpu => Tensor::from_vec(repeat_rows_cpu(row.cpu_data("repeat_rows")?, rows), &out_shape),
-        Device::Cuda(dev) => Ok(cuda_output(&dev, repeat_rows_cuda(&dev, cuda_slice(row)?, rows, row.numel())?, &out_shape)),
+        Device::Cuda(dev) => {
+            Ok(cuda_output(&dev, repeat_rows_cuda(&dev, cuda_slice(row)?, rows, row.numel())?, &out_shape))
+        }
     }
 }
 
@@ -523,7 +547,12 @@ pub(crate) fn repeat_rows_cpu(row: &[f32], rows: usize) -> Vec<f32> {
 }
 
 /// A new device buffer holding `rows` copies of the `cols` floats of `row`.
-pub(crate) fn repeat_rows_cuda(dev: &Arc<CudaDevice>, row: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<CudaSlice<f32>> {
+pub(crate) fn repeat_rows_cuda(
+    dev: &Arc<CudaDevice>,
+    row: &CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<CudaSlice<f32>> {
     check_addressable("repeat_rows", &[rows, cols])?;
     let mut out = dev.alloc(rows * cols)?;
     if rows * cols == 0 {

@@ -149,7 +149,12 @@ pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 }
 
 /// Shared shape checks and dispatch of the two backward kernels, which take `(dx, y, dy, cols)`.
-fn row_backward(kernel: &'static str, y: &Tensor, dy: &Tensor, cpu_row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Tensor> {
+fn row_backward(
+    kernel: &'static str,
+    y: &Tensor,
+    dy: &Tensor,
+    cpu_row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Result<Tensor> {
     if y.shape() != dy.shape() {
         return Err(Error::shape(kernel, format!("gradient {:?} differs from output {:?}", dy.shape(), y.shape())));
     }

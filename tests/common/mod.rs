@@ -94,7 +94,11 @@ pub fn check_gradients(
             .enumerate()
             .map(|(i, (v, (_, shape)))| {
                 let t = Tensor::from_vec(v.clone(), shape).unwrap();
-                if tape_inputs && !frozen.contains(&i) { t.into_trainable() } else { t }
+                if tape_inputs && !frozen.contains(&i) {
+                    t.into_trainable()
+                } else {
+                    t
+                }
             })
             .collect()
     };
