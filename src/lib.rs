@@ -5,6 +5,7 @@
 //! [`tape`] (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend).
 
 pub mod cuda;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod imaging;

@@ -1,0 +1,318 @@
+//! The official pre-processing (spec §6), bit for bit: `cv2.imread` to BGR bytes, `cv2.resize`
+//! (INTER_LINEAR in OpenCV's fixed point for images, INTER_NEAREST for masks), mask binarisation at
+//! 127, and `to_tensor` + ImageNet `Normalize` applied to the B, G, R planes in that order.
+
+use std::path::Path;
+
+use image::DynamicImage;
+
+use crate::error::{Error, Result};
+
+/// ImageNet statistics; the official loader applies them to B, G, R in that order because the
+/// OpenCV array is never converted to RGB (spec §10.3).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// An 8-bit image in OpenCV's memory layout: rows top to bottom, channels interleaved
+/// (`channels` is 1 for grey/masks, 3 for B, G, R).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image8 {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub data: Vec<u8>,
+}
+
+impl Image8 {
+    /// An all-zero image.
+    pub fn zeros(width: usize, height: usize, channels: usize) -> Self {
+        Image8 { width, height, channels, data: vec![0; width * height * channels] }
+    }
+
+    /// Wraps raw interleaved bytes; the error says what did not add up.
+    pub fn from_raw(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 || channels == 0 || data.len() != width * height * channels {
+            return Err(Error::Invalid(format!(
+                "image buffer of {} bytes does not hold {width}x{height} pixels of {channels} channel(s)",
+                data.len()
+            )));
+        }
+        Ok(Image8 { width, height, channels, data })
+    }
+
+    pub fn get(&self, x: usize, y: usize, channel: usize) -> u8 {
+        self.data[(y * self.width + x) * self.channels + channel]
+    }
+
+    /// A row of interleaved samples.
+    pub fn row(&self, y: usize) -> &[u8] {
+        let stride = self.width * self.channels;
+        &self.data[y * stride..(y + 1) * stride]
+    }
+}
+
+fn decode(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    image::load_from_memory(&bytes).map_err(|e| {
+        Error::Invalid(format!("{}: not a readable (or a truncated) PNG or JPEG image: {e}", path.display()))
+    })
+}
+
+/// `cv2.imread(path)`: three channels in B, G, R order; grey files are replicated, alpha is
+/// dropped, 16-bit samples keep their high byte (what libpng's strip_16 does under OpenCV).
+pub fn read_bgr(path: &Path) -> Result<Image8> {
+    let decoded = decode(path)?;
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let mut data = Vec::with_capacity(width * height * 3);
+    match &decoded {
+        DynamicImage::ImageLuma8(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[p[0]; 3])),
+        DynamicImage::ImageLumaA8(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[p[0]; 3])),
+        DynamicImage::ImageLuma16(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
+        DynamicImage::ImageLumaA16(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
+        DynamicImage::ImageRgb16(rgb) => {
+            rgb.pixels().for_each(|p| data.extend(p.0.iter().rev().map(|&v| (v >> 8) as u8)))
+        }
+        DynamicImage::ImageRgba16(rgba) => {
+            rgba.pixels().for_each(|p| data.extend(p.0[..3].iter().rev().map(|&v| (v >> 8) as u8)))
+        }
+        other => other.to_rgb8().pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
+    }
+    Image8::from_raw(width, height, 3, data)
+}
+
+/// `cv2.imread(path, 0)`: one channel. Colour files go through libpng's RGB-to-grey weights
+/// (0.299, 0.587, 0.114 in 15-bit fixed point, as OpenCV asks libpng for them); masks are normally
+/// single-channel already, and binarisation at 127 makes a last-bit difference irrelevant.
+pub fn read_grey(path: &Path) -> Result<Image8> {
+    let decoded = decode(path)?;
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let data: Vec<u8> = match &decoded {
+        DynamicImage::ImageLuma8(grey) => grey.as_raw().clone(),
+        DynamicImage::ImageLumaA8(grey) => grey.pixels().map(|p| p[0]).collect(),
+        DynamicImage::ImageLuma16(grey) => grey.pixels().map(|p| (p[0] >> 8) as u8).collect(),
+        DynamicImage::ImageLumaA16(grey) => grey.pixels().map(|p| (p[0] >> 8) as u8).collect(),
+        other => other.to_rgb8().pixels().map(|p| rgb_to_grey(p[0], p[1], p[2])).collect(),
+    };
+    Image8::from_raw(width, height, 1, data)
+}
+
+/// libpng's `png_do_rgb_to_gray` for 8-bit samples with coefficients 0.299 / 0.587 (blue takes
+/// the remainder of 32768).
+fn rgb_to_grey(r: u8, g: u8, b: u8) -> u8 {
+    const RED: u32 = 9798;
+    const GREEN: u32 = 19235;
+    const BLUE: u32 = 32768 - RED - GREEN;
+    ((RED * r as u32 + GREEN * g as u32 + BLUE * b as u32 + 16384) >> 15) as u8
+}
+
+/// OpenCV's `INTER_RESIZE_COEF_BITS`: interpolation weights are integers summing to 2048.
+const COEF_SCALE: f32 = 2048.0;
+
+/// `cv::saturate_cast<short>(float)`: round half to even, then clamp.
+fn weight(value: f32) -> i32 {
+    value.round_ties_even().clamp(i16::MIN as f32, i16::MAX as f32) as i32
+}
+
+/// One destination coordinate's two source taps and fixed-point weights.
+#[derive(Clone, Copy, Debug)]
+struct Tap {
+    first: usize,
+    second: usize,
+    weight_first: i32,
+    weight_second: i32,
+}
+
+/// OpenCV's source coordinate for destination `d`: `float((d + 0.5) * scale - 0.5)` with
+/// `scale = 1 / (dst / src)` computed in double exactly as `cv::resize` does.
+fn source_coordinate(d: usize, src_len: usize, dst_len: usize) -> (i64, f32) {
+    let scale = 1.0 / (dst_len as f64 / src_len as f64);
+    let position = ((d as f64 + 0.5) * scale - 0.5) as f32;
+    let floor = position.floor();
+    (floor as i64, position - floor)
+}
+
+/// Horizontal taps: out of range on either side, OpenCV pins the tap to the edge pixel with
+/// fraction 0.
+fn horizontal_taps(src_len: usize, dst_len: usize) -> Vec<Tap> {
+    (0..dst_len)
+        .map(|d| {
+            let (mut start, mut fraction) = source_coordinate(d, src_len, dst_len);
+            if start < 0 {
+                start = 0;
+                fraction = 0.0;
+            }
+            if start >= src_len as i64 - 1 {
+                start = src_len as i64 - 1;
+                fraction = 0.0;
+            }
+            let first = start as usize;
+            Tap {
+                first,
+                second: (first + 1).min(src_len - 1),
+                weight_first: weight((1.0 - fraction) * COEF_SCALE),
+                weight_second: weight(fraction * COEF_SCALE),
+            }
+        })
+        .collect()
+}
+
+/// Vertical taps: unlike the horizontal ones the fraction is kept and only the row indices are
+/// clipped into the image (this is why upscaled border rows can differ from a textbook bilinear).
+fn vertical_taps(src_len: usize, dst_len: usize) -> Vec<Tap> {
+    let clip = |row: i64| row.clamp(0, src_len as i64 - 1) as usize;
+    (0..dst_len)
+        .map(|d| {
+            let (start, fraction) = source_coordinate(d, src_len, dst_len);
+            Tap {
+                first: clip(start),
+                second: clip(start + 1),
+                weight_first: weight((1.0 - fraction) * COEF_SCALE),
+                weight_second: weight(fraction * COEF_SCALE),
+            }
+        })
+        .collect()
+}
+
+/// The horizontal pass of one source row: `a0 * p0 + a1 * p1` per output sample (exact in i32).
+fn horizontal_pass(row: &[u8], channels: usize, taps: &[Tap], out: &mut [i32]) {
+    for (x, tap) in taps.iter().enumerate() {
+        for c in 0..channels {
+            let p0 = row[tap.first * channels + c] as i32;
+            let p1 = row[tap.second * channels + c] as i32;
+            out[x * channels + c] = p0 * tap.weight_first + p1 * tap.weight_second;
+        }
+    }
+}
+
+/// How many leading samples of a row of `len` samples OpenCV's 128-bit SIMD vertical pass
+/// (`VResizeLinearVec_32s8u`) produces: blocks of 16, then blocks of 8 while more than 8 remain.
+/// The rest goes through the scalar path, which rounds differently. (For 3-channel rows of 224 or
+/// 96 pixels the whole row is vectorised.)
+fn vectorised_prefix(len: usize) -> usize {
+    let mut x = 0;
+    while x + 16 <= len {
+        x += 16;
+    }
+    while x + 8 < len {
+        x += 8;
+    }
+    x
+}
+
+/// The vertical pass, SIMD flavour: `((b0·(S0>>4))>>16 + (b1·(S1>>4))>>16 + 2) >> 2`.
+fn vertical_vectorised(s0: i32, s1: i32, b0: i32, b1: i32) -> u8 {
+    let high_product = |s: i32, b: i32| ((s >> 4).clamp(i16::MIN as i32, i16::MAX as i32) * b) >> 16;
+    ((high_product(s0, b0) + high_product(s1, b1) + 2) >> 2).clamp(0, 255) as u8
+}
+
+/// The vertical pass, scalar flavour: `(S0·b0 + S1·b1 + 2^21) >> 22`.
+fn vertical_scalar(s0: i32, s1: i32, b0: i32, b1: i32) -> u8 {
+    ((s0 as i64 * b0 as i64 + s1 as i64 * b1 as i64 + (1 << 21)) >> 22).clamp(0, 255) as u8
+}
+
+/// `cv2.resize(src, (width, height), interpolation=INTER_LINEAR)` on 8-bit data, bit-exact with
+/// OpenCV's fixed-point path (spec §6). Equal sizes return a copy, as `cv::resize` does.
+pub fn resize_linear(src: &Image8, width: usize, height: usize) -> Result<Image8> {
+    check_resize(src, width, height)?;
+    if (src.width, src.height) == (width, height) {
+        return Ok(src.clone());
+    }
+    let channels = src.channels;
+    let columns = horizontal_taps(src.width, width);
+    let rows = vertical_taps(src.height, height);
+    let row_len = width * channels;
+    let simd_end = vectorised_prefix(row_len);
+    let mut first = vec![0i32; row_len];
+    let mut second = vec![0i32; row_len];
+    let mut out = Image8::zeros(width, height, channels);
+    for (y, tap) in rows.iter().enumerate() {
+        horizontal_pass(src.row(tap.first), channels, &columns, &mut first);
+        horizontal_pass(src.row(tap.second), channels, &columns, &mut second);
+        let dst = &mut out.data[y * row_len..(y + 1) * row_len];
+        for (x, value) in dst.iter_mut().enumerate() {
+            let combine = if x < simd_end { vertical_vectorised } else { vertical_scalar };
+            *value = combine(first[x], second[x], tap.weight_first, tap.weight_second);
+        }
+    }
+    Ok(out)
+}
+
+/// `cv2.resize(..., interpolation=INTER_NEAREST)`: destination x reads source
+/// `floor(x · (1 / (dst/src)))` (no half-pixel offset), clamped to the last pixel.
+pub fn resize_nearest(src: &Image8, width: usize, height: usize) -> Result<Image8> {
+    check_resize(src, width, height)?;
+    let source_index = |d: usize, src_len: usize, dst_len: usize| {
+        let scale = 1.0 / (dst_len as f64 / src_len as f64);
+        ((d as f64 * scale).floor() as usize).min(src_len - 1)
+    };
+    let columns: Vec<usize> = (0..width).map(|x| source_index(x, src.width, width)).collect();
+    let mut out = Image8::zeros(width, height, src.channels);
+    for y in 0..height {
+        let source_row = src.row(source_index(y, src.height, height));
+        for (x, &sx) in columns.iter().enumerate() {
+            for c in 0..src.channels {
+                out.data[(y * width + x) * src.channels + c] = source_row[sx * src.channels + c];
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn check_resize(src: &Image8, width: usize, height: usize) -> Result<()> {
+    if src.width == 0 || src.height == 0 || width == 0 || height == 0 {
+        return Err(Error::Invalid(format!("cannot resize a {}x{} image to {width}x{height}", src.width, src.height)));
+    }
+    Ok(())
+}
+
+/// The official mask rule: `mask[mask < 127] = 0; mask[mask >= 127] = 1`.
+pub fn binarise_mask(mask: &mut Image8) {
+    mask.data.iter_mut().for_each(|v| *v = u8::from(*v >= 127));
+}
+
+/// `to_tensor` then `Normalize(IMAGENET_MEAN, IMAGENET_STD)` on a 3-channel B, G, R image, in
+/// f32 exactly as torch computes it; returns `[3, height, width]` planes in B, G, R order.
+pub fn normalise_bgr(image: &Image8) -> Result<Vec<f32>> {
+    if image.channels != 3 {
+        return Err(Error::Invalid(format!(
+            "normalisation expects a 3-channel BGR image, got {} channel(s)",
+            image.channels
+        )));
+    }
+    let plane = image.width * image.height;
+    let mut out = vec![0.0f32; 3 * plane];
+    for (pixel, bgr) in image.data.chunks_exact(3).enumerate() {
+        for (channel, &value) in bgr.iter().enumerate() {
+            out[channel * plane + pixel] = (value as f32 / 255.0 - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel];
+        }
+    }
+    Ok(out)
+}
+
+/// A mask of 0/1 bytes as the f32 target the loss takes.
+pub fn mask_to_f32(mask: &Image8) -> Vec<f32> {
+    mask.data.iter().map(|&v| v as f32).collect()
+}
+
+/// Reads one image/mask pair as the official `__getitem__` does, up to (not including) the
+/// augmentation: BGR image and 0/1 mask, both `size` x `size`. The image and its mask must have the
+/// same size on disk.
+pub fn load_pair(image_path: &Path, mask_path: &Path, size: usize) -> Result<(Image8, Image8)> {
+    let image = read_bgr(image_path)?;
+    let mask = read_grey(mask_path)?;
+    if (image.width, image.height) != (mask.width, mask.height) {
+        return Err(Error::Invalid(format!(
+            "{} is {}x{} but its mask {} is {}x{}",
+            image_path.display(),
+            image.width,
+            image.height,
+            mask_path.display(),
+            mask.width,
+            mask.height
+        )));
+    }
+    let image = resize_linear(&image, size, size)?;
+    let mut mask = resize_nearest(&mask, size, size)?;
+    binarise_mask(&mut mask);
+    Ok((image, mask))
+}
