@@ -43,7 +43,7 @@ fn rotation_matrix(degrees: f64, width: usize, height: usize) -> [f64; 6] {
     [a, b, c, d, e, f]
 }
 
-/// PIL's `COORD`: truncation toward zero, with every negative value mapped to -1 (outside).
+/// PIL's `COORD` (floating-point path): truncation toward zero, every negative value outside.
 fn pil_coordinate(v: f64) -> i64 {
     if v < 0.0 {
         -1
@@ -53,9 +53,10 @@ fn pil_coordinate(v: f64) -> i64 {
 }
 
 /// `PIL.Image.rotate(degrees)` with the defaults the official code uses (NEAREST, no expand,
-/// centre of the canvas, black fill), for any number of channels. Follows PIL's affine loop
-/// exactly, including its running sums of the matrix steps, so pixels on a rounding edge land
-/// where PIL puts them.
+/// centre of the canvas, black fill), for any number of channels. Follows Pillow's affine loop
+/// exactly (its 16.16 fixed-point path, or the floating-point one for canvases too large for it),
+/// including the running sums of the matrix steps, so pixels on a rounding edge land where Pillow
+/// puts them.
 pub fn rotate_nearest(image: &Image8, degrees: f64) -> Image8 {
     let turned = degrees.rem_euclid(360.0);
     if turned == 0.0 {
@@ -64,28 +65,66 @@ pub fn rotate_nearest(image: &Image8, degrees: f64) -> Image8 {
     if turned == 180.0 {
         return rotate_half_turn(image);
     }
-    let (width, height, channels) = (image.width, image.height, image.channels);
-    let m = rotation_matrix(degrees, width, height);
-    // PIL adds half a pixel to the translation to sample at pixel centres.
+    let m = rotation_matrix(degrees, image.width, image.height);
+    let mut out = Image8::zeros(image.width, image.height, image.channels);
+    if fits_fixed_point(&m, image.width, image.height) {
+        affine_fixed(image, &m, &mut out);
+    } else {
+        affine_float(image, &m, &mut out);
+    }
+    out
+}
+
+/// Pillow's `check_fixed` on the four corners: every source coordinate fits 16.16 fixed point.
+fn fits_fixed_point(m: &[f64; 6], width: usize, height: usize) -> bool {
+    let (w, h) = (width as f64, height as f64);
+    [(0.0, 0.0), (w, h), (0.0, h), (w, 0.0)]
+        .iter()
+        .all(|&(x, y)| (x * m[0] + y * m[1] + m[2]).abs() < 32768.0 && (x * m[3] + y * m[4] + m[5]).abs() < 32768.0)
+}
+
+fn copy_pixel(image: &Image8, out: &mut Image8, sx: i64, sy: i64, x: usize, y: usize) {
+    if sx >= 0 && sy >= 0 && (sx as usize) < image.width && (sy as usize) < image.height {
+        let channels = image.channels;
+        let from = (sy as usize * image.width + sx as usize) * channels;
+        let to = (y * image.width + x) * channels;
+        out.data[to..to + channels].copy_from_slice(&image.data[from..from + channels]);
+    }
+}
+
+/// Pillow's `affine_fixed`: `FIX(v) = floor(v · 65536 + 0.5)`, coordinates `xx >> 16`.
+fn affine_fixed(image: &Image8, m: &[f64; 6], out: &mut Image8) {
+    let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i32;
+    let (a0, a1, a3, a4) = (fix(m[0]), fix(m[1]), fix(m[3]), fix(m[4]));
+    // Pillow adds half a pixel to the translation to sample at pixel centres.
+    let mut row_x = fix(m[2] + m[0] * 0.5 + m[1] * 0.5);
+    let mut row_y = fix(m[5] + m[3] * 0.5 + m[4] * 0.5);
+    for y in 0..image.height {
+        let (mut xx, mut yy) = (row_x, row_y);
+        for x in 0..image.width {
+            copy_pixel(image, out, (xx >> 16) as i64, (yy >> 16) as i64, x, y);
+            xx = xx.wrapping_add(a0);
+            yy = yy.wrapping_add(a3);
+        }
+        row_x = row_x.wrapping_add(a1);
+        row_y = row_y.wrapping_add(a4);
+    }
+}
+
+/// Pillow's floating-point affine loop (only reached for canvases beyond 16.16 range).
+fn affine_float(image: &Image8, m: &[f64; 6], out: &mut Image8) {
     let mut row_x = m[2] + m[1] * 0.5 + m[0] * 0.5;
     let mut row_y = m[5] + m[4] * 0.5 + m[3] * 0.5;
-    let mut out = Image8::zeros(width, height, channels);
-    for y in 0..height {
+    for y in 0..image.height {
         let (mut xx, mut yy) = (row_x, row_y);
-        for x in 0..width {
-            let (sx, sy) = (pil_coordinate(xx), pil_coordinate(yy));
-            if sx >= 0 && sy >= 0 && (sx as usize) < width && (sy as usize) < height {
-                let from = (sy as usize * width + sx as usize) * channels;
-                let to = (y * width + x) * channels;
-                out.data[to..to + channels].copy_from_slice(&image.data[from..from + channels]);
-            }
+        for x in 0..image.width {
+            copy_pixel(image, out, pil_coordinate(xx), pil_coordinate(yy), x, y);
             xx += m[0];
             yy += m[3];
         }
         row_x += m[1];
         row_y += m[4];
     }
-    out
 }
 
 /// PIL's fast path for 180 degrees (`transpose(ROTATE_180)`).

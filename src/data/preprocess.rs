@@ -60,6 +60,8 @@ fn decode(path: &Path) -> Result<DynamicImage> {
 
 /// `cv2.imread(path)`: three channels in B, G, R order; grey files are replicated, alpha is
 /// dropped, 16-bit samples keep their high byte (what libpng's strip_16 does under OpenCV).
+/// PNG is bit-exact with cv2; JPEG is decoded by the `image` crate, not libjpeg-turbo, and differs
+/// from cv2 by a few levels on some pixels (chroma upsampling; the official sheets list PNGs).
 pub fn read_bgr(path: &Path) -> Result<Image8> {
     let decoded = decode(path)?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
@@ -80,9 +82,9 @@ pub fn read_bgr(path: &Path) -> Result<Image8> {
     Image8::from_raw(width, height, 3, data)
 }
 
-/// `cv2.imread(path, 0)`: one channel. Colour files go through libpng's RGB-to-grey weights
-/// (0.299, 0.587, 0.114 in 15-bit fixed point, as OpenCV asks libpng for them); masks are normally
-/// single-channel already, and binarisation at 127 makes a last-bit difference irrelevant.
+/// `cv2.imread(path, 0)`: one channel. Colour files are converted the way OpenCV has libpng do it
+/// (`png_set_rgb_to_gray` with 0.299 / 0.587, truncated to 15-bit weights, no rounding; checked
+/// bit-exact against opencv-python 4.14 and 5.0). Masks are normally single-channel already.
 pub fn read_grey(path: &Path) -> Result<Image8> {
     let decoded = decode(path)?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
@@ -96,13 +98,13 @@ pub fn read_grey(path: &Path) -> Result<Image8> {
     Image8::from_raw(width, height, 1, data)
 }
 
-/// libpng's `png_do_rgb_to_gray` for 8-bit samples with coefficients 0.299 / 0.587 (blue takes
-/// the remainder of 32768).
+/// libpng's `png_do_rgb_to_gray` for 8-bit samples: weights `coefficient · 32768 / 100000`
+/// truncated (9797, 19234, and the remainder 3737 for blue), result truncated.
 fn rgb_to_grey(r: u8, g: u8, b: u8) -> u8 {
-    const RED: u32 = 9798;
-    const GREEN: u32 = 19235;
-    const BLUE: u32 = 32768 - RED - GREEN;
-    ((RED * r as u32 + GREEN * g as u32 + BLUE * b as u32 + 16384) >> 15) as u8
+    const RED: u32 = 29_900 * 32_768 / 100_000;
+    const GREEN: u32 = 58_700 * 32_768 / 100_000;
+    const BLUE: u32 = 32_768 - RED - GREEN;
+    ((RED * r as u32 + GREEN * g as u32 + BLUE * b as u32) >> 15) as u8
 }
 
 /// OpenCV's `INTER_RESIZE_COEF_BITS`: interpolation weights are integers summing to 2048.
@@ -184,30 +186,13 @@ fn horizontal_pass(row: &[u8], channels: usize, taps: &[Tap], out: &mut [i32]) {
     }
 }
 
-/// How many leading samples of a row of `len` samples OpenCV's 128-bit SIMD vertical pass
-/// (`VResizeLinearVec_32s8u`) produces: blocks of 16, then blocks of 8 while more than 8 remain.
-/// The rest goes through the scalar path, which rounds differently. (For 3-channel rows of 224 or
-/// 96 pixels the whole row is vectorised.)
-fn vectorised_prefix(len: usize) -> usize {
-    let mut x = 0;
-    while x + 16 <= len {
-        x += 16;
-    }
-    while x + 8 < len {
-        x += 8;
-    }
-    x
-}
-
-/// The vertical pass, SIMD flavour: `((b0·(S0>>4))>>16 + (b1·(S1>>4))>>16 + 2) >> 2`.
-fn vertical_vectorised(s0: i32, s1: i32, b0: i32, b1: i32) -> u8 {
+/// The vertical pass as OpenCV's SIMD code does it (`VResizeLinearVec_32s8u`):
+/// `((b0·(S0>>4))>>16 + (b1·(S1>>4))>>16 + 2) >> 2`. This is not the textbook
+/// `(S0·b0 + S1·b1 + 2^21) >> 22` of its scalar path; opencv-python 4.14 and 5.0 on x86-64 give this
+/// result for every sample of a row, row tails included (checked against both).
+fn vertical_pass(s0: i32, s1: i32, b0: i32, b1: i32) -> u8 {
     let high_product = |s: i32, b: i32| ((s >> 4).clamp(i16::MIN as i32, i16::MAX as i32) * b) >> 16;
     ((high_product(s0, b0) + high_product(s1, b1) + 2) >> 2).clamp(0, 255) as u8
-}
-
-/// The vertical pass, scalar flavour: `(S0·b0 + S1·b1 + 2^21) >> 22`.
-fn vertical_scalar(s0: i32, s1: i32, b0: i32, b1: i32) -> u8 {
-    ((s0 as i64 * b0 as i64 + s1 as i64 * b1 as i64 + (1 << 21)) >> 22).clamp(0, 255) as u8
 }
 
 /// `cv2.resize(src, (width, height), interpolation=INTER_LINEAR)` on 8-bit data, bit-exact with
@@ -221,7 +206,6 @@ pub fn resize_linear(src: &Image8, width: usize, height: usize) -> Result<Image8
     let columns = horizontal_taps(src.width, width);
     let rows = vertical_taps(src.height, height);
     let row_len = width * channels;
-    let simd_end = vectorised_prefix(row_len);
     let mut first = vec![0i32; row_len];
     let mut second = vec![0i32; row_len];
     let mut out = Image8::zeros(width, height, channels);
@@ -230,8 +214,7 @@ pub fn resize_linear(src: &Image8, width: usize, height: usize) -> Result<Image8
         horizontal_pass(src.row(tap.second), channels, &columns, &mut second);
         let dst = &mut out.data[y * row_len..(y + 1) * row_len];
         for (x, value) in dst.iter_mut().enumerate() {
-            let combine = if x < simd_end { vertical_vectorised } else { vertical_scalar };
-            *value = combine(first[x], second[x], tap.weight_first, tap.weight_second);
+            *value = vertical_pass(first[x], second[x], tap.weight_first, tap.weight_second);
         }
     }
     Ok(out)

@@ -238,7 +238,7 @@ pub fn generate_range(seed: u64, first: usize, count: usize, size: usize) -> Vec
 }
 
 const LAYOUT_TAG: u64 = 0x4C41_594F_5554; // "LAYOUT"
-const TEXTURE_TAG: u64 = 0x5445_5854_5552_45; // "TEXTURE"
+const TEXTURE_TAG: u64 = 0x0054_4558_5455_5245; // "TEXTURE"
 /// Re-draws of a lesion layout before settling for a single lesion (overlaps are rare enough that
 /// this never happens in practice; it only bounds the loop).
 const LAYOUT_ATTEMPTS: u64 = 256;
