@@ -15,6 +15,7 @@ pub mod philox;
 pub mod tape;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 
 pub use device::Device;
 pub use error::{Error, Result};

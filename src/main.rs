@@ -1,7 +1,7 @@
 //! `mcs-engine`: command-line front end. Every failure is printed as one sentence naming what was
 //! at fault, with a non-zero exit status.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use mcs_engine::cuda::{kernels::KernelFamily, nvrtc_available, unavailable_reason};
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::{MedClipSeg, ModelConfig};
-use mcs_engine::tokenizer::PromptTokenizer;
+use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
 use mcs_engine::{imaging, Device, Result, Tensor};
 
 #[derive(Parser)]
@@ -23,8 +23,16 @@ struct Cli {
     command: Command,
 }
 
+mod cli;
+
 #[derive(Subcommand)]
 enum Command {
+    /// Train MedCLIPSeg: on a dataset in the official layout (--data), or with no arguments on
+    /// the built-in synthetic ultrasound task. Writes best/ and latest/ checkpoints (folders that
+    /// `predict --model` reads), metrics.csv and curves.png.
+    Train(cli::train::TrainArgs),
+    /// Write the built-in synthetic dataset in the official layout (images, masks, xlsx prompts).
+    Synth(cli::synth::SynthArgs),
     /// Segment an image from a text prompt: writes the binary mask, the mean foreground
     /// probability and the uncertainty (entropy of the mean over Monte-Carlo samples) as PNGs.
     Predict(PredictArgs),
@@ -67,6 +75,8 @@ struct PredictArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => cli::train::run(&args),
+        Command::Synth(args) => cli::synth::run(&args),
         Command::Predict(args) => predict(&args),
         Command::Info => info(),
     };
@@ -79,31 +89,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(spec: &str) -> Result<ModelConfig> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        ModelConfig::load(path)
-    } else {
-        ModelConfig::preset(spec)
-    }
-}
-
 fn predict(args: &PredictArgs) -> Result<()> {
     let PredictArgs { image, prompt, config, weights, tokenizer, samples, seed, device, out } = args;
     let (samples, seed) = (*samples, *seed);
-    let config = load_config(config)?;
+    let config = cli::load_config(config)?;
     let device = Device::parse(device)?;
-    let tokenizer_path = match tokenizer {
-        Some(p) => p.to_path_buf(),
-        None if config.name == "tiny" => Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/tiny/tokenizer.json"),
-        None => {
+    let tokenizer = match (tokenizer, preset_tokenizer_json(&config.name)) {
+        (Some(path), _) => PromptTokenizer::load(path, config.text_context_length, config.text_pad_id)?,
+        (None, Some(bytes)) => PromptTokenizer::from_bytes(bytes, config.text_context_length, config.text_pad_id)?,
+        (None, None) => {
             return Err(mcs_engine::Error::Invalid(format!(
                 "config `{}` needs --tokenizer (a BERT tokenizer.json; tools/convert_checkpoint.py vocab makes one)",
                 config.name
             )))
         }
     };
-    let tokenizer = PromptTokenizer::load(&tokenizer_path, config.text_context_length, config.text_pad_id)?;
     let ids = tokenizer.encode(prompt)?;
 
     let picture = match image {

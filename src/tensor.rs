@@ -3,7 +3,7 @@
 //! Tensors are immutable values: every op makes a new one, which keeps the autograd tape simple
 //! (a saved input can never change under it). Cloning a tensor is cheap: the storage is shared.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
@@ -27,6 +27,42 @@ impl TensorId {
 pub enum Storage {
     Cpu(Vec<f32>),
     Cuda { device: Arc<CudaDevice>, data: CudaSlice<f32> },
+}
+
+/// Bytes of tensor storage alive now, and the most alive at once since the last
+/// [`reset_peak_tensor_bytes`]: what the tape keeps for the backward pass is the growth of this
+/// figure over a training forward pass (both devices counted together).
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+impl Storage {
+    fn bytes(&self) -> usize {
+        4 * match self {
+            Storage::Cpu(v) => v.len(),
+            Storage::Cuda { data, .. } => data.len(),
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.bytes(), Ordering::Relaxed);
+    }
+}
+
+/// Bytes of all tensor storage alive now.
+pub fn live_tensor_bytes() -> usize {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
+
+/// The peak of [`live_tensor_bytes`] since the last reset.
+pub fn peak_tensor_bytes() -> usize {
+    PEAK_BYTES.load(Ordering::Relaxed)
+}
+
+/// Starts a new peak measurement from what is alive now.
+pub fn reset_peak_tensor_bytes() {
+    PEAK_BYTES.store(live_tensor_bytes(), Ordering::Relaxed);
 }
 
 #[derive(Clone)]
@@ -57,6 +93,8 @@ pub fn numel(shape: &[usize]) -> usize {
 impl Tensor {
     /// Wraps storage whose length must equal the shape's element count.
     pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>) -> Tensor {
+        let live = LIVE_BYTES.fetch_add(storage.bytes(), Ordering::Relaxed) + storage.bytes();
+        PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
         Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, storage: Arc::new(storage), needs_grad: false }))
     }
 

@@ -36,6 +36,11 @@ impl PromptTokenizer {
         Ok(PromptTokenizer { inner, context_length })
     }
 
+    /// Tokens in the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     pub fn context_length(&self) -> usize {
         self.context_length
     }
@@ -61,6 +66,16 @@ impl PromptTokenizer {
             ids.extend(self.encode(prompt)?);
         }
         Ok(ids)
+    }
+}
+
+/// The `tokenizer.json` shipped for a built-in config (`tiny`, `small`); the paper config's
+/// BiomedBERT vocabulary comes with its converted checkpoint instead.
+pub fn preset_tokenizer_json(config_name: &str) -> Option<&'static [u8]> {
+    match config_name {
+        "tiny" => Some(include_bytes!("../weights/tiny/tokenizer.json")),
+        "small" => Some(include_bytes!("../weights/small/tokenizer.json")),
+        _ => None,
     }
 }
 

@@ -47,6 +47,7 @@ fn paper_config_asks_for_exactly_the_official_keys_and_runs_on_the_cpu() {
             &pixels,
             &ids,
             Sampling { seed: 3, first_draw: 0, samples: 1 },
+            None,
             &mut Trace::disabled(),
         )
         .unwrap();
@@ -96,6 +97,7 @@ fn converted_full_size_checkpoint_matches_pytorch_when_provided() {
                 &pixels,
                 &ids,
                 Sampling { seed: 20261123, first_draw: 0, samples: 1 },
+                None,
                 &mut trace,
             )
             .unwrap();

@@ -81,7 +81,7 @@ fn tiny_forward_matches_pytorch_reference() {
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let mut trace = Trace::enabled();
         let sampling = Sampling { seed: fixture.seed, first_draw: 0, samples: 1 };
-        model.forward(&Tape::inference(), &pixels, &fixture.ids, sampling, &mut trace).unwrap();
+        model.forward(&Tape::inference(), &pixels, &fixture.ids, sampling, None, &mut trace).unwrap();
 
         println!("\nparity on {} (tiny config, seed {})", device.name(), fixture.seed);
         println!("{:<42} {:>18} {:>12} {:>12}  ok", "tensor", "shape", "max |diff|", "tolerance");

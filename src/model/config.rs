@@ -49,6 +49,55 @@ pub struct ModelConfig {
     /// lists the towers too.
     #[serde(default = "official_trainable")]
     pub trainable: Vec<String>,
+    /// How `mcs-engine train` trains this model (defaults: the official recipe, spec §4, §6).
+    #[serde(default)]
+    pub training: TrainRecipe,
+}
+
+/// The training recipe saved with a model: optimiser schedule, loss weights and the text tower's
+/// dropout. Every field defaults to the official value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainRecipe {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Adam's learning rate at the first epoch; cosine-annealed per epoch down to the minimum.
+    pub learning_rate: f32,
+    pub min_learning_rate: f32,
+    pub dice_weight: f32,
+    pub bce_weight: f32,
+    pub softcon_weight: f32,
+    /// τ of the soft patch-contrastive loss.
+    pub temperature: f32,
+    /// `rows`: the official MONAI-on-[B,H,W] row-wise soft Dice (parity); `image`: per-image.
+    pub dice_mode: DiceModeName,
+    /// Dropout of the text tower's hidden states and attention probabilities while training
+    /// (the official code leaves BERT's p = 0.1 on although BERT is frozen).
+    pub text_dropout: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiceModeName {
+    Rows,
+    Image,
+}
+
+impl Default for TrainRecipe {
+    fn default() -> Self {
+        TrainRecipe {
+            epochs: 100,
+            batch_size: 24,
+            learning_rate: 3e-4,
+            min_learning_rate: 1e-4,
+            dice_weight: 0.5,
+            bce_weight: 0.5,
+            softcon_weight: 0.1,
+            temperature: 0.2,
+            dice_mode: DiceModeName::Rows,
+            text_dropout: 0.1,
+        }
+    }
 }
 
 fn official_trainable() -> Vec<String> {
@@ -58,6 +107,7 @@ fn official_trainable() -> Vec<String> {
 const PRESETS: &[(&str, &str)] = &[
     ("unimedclip-vit-b16", include_str!("../../weights/configs/unimedclip-vit-b16.json")),
     ("tiny", include_str!("../../weights/configs/tiny.json")),
+    ("small", include_str!("../../weights/configs/small.json")),
 ];
 
 impl ModelConfig {
@@ -134,6 +184,22 @@ impl ModelConfig {
         }
         if self.adapter_layers.windows(2).any(|w| w[0] >= w[1]) {
             return fail(format!("adapter_layers {:?} must be strictly increasing", self.adapter_layers));
+        }
+        let t = &self.training;
+        if t.epochs == 0 || t.batch_size == 0 {
+            return fail(format!("training needs at least one epoch and a batch of one (got {} and {})", t.epochs, t.batch_size));
+        }
+        if !(t.learning_rate > 0.0 && t.min_learning_rate >= 0.0 && t.min_learning_rate <= t.learning_rate) {
+            return fail(format!(
+                "learning rates must satisfy 0 <= min ({}) <= start ({}), start > 0",
+                t.min_learning_rate, t.learning_rate
+            ));
+        }
+        if !(0.0..1.0).contains(&t.text_dropout) {
+            return fail(format!("text_dropout {} is outside [0, 1)", t.text_dropout));
+        }
+        if !(t.temperature > 0.0) {
+            return fail(format!("temperature {} must be positive", t.temperature));
         }
         let upscaled = self.grid() << self.num_upscale;
         if upscaled > self.image_size {

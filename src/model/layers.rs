@@ -104,8 +104,8 @@ pub fn merge_heads(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 }
 
 /// Multi-head scaled dot-product attention over already projected `[B, T, W]` queries, keys and
-/// values, with an optional additive key mask `[B, Tk]`. Returns `[B, Tq, W]` before the output
-/// projection.
+/// values, with an optional additive key mask `[B, Tk]` and optional dropout of the attention
+/// probabilities. Returns `[B, Tq, W]` before the output projection.
 pub fn multi_head_attention(
     tape: &Tape,
     q: &Tensor,
@@ -113,10 +113,12 @@ pub fn multi_head_attention(
     v: &Tensor,
     heads: usize,
     key_mask: Option<&Tensor>,
+    dropout: Option<(f32, ops::DropoutKey)>,
 ) -> Result<Tensor> {
     let head_dim = q.dim(-1) / heads;
     let (q, k, v) = (split_heads(tape, q, heads)?, split_heads(tape, k, heads)?, split_heads(tape, v, heads)?);
-    let o = ops::scaled_dot_product_attention(tape, &q, &k, &v, key_mask, 1.0 / (head_dim as f32).sqrt())?;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let o = ops::scaled_dot_product_attention_with_dropout(tape, &q, &k, &v, key_mask, scale, dropout)?;
     merge_heads(tape, &o)
 }
 

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use adapter::Sampling;
-pub use config::ModelConfig;
+pub use config::{DiceModeName, ModelConfig, TrainRecipe};
+pub use text::TextDropout;
 use layers::{repeat_batch, Loader, Param};
 use weights::WeightStore;
 
@@ -149,6 +150,11 @@ impl MedClipSeg {
         &self.config
     }
 
+    /// Replaces the training recipe carried in the config (a resumed run may train longer).
+    pub fn set_training_recipe(&mut self, recipe: TrainRecipe) {
+        self.config.training = recipe;
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -166,12 +172,14 @@ impl MedClipSeg {
     /// Runs both towers with the adapters, then the decoder. `pixels` is `[B, 3, H, W]`
     /// (normalised), `ids` holds `B * context` token ids. The batch is stacked `sampling.samples`
     /// times at the first adapter (everything before it is deterministic and computed once).
+    /// `text_dropout` switches on the text tower's training-mode dropout.
     pub fn forward(
         &self,
         tape: &Tape,
         pixels: &Tensor,
         ids: &[u32],
         sampling: Sampling,
+        text_dropout: Option<&TextDropout>,
         trace: &mut Trace,
     ) -> Result<ForwardOutput> {
         let c = &self.config;
@@ -186,7 +194,7 @@ impl MedClipSeg {
         }
         let batch = pixels.dim(0);
         let mut image = self.vision.embed(tape, pixels)?;
-        let mut text = self.text.embed(tape, ids, batch)?;
+        let mut text = self.text.embed(tape, ids, batch, text_dropout)?;
         let mut mask = self.text.pad_mask(ids, batch, &self.device)?;
         trace.put(|| "act.vision.embed".into(), &image);
         trace.put(|| "act.text.embed".into(), &text);
@@ -209,7 +217,7 @@ impl MedClipSeg {
                 image = ops::add(tape, &image, &out.dv)?;
             }
             image = vision_block.forward(tape, &image)?;
-            text = text_layer.forward(tape, &text, &mask)?;
+            text = text_layer.forward(tape, &text, &mask, text_dropout, i)?;
             trace.put(|| format!("act.vision.block.{i}"), &image);
             trace.put(|| format!("act.text.block.{i}"), &text);
         }
@@ -235,7 +243,7 @@ impl MedClipSeg {
     pub fn predict(&self, pixels: &Tensor, ids: &[u32], seed: u64, samples: usize) -> Result<Prediction> {
         let tape = Tape::inference();
         let sampling = Sampling { seed, first_draw: 0, samples };
-        let out = self.forward(&tape, pixels, ids, sampling, &mut Trace::disabled())?;
+        let out = self.forward(&tape, pixels, ids, sampling, None, &mut Trace::disabled())?;
         let (b, h, w) = (pixels.dim(0), self.config.image_size, self.config.image_size);
         let logits = ops::reshape(&tape, &out.logits, &[samples, b, h, w])?;
         let (probability, uncertainty) = mean_probability_and_entropy(&logits)?;

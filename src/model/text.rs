@@ -37,6 +37,43 @@ pub struct BertLayer {
 
 const PREFIX: &str = "text_model.transformer";
 
+/// Training-mode dropout of the text tower (HF `BertModel` in `train()`, spec §1.3): on the
+/// embeddings, the attention probabilities, and both sub-layer outputs before their residual
+/// LayerNorm. Masks are Philox draws keyed by the training step, so a step is reproducible and
+/// the backward regenerates them instead of storing them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TextDropout {
+    pub p: f32,
+    pub seed: u64,
+    pub step: u64,
+}
+
+/// Where in the tower a dropout mask is drawn (part of its Philox stream).
+#[derive(Clone, Copy)]
+enum DropoutSite {
+    Embeddings = 0,
+    AttentionProbabilities = 1,
+    AttentionOutput = 2,
+    FeedForwardOutput = 3,
+}
+
+impl TextDropout {
+    fn key(&self, layer: usize, site: DropoutSite) -> ops::DropoutKey {
+        ops::DropoutKey { seed: self.seed, stream: ops::dropout_stream_id(self.step, layer as u32, site as u32) }
+    }
+
+    fn apply(&self, tape: &Tape, x: &Tensor, layer: usize, site: DropoutSite) -> Result<Tensor> {
+        ops::dropout(tape, x, self.p, self.key(layer, site))
+    }
+}
+
+fn maybe_dropout(tape: &Tape, x: Tensor, dropout: Option<&TextDropout>, layer: usize, site: DropoutSite) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.apply(tape, &x, layer, site),
+        None => Ok(x),
+    }
+}
+
 impl TextTower {
     pub fn load(l: &mut Loader, c: &ModelConfig) -> Result<TextTower> {
         let (w, eps) = (c.text_width, c.text_ln_eps);
@@ -94,8 +131,9 @@ impl TextTower {
         Ok(())
     }
 
-    /// `[B, L, width]` embeddings after LayerNorm: `(word + token_type[0]) + position`, HF order.
-    pub fn embed(&self, tape: &Tape, ids: &[u32], batch: usize) -> Result<Tensor> {
+    /// `[B, L, width]` embeddings after LayerNorm (and dropout when training):
+    /// `(word + token_type[0]) + position`, HF order.
+    pub fn embed(&self, tape: &Tape, ids: &[u32], batch: usize, dropout: Option<&TextDropout>) -> Result<Tensor> {
         self.check_ids(ids, batch)?;
         let words = ops::index_select_rows(tape, &self.word_embeddings.value, ids)?;
         let words = ops::reshape(tape, &words, &[batch, self.context, self.width])?;
@@ -103,7 +141,8 @@ impl TextTower {
         let positions = ops::narrow(tape, &self.position_embeddings.value, 0, 0, self.context)?;
         let x = ops::add(tape, &words, &token_type)?;
         let x = ops::add(tape, &x, &positions)?;
-        self.embeddings_norm.forward(tape, &x)
+        let x = self.embeddings_norm.forward(tape, &x)?;
+        maybe_dropout(tape, x, dropout, 0, DropoutSite::Embeddings)
     }
 
     /// Additive key mask `[B, L]`: 0 for tokens, the most negative f32 for padding (HF's
@@ -135,18 +174,21 @@ impl TextTower {
 }
 
 impl BertLayer {
-    /// Post-LN: `x1 = LN(x + Attn(x))`, `x2 = LN(x1 + FFN(x1))`. Dropout is never applied here
-    /// (inference and parity); training-mode dropout belongs to the training path.
-    pub fn forward(&self, tape: &Tape, x: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
+    /// Post-LN: `x1 = LN(x + Attn(x))`, `x2 = LN(x1 + FFN(x1))`, with HF's training-mode
+    /// dropout when `dropout` is given (layer `index` keys its masks).
+    pub fn forward(&self, tape: &Tape, x: &Tensor, key_mask: &Tensor, dropout: Option<&TextDropout>, index: usize) -> Result<Tensor> {
         let q = self.query.forward(tape, x)?;
         let k = self.key.forward(tape, x)?;
         let v = self.value.forward(tape, x)?;
-        let attn = multi_head_attention(tape, &q, &k, &v, self.heads, Some(key_mask))?;
+        let probability_dropout = dropout.map(|d| (d.p, d.key(index, DropoutSite::AttentionProbabilities)));
+        let attn = multi_head_attention(tape, &q, &k, &v, self.heads, Some(key_mask), probability_dropout)?;
         let attn = self.attention_out.forward(tape, &attn)?;
+        let attn = maybe_dropout(tape, attn, dropout, index, DropoutSite::AttentionOutput)?;
         let (_, x1) = self.attention_norm.add_forward(tape, &attn, x)?;
         let h = self.intermediate.forward(tape, &x1)?;
         let h = ops::gelu(tape, &h)?;
         let h = self.output.forward(tape, &h)?;
+        let h = maybe_dropout(tape, h, dropout, index, DropoutSite::FeedForwardOutput)?;
         let (_, x2) = self.output_norm.add_forward(tape, &h, &x1)?;
         Ok(x2)
     }

@@ -111,7 +111,7 @@ impl VisionBlock {
         let q = ops::narrow(tape, &qkv, 2, 0, w)?;
         let k = ops::narrow(tape, &qkv, 2, w, w)?;
         let v = ops::narrow(tape, &qkv, 2, 2 * w, w)?;
-        let attn = multi_head_attention(tape, &q, &k, &v, self.heads, None)?;
+        let attn = multi_head_attention(tape, &q, &k, &v, self.heads, None, None)?;
         let attn = self.out_proj.forward(tape, &attn)?;
         let (x, h) = self.ln_2.add_forward(tape, x, &attn)?;
         let m = self.c_fc.forward(tape, &h)?;

@@ -75,6 +75,12 @@ impl WeightStore {
         }
     }
 
+    /// Every tensor of the file by key (for files that are not model weights, such as optimiser
+    /// state).
+    pub fn into_tensors(self) -> BTreeMap<String, Tensor> {
+        self.tensors
+    }
+
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
     }

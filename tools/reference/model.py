@@ -79,6 +79,9 @@ class Config:
 
     @staticmethod
     def from_dict(d):
+        # Which parameters train and the training recipe are the engine's business; the
+        # reference model takes its trainable set from TRAINABLE_PARTS.
+        d = {k: v for k, v in d.items() if k not in ("trainable", "training")}
         keys = set(d)
         if keys != set(CONFIG_KEYS):
             raise ValueError(f"config keys differ: missing {sorted(set(CONFIG_KEYS) - keys)}, "
