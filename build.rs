@@ -10,8 +10,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// FLOAT_FLAGS: the floating-point flags nvcc gets here and NVRTC gets at run time.
+include!("src/cuda/float_flags.rs");
+
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src/cuda/float_flags.rs");
     for var in ["NVCC", "CUDA_HOME", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -51,11 +55,8 @@ fn main() {
         } else {
             "None".to_string()
         };
-        writeln!(
-            table,
-            "    KernelSource {{ stem: {stem:?}, source: include_str!({source_path:?}), ptx: {ptx} }},"
-        )
-        .unwrap();
+        writeln!(table, "    KernelSource {{ stem: {stem:?}, source: include_str!({source_path:?}), ptx: {ptx} }},")
+            .unwrap();
     }
     table.push_str("];\n");
     fs::write(out_dir.join("kernel_table.rs"), table).expect("write kernel_table.rs");
@@ -94,11 +95,9 @@ fn find_nvcc() -> Option<PathBuf> {
 fn compile_ptx(nvcc: &Path, kernel_dir: &Path, stem: &str, out_dir: &Path) {
     let source = kernel_dir.join(format!("{stem}.cu"));
     let ptx = out_dir.join(format!("{stem}.ptx"));
-    // Strict IEEE single precision: no fused multiply-add contraction surprises beyond what the
-    // kernels spell out, precise division and square root (parity with the CPU reference).
     let output = Command::new(nvcc)
         .args(["--ptx", "-O3", "-arch=sm_90", "-lineinfo", "-std=c++17"])
-        .args(["--prec-div=true", "--prec-sqrt=true", "--ftz=false"])
+        .args(FLOAT_FLAGS)
         .arg("-I")
         .arg(kernel_dir)
         .arg("-o")
@@ -120,10 +119,7 @@ fn inline_local_includes(dir: &Path, file: &Path) -> String {
     fn splice(dir: &Path, file: &Path, seen: &mut Vec<PathBuf>, out: &mut String) {
         let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
         for line in text.lines() {
-            let include = line
-                .trim()
-                .strip_prefix("#include \"")
-                .and_then(|rest| rest.strip_suffix('"'));
+            let include = line.trim().strip_prefix("#include \"").and_then(|rest| rest.strip_suffix('"'));
             match include {
                 Some(name) => {
                     let path = dir.join(name);

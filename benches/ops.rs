@@ -50,7 +50,10 @@ fn cases(device: &Device) -> Vec<Case> {
     vec![
         ("linear 5910x768 -> 3072", gemm_flops / 1e9, {
             let (x, w) = (x.clone(), w.clone());
-            Box::new(move || ops::matmul_with(&Tape::inference(), &x, &w, MatmulOpts { transpose_b: true, ..Default::default() }).unwrap())
+            Box::new(move || {
+                ops::matmul_with(&Tape::inference(), &x, &w, MatmulOpts { transpose_b: true, ..Default::default() })
+                    .unwrap()
+            })
         }),
         ("layer_norm 5910x768", 0.0, {
             let x = x.clone();

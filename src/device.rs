@@ -25,9 +25,9 @@ impl Device {
             "cuda" | "gpu" => Device::cuda(0),
             _ => match spec.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
                 Some(ordinal) => Device::cuda(ordinal),
-                None => Err(crate::Error::Invalid(format!(
-                    "unknown device `{spec}`: expected `cpu`, `cuda` or `cuda:N`"
-                ))),
+                None => {
+                    Err(crate::Error::Invalid(format!("unknown device `{spec}`: expected `cpu`, `cuda` or `cuda:N`")))
+                }
             },
         }
     }

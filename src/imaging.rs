@@ -48,10 +48,17 @@ pub fn preprocess(image: &RgbImage, size: usize) -> Vec<f32> {
 }
 
 /// Writes a `height` x `width` map as an 8-bit grey PNG, `to_byte` mapping each value.
-pub fn write_gray_png(path: &Path, values: &[f32], width: usize, height: usize, to_byte: impl Fn(f32) -> u8) -> Result<()> {
+pub fn write_gray_png(
+    path: &Path,
+    values: &[f32],
+    width: usize,
+    height: usize,
+    to_byte: impl Fn(f32) -> u8,
+) -> Result<()> {
     let pixels: Vec<u8> = values.iter().map(|&v| to_byte(v)).collect();
-    let image = GrayImage::from_raw(width as u32, height as u32, pixels)
-        .ok_or_else(|| Error::Invalid(format!("{}: {} values do not make a {width}x{height} image", path.display(), values.len())))?;
+    let image = GrayImage::from_raw(width as u32, height as u32, pixels).ok_or_else(|| {
+        Error::Invalid(format!("{}: {} values do not make a {width}x{height} image", path.display(), values.len()))
+    })?;
     let mut encoded = Vec::new();
     image
         .write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png)
@@ -80,6 +87,10 @@ pub fn synthetic_picture(size: u32) -> RgbImage {
     RgbImage::from_fn(size, size, |x, y| {
         let d = ((x as f32 - centre).powi(2) + (y as f32 - centre * 1.2).powi(2)).sqrt();
         let shade = (40.0 + 40.0 * y as f32 / size as f32) as u8;
-        if d < radius { image::Rgb([220, 200, 180]) } else { image::Rgb([shade, shade, shade + 10]) }
+        if d < radius {
+            image::Rgb([220, 200, 180])
+        } else {
+            image::Rgb([shade, shade, shade + 10])
+        }
     })
 }

@@ -13,7 +13,11 @@ use mcs_engine::tokenizer::PromptTokenizer;
 use mcs_engine::{imaging, Device, Result, Tensor};
 
 #[derive(Parser)]
-#[command(name = "mcs-engine", version, about = "Train and run MedCLIPSeg: text-prompted medical image segmentation with per-pixel uncertainty")]
+#[command(
+    name = "mcs-engine",
+    version,
+    about = "Train and run MedCLIPSeg: text-prompted medical image segmentation with per-pixel uncertainty"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,11 @@ fn main() -> ExitCode {
 
 fn load_config(spec: &str) -> Result<ModelConfig> {
     let path = Path::new(spec);
-    if path.is_file() { ModelConfig::load(path) } else { ModelConfig::preset(spec) }
+    if path.is_file() {
+        ModelConfig::load(path)
+    } else {
+        ModelConfig::preset(spec)
+    }
 }
 
 fn predict(args: &PredictArgs) -> Result<()> {
@@ -87,7 +95,10 @@ fn predict(args: &PredictArgs) -> Result<()> {
     let device = Device::parse(device)?;
     let tokenizer_path = match tokenizer {
         Some(p) => p.to_path_buf(),
-        None if config.name == "tiny" => Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/tiny/tokenizer.json"),
+        // MCS_ROOT: where a copied kit keeps weights/ (the build's source tree may not exist there).
+        None if config.name == "tiny" => std::env::var_os("MCS_ROOT")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+            .join("weights/tiny/tokenizer.json"),
         None => {
             return Err(mcs_engine::Error::Invalid(format!(
                 "config `{}` needs --tokenizer (a BERT tokenizer.json; tools/convert_checkpoint.py vocab makes one)",
@@ -128,7 +139,9 @@ fn predict(args: &PredictArgs) -> Result<()> {
     imaging::write_gray_png(&out.join("mask.png"), &probability, w, h, |p| if p > 0.5 { 255 } else { 0 })?;
     imaging::write_gray_png(&out.join("probability.png"), &probability, w, h, |p| (p * 255.0).round() as u8)?;
     // Entropy of a Bernoulli is at most ln 2: scale so that full uncertainty is white.
-    imaging::write_gray_png(&out.join("uncertainty.png"), &uncertainty, w, h, |u| (u / std::f32::consts::LN_2 * 255.0).round().clamp(0.0, 255.0) as u8)?;
+    imaging::write_gray_png(&out.join("uncertainty.png"), &uncertainty, w, h, |u| {
+        (u / std::f32::consts::LN_2 * 255.0).round().clamp(0.0, 255.0) as u8
+    })?;
     let foreground = probability.iter().filter(|&&p| p > 0.5).count() as f32 / probability.len() as f32;
     let mean_entropy = uncertainty.iter().sum::<f32>() / uncertainty.len() as f32;
     println!(
@@ -149,6 +162,9 @@ fn info() -> Result<()> {
             println!("GPU: available ({})", device.name());
         }
         Some(reason) => println!("GPU: not available ({reason}); the CPU backend runs everything"),
+    }
+    if mcs_engine::cuda::sync_launches() {
+        println!("{}=1: every launch is synchronised (debugging; slow)", mcs_engine::cuda::SYNC_LAUNCHES_VAR);
     }
     let prebuilt = KernelFamily::ALL.iter().filter(|f| f.prebuilt_ptx().is_some()).count();
     println!(

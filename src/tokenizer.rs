@@ -17,13 +17,12 @@ impl PromptTokenizer {
     /// Loads a Hugging Face `tokenizer.json` and fixes padding/truncation to `context_length`.
     pub fn load(path: &Path, context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
         let bytes = std::fs::read(path).map_err(Error::io(path))?;
-        Self::from_bytes(&bytes, context_length, pad_id)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+        Self::from_bytes(&bytes, context_length, pad_id).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
     }
 
     pub fn from_bytes(bytes: &[u8], context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
-        let mut inner = Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::Invalid(format!("not a readable tokenizer.json: {e}")))?;
+        let mut inner =
+            Tokenizer::from_bytes(bytes).map_err(|e| Error::Invalid(format!("not a readable tokenizer.json: {e}")))?;
         let pad_token = inner.id_to_token(pad_id).unwrap_or_else(|| "[PAD]".to_string());
         inner
             .with_truncation(Some(TruncationParams { max_length: context_length, ..Default::default() }))

@@ -39,7 +39,8 @@ fn attention_f64(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, scale: f
                 let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for c in 0..s.dv {
-                    let value: f64 = (0..s.tk).map(|ki| weights[ki] / total * v[(head * s.tk + ki) * s.dv + c] as f64).sum();
+                    let value: f64 =
+                        (0..s.tk).map(|ki| weights[ki] / total * v[(head * s.tk + ki) * s.dv + c] as f64).sum();
                     out[(head * s.tq + qi) * s.dv + c] = value as f32;
                 }
             }
@@ -74,7 +75,13 @@ fn run_case(device: &Device, s: Dims, masked: bool, seed: u64) {
     assert_eq!(y.shape(), &[s.b, s.h, s.tq, s.dv]);
     // Scores are f32 dot products of <= 65 terms (error ~1e-6), the softmax adds ~1e-6 relative,
     // and the output is a convex combination of values in [-1, 1]: 1e-5 absolute covers all three.
-    assert_close(&format!("attention {s:?} masked={masked} on {}", device.name()), &y.to_vec().unwrap(), &want, 1e-5, 1e-5);
+    assert_close(
+        &format!("attention {s:?} masked={masked} on {}", device.name()),
+        &y.to_vec().unwrap(),
+        &want,
+        1e-5,
+        1e-5,
+    );
 }
 
 #[test]

@@ -12,7 +12,18 @@ use proptest::prelude::*;
 /// Naive f64 product of stored operands: a batch of `[m, k]` matrices (stored `[k, m]` when
 /// `ta`), b one `[k, n]` per batch or, when `shared_b`, a single one (stored `[n, k]` when `tb`).
 #[allow(clippy::too_many_arguments)]
-fn matmul_f64(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, ta: bool, tb: bool, shared_b: bool, alpha: f32) -> Vec<f32> {
+fn matmul_f64(
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    shared_b: bool,
+    alpha: f32,
+) -> Vec<f32> {
     let mut out = Vec::with_capacity(batch * m * n);
     for i in 0..batch {
         let a_mat = &a[i * m * k..];
@@ -48,7 +59,18 @@ fn product_atol(k: usize) -> f32 {
 
 /// Runs one forward case on `device` and compares it with the f64 reference.
 #[allow(clippy::too_many_arguments)]
-fn check_forward(device: &Device, batch_dims: &[usize], m: usize, k: usize, n: usize, ta: bool, tb: bool, shared_b: bool, alpha: f32, seed: u64) {
+fn check_forward(
+    device: &Device,
+    batch_dims: &[usize],
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    shared_b: bool,
+    alpha: f32,
+    seed: u64,
+) {
     let batch: usize = batch_dims.iter().product();
     let a_shape = stored(batch_dims, m, k, ta);
     let b_shape = if shared_b { stored(&[], k, n, tb) } else { stored(batch_dims, k, n, tb) };
@@ -131,7 +153,13 @@ fn column_sums_match_f64() {
     for device in devices() {
         let xt = Tensor::from_slice(&x, &[37, 65], &device).unwrap();
         // 37 terms of magnitude <= 1.
-        assert_close(&format!("column_sums on {}", device.name()), &column_sums(&xt).unwrap().to_vec().unwrap(), &want, 1e-5, 1e-5);
+        assert_close(
+            &format!("column_sums on {}", device.name()),
+            &column_sums(&xt).unwrap().to_vec().unwrap(),
+            &want,
+            1e-5,
+            1e-5,
+        );
     }
 }
 
@@ -155,16 +183,23 @@ fn matmul_gradients_match_finite_differences() {
             ];
             let opts = MatmulOpts { transpose_a: ta, transpose_b: tb, alpha: 0.7 };
             let name = format!("matmul ta={ta} tb={tb} shared_b={shared_b}");
-            check_gradients(&name, &inputs, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| matmul_with(tape, &p[0], &p[1], opts));
+            check_gradients(&name, &inputs, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+                matmul_with(tape, &p[0], &p[1], opts)
+            });
         }
     }
 }
 
 #[test]
 fn matmul_gradient_of_a_frozen_operand_is_not_computed() {
-    let inputs = [(random_vec(13, 2 * 3 * 4, -1.0, 1.0), vec![2, 3, 4]), (random_vec(14, 4 * 5, -1.0, 1.0), vec![4, 5])];
-    check_gradients("matmul frozen b", &inputs, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| matmul(tape, &p[0], &p[1]));
-    check_gradients("matmul frozen a", &inputs, &[0], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| matmul(tape, &p[0], &p[1]));
+    let inputs =
+        [(random_vec(13, 2 * 3 * 4, -1.0, 1.0), vec![2, 3, 4]), (random_vec(14, 4 * 5, -1.0, 1.0), vec![4, 5])];
+    check_gradients("matmul frozen b", &inputs, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+        matmul(tape, &p[0], &p[1])
+    });
+    check_gradients("matmul frozen a", &inputs, &[0], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+        matmul(tape, &p[0], &p[1])
+    });
 }
 
 #[test]
@@ -174,10 +209,18 @@ fn linear_gradients_match_finite_differences() {
         (random_vec(22, 5 * 4, -1.0, 1.0), vec![5, 4]),
         (random_vec(23, 5, -1.0, 1.0), vec![5]),
     ];
-    check_gradients("linear", &inputs, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| linear(tape, &p[0], &p[1], Some(&p[2])));
-    check_gradients("linear frozen weight", &inputs, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| linear(tape, &p[0], &p[1], Some(&p[2])));
-    check_gradients("linear frozen input", &inputs, &[0], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| linear(tape, &p[0], &p[1], Some(&p[2])));
-    check_gradients("linear without bias", &inputs[..2], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| linear(tape, &p[0], &p[1], None));
+    check_gradients("linear", &inputs, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+        linear(tape, &p[0], &p[1], Some(&p[2]))
+    });
+    check_gradients("linear frozen weight", &inputs, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+        linear(tape, &p[0], &p[1], Some(&p[2]))
+    });
+    check_gradients("linear frozen input", &inputs, &[0], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+        linear(tape, &p[0], &p[1], Some(&p[2]))
+    });
+    check_gradients("linear without bias", &inputs[..2], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |tape, p| {
+        linear(tape, &p[0], &p[1], None)
+    });
 }
 
 /// Forward output and gradients of `f(a, b)` on `device` for a fixed output gradient.
@@ -195,7 +238,8 @@ fn forward_and_grads(
     let y = f(&tape, &a, &b, bias.as_ref());
     let dy = random_tensor(99, y.shape(), -1.0, 1.0, device);
     let grads = tape.backward_from(&y, dy).unwrap();
-    let mut out = vec![y.to_vec().unwrap(), grads.get(&a).unwrap().to_vec().unwrap(), grads.get(&b).unwrap().to_vec().unwrap()];
+    let mut out =
+        vec![y.to_vec().unwrap(), grads.get(&a).unwrap().to_vec().unwrap(), grads.get(&b).unwrap().to_vec().unwrap()];
     out.extend(bias.map(|t| grads.get(&t).unwrap().to_vec().unwrap()));
     out
 }
@@ -212,9 +256,17 @@ fn gpu_matches_cpu_forward_and_backward() {
             let opts = MatmulOpts { transpose_a: ta, transpose_b: tb, alpha: 1.5 };
             let run = |d: &Device| forward_and_grads(d, &a, &b, None, |t, a, b, _| matmul_with(t, a, b, opts).unwrap());
             let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-            for (what, g, c) in [("output", &on_gpu[0], &on_cpu[0]), ("da", &on_gpu[1], &on_cpu[1]), ("db", &on_gpu[2], &on_cpu[2])] {
+            for (what, g, c) in
+                [("output", &on_gpu[0], &on_cpu[0]), ("da", &on_gpu[1], &on_cpu[1]), ("db", &on_gpu[2], &on_cpu[2])]
+            {
                 // Both are f32 GEMMs over at most 6*33 = 198 terms in different orders.
-                assert_close(&format!("matmul {what} ta={ta} tb={tb} shared_b={shared_b} gpu vs cpu"), g, c, 1e-4, 1e-4);
+                assert_close(
+                    &format!("matmul {what} ta={ta} tb={tb} shared_b={shared_b} gpu vs cpu"),
+                    g,
+                    c,
+                    1e-4,
+                    1e-4,
+                );
             }
         }
     }
@@ -248,7 +300,9 @@ fn gpu_gemm_is_strict_fp32() {
     .unwrap();
     assert_close("strict FP32 cuBLAS vs exact", &y.to_vec().unwrap(), &want, 0.0, 0.0);
     // The same data must be exact on the CPU too (the test would otherwise prove nothing).
-    let y_cpu = matmul(&Tape::inference(), &Tensor::from_vec(a, &[m, k]).unwrap(), &Tensor::from_vec(b, &[k, n]).unwrap()).unwrap();
+    let y_cpu =
+        matmul(&Tape::inference(), &Tensor::from_vec(a, &[m, k]).unwrap(), &Tensor::from_vec(b, &[k, n]).unwrap())
+            .unwrap();
     assert_close("FP32 CPU vs exact", &y_cpu.to_vec().unwrap(), &want, 0.0, 0.0);
 }
 
@@ -264,10 +318,70 @@ fn bad_shapes_are_errors_naming_the_shapes() {
     assert!(err.contains("batch") && err.contains("[3, 4, 6]"), "{err}");
     let err = message(matmul(&tape, &t(&[4]), &t(&[4, 2])));
     assert!(err.contains("rank") && err.contains("[4]"), "{err}");
-    let err = message(matmul_with(&tape, &t(&[3, 4]), &t(&[3, 5]), MatmulOpts { transpose_b: true, ..Default::default() }));
+    let err =
+        message(matmul_with(&tape, &t(&[3, 4]), &t(&[3, 5]), MatmulOpts { transpose_b: true, ..Default::default() }));
     assert!(err.contains("[3, 5] (transposed)"), "{err}");
     let err = message(linear(&tape, &t(&[2, 3]), &t(&[5, 4]), None));
     assert!(err.contains("[2, 3]") && err.contains("[5, 4]"), "{err}");
     let err = message(linear(&tape, &t(&[2, 4]), &t(&[5, 4]), Some(&t(&[4]))));
     assert!(err.contains("bias [4]") && err.contains("[5, 4]"), "{err}");
+}
+
+/// An empty inner dimension: the product is all zeros (or the bias rows), on every device, and
+/// its gradients are zeros / empty tensors of the operands' shapes.
+#[test]
+fn empty_inner_dimension_gives_zeros_or_bias_rows() {
+    for device in devices() {
+        let name = device.name();
+        let a = Tensor::from_slice(&[], &[2, 3, 0], &device).unwrap();
+        let b = Tensor::from_slice(&[], &[2, 0, 4], &device).unwrap();
+        let y = matmul(&Tape::inference(), &a, &b).unwrap();
+        assert_eq!(y.shape(), [2, 3, 4]);
+        // Exact: no arithmetic happens.
+        assert_close(&format!("k = 0 matmul on {name}"), &y.to_vec().unwrap(), &[0.0; 24], 0.0, 0.0);
+
+        let x = Tensor::from_slice(&[], &[5, 0], &device).unwrap();
+        let weight = Tensor::from_slice(&[], &[3, 0], &device).unwrap();
+        let bias = Tensor::from_slice(&[1.5, -2.0, 0.25], &[3], &device).unwrap().into_trainable();
+        let tape = Tape::new();
+        let y = linear(&tape, &x, &weight, Some(&bias)).unwrap();
+        let want: Vec<f32> = [1.5, -2.0, 0.25].repeat(5);
+        assert_close(&format!("k = 0 linear on {name}"), &y.to_vec().unwrap(), &want, 0.0, 0.0);
+        let dy = Tensor::from_slice(&random_vec(9, 15, -1.0, 1.0), &[5, 3], &device).unwrap();
+        let grads = tape.backward_from(&y, dy.clone()).unwrap();
+        let dy_host = dy.to_vec().unwrap();
+        let want_db: Vec<f32> = (0..3).map(|c| (0..5).map(|r| dy_host[r * 3 + c] as f64).sum::<f64>() as f32).collect();
+        // 5 terms of magnitude <= 1 summed in f32.
+        assert_close(
+            &format!("k = 0 bias gradient on {name}"),
+            &grads.get(&bias).unwrap().to_vec().unwrap(),
+            &want_db,
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn empty_inner_dimension_gradients_have_the_operands_shapes() {
+    let a = Tensor::from_vec(vec![], &[3, 0]).unwrap().into_trainable();
+    let b = Tensor::from_vec(vec![], &[0, 2]).unwrap().into_trainable();
+    let tape = Tape::new();
+    let y = matmul(&tape, &a, &b).unwrap();
+    let grads = tape.backward_from(&y, Tensor::ones(&[3, 2], &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(grads.get(&a).unwrap().shape(), [3, 0]);
+    assert_eq!(grads.get(&b).unwrap().shape(), [0, 2]);
+}
+
+/// column_sums sums in a fixed lane order on both backends, so the GPU result is bit-identical.
+#[test]
+fn column_sums_gpu_is_bit_identical_to_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, cols) in [(1, 1), (7, 33), (197, 768), (3000, 5)] {
+        let x = random_vec(rows as u64, rows * cols, -1.0, 1.0);
+        let cpu = column_sums(&Tensor::from_vec(x.clone(), &[rows, cols]).unwrap()).unwrap().to_vec().unwrap();
+        let on_gpu = column_sums(&Tensor::from_slice(&x, &[rows, cols], &gpu).unwrap()).unwrap().to_vec().unwrap();
+        // Exact: same additions in the same order, and no multiplications to contract.
+        assert_close(&format!("column_sums [{rows}, {cols}] GPU vs CPU"), &on_gpu, &cpu, 0.0, 0.0);
+    }
 }

@@ -12,14 +12,15 @@ use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::{MedClipSeg, ModelConfig, Sampling, Trace, UNUSED_KEYS};
 use mcs_engine::{Device, Tape, Tensor};
 
-const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unimedclip_vit_b16_keys.json");
+const KEYS: &str = "tests/fixtures/unimedclip_vit_b16_keys.json";
 
 #[test]
 fn paper_config_asks_for_exactly_the_official_keys_and_runs_on_the_cpu() {
     let config = ModelConfig::unimedclip_vit_b16();
     let model = MedClipSeg::from_store(config.clone(), WeightStore::synthetic(1), &Device::Cpu).unwrap();
 
-    let listed: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(KEYS).unwrap()).unwrap();
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(common::repo_file(KEYS)).unwrap()).unwrap();
     let want: BTreeMap<String, (Vec<usize>, bool)> = listed
         .iter()
         .filter(|e| !UNUSED_KEYS.contains(&e["key"].as_str().unwrap()))
@@ -42,7 +43,13 @@ fn paper_config_asks_for_exactly_the_official_keys_and_runs_on_the_cpu() {
     ids[..6].copy_from_slice(&[2, 1037, 2235, 1999, 1996, 3]);
     let started = std::time::Instant::now();
     let out = model
-        .forward(&Tape::inference(), &pixels, &ids, Sampling { seed: 3, first_draw: 0, samples: 1 }, &mut Trace::disabled())
+        .forward(
+            &Tape::inference(),
+            &pixels,
+            &ids,
+            Sampling { seed: 3, first_draw: 0, samples: 1 },
+            &mut Trace::disabled(),
+        )
         .unwrap();
     eprintln!("full-size forward on the CPU: {:.2?}", started.elapsed());
     assert_eq!(out.logits.shape(), &[1, 224, 224]);
@@ -68,7 +75,10 @@ fn converted_full_size_checkpoint_matches_pytorch_when_provided() {
         let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let floats = |name: &str| -> (Vec<usize>, Vec<f32>) {
             let v = file.tensor(name).unwrap();
-            (v.shape().to_vec(), v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            (
+                v.shape().to_vec(),
+                v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            )
         };
         let ids: Vec<u32> = file
             .tensor("input.ids")
@@ -81,7 +91,15 @@ fn converted_full_size_checkpoint_matches_pytorch_when_provided() {
         let pixels = Tensor::from_slice(&pixels, &shape, &device).unwrap();
         let mut trace = Trace::enabled();
         let started = std::time::Instant::now();
-        model.forward(&Tape::inference(), &pixels, &ids, Sampling { seed: 20261123, first_draw: 0, samples: 1 }, &mut trace).unwrap();
+        model
+            .forward(
+                &Tape::inference(),
+                &pixels,
+                &ids,
+                Sampling { seed: 20261123, first_draw: 0, samples: 1 },
+                &mut trace,
+            )
+            .unwrap();
         eprintln!("full-size forward on {}: {:.2?}", device.name(), started.elapsed());
         for (name, _) in file.tensors().into_iter().filter(|(n, _)| n.starts_with("act.")) {
             let (_, want) = floats(&name);

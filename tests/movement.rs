@@ -181,13 +181,28 @@ fn movement_gradients_match_finite_differences() {
     check_gradients("permute", &[x()], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| permute(t, &p[0], &[1, 2, 0]));
     check_gradients("transpose", &[x()], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| transpose(t, &p[0], 1, 2));
     check_gradients("narrow", &[x()], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| narrow(t, &p[0], 1, 1, 2));
-    check_gradients("repeat_rows", &[(random_vec(4, 5, -1.0, 1.0), vec![5])], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| repeat_rows(t, &p[0], 3));
-    let pieces = [x(), (random_vec(5, 2 * 4, -1.0, 1.0), vec![2, 1, 4]), (random_vec(6, 2 * 2 * 4, -1.0, 1.0), vec![2, 2, 4])];
-    check_gradients("concat", &pieces, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| concat(t, &[&p[0], &p[1], &p[2]], 1));
-    check_gradients("concat with a frozen piece", &pieces, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| concat(t, &[&p[0], &p[1], &p[2]], 1));
+    check_gradients(
+        "repeat_rows",
+        &[(random_vec(4, 5, -1.0, 1.0), vec![5])],
+        &[],
+        GRAD_EPS,
+        GRAD_ATOL,
+        GRAD_RTOL,
+        |t, p| repeat_rows(t, &p[0], 3),
+    );
+    let pieces =
+        [x(), (random_vec(5, 2 * 4, -1.0, 1.0), vec![2, 1, 4]), (random_vec(6, 2 * 2 * 4, -1.0, 1.0), vec![2, 2, 4])];
+    check_gradients("concat", &pieces, &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| {
+        concat(t, &[&p[0], &p[1], &p[2]], 1)
+    });
+    check_gradients("concat with a frozen piece", &pieces, &[1], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| {
+        concat(t, &[&p[0], &p[1], &p[2]], 1)
+    });
     // Repeated ids: their gradients must add up.
     let table = (random_vec(7, 5 * 3, -1.0, 1.0), vec![5, 3]);
-    check_gradients("index_select_rows", &[table], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| index_select_rows(t, &p[0], &[4, 0, 4, 2, 4]));
+    check_gradients("index_select_rows", &[table], &[], GRAD_EPS, GRAD_ATOL, GRAD_RTOL, |t, p| {
+        index_select_rows(t, &p[0], &[4, 0, 4, 2, 4])
+    });
 }
 
 /// Output and input gradient of `f` on `device` for a fixed output gradient.
@@ -212,14 +227,20 @@ fn gpu_matches_cpu_forward_and_backward() {
         ("permute", Box::new(|t, x| permute(t, x, &[2, 0, 3, 1]).unwrap())),
         ("transpose", Box::new(|t, x| transpose(t, x, 1, 3).unwrap())),
         ("narrow", Box::new(|t, x| narrow(t, x, 2, 2, 4).unwrap())),
-        ("concat", Box::new(|t, x| {
-            let other = random_tensor(9, &[3, 5, 2, 33], -1.0, 1.0, &x.device());
-            concat(t, &[x, &other], 2).unwrap()
-        })),
-        ("index_select_rows", Box::new(|t, x| {
-            let table = reshape(t, x, &[105, 33]).unwrap();
-            index_select_rows(t, &table, &[3, 104, 3, 0, 3, 77]).unwrap()
-        })),
+        (
+            "concat",
+            Box::new(|t, x| {
+                let other = random_tensor(9, &[3, 5, 2, 33], -1.0, 1.0, &x.device());
+                concat(t, &[x, &other], 2).unwrap()
+            }),
+        ),
+        (
+            "index_select_rows",
+            Box::new(|t, x| {
+                let table = reshape(t, x, &[105, 33]).unwrap();
+                index_select_rows(t, &table, &[3, 104, 3, 0, 3, 77]).unwrap()
+            }),
+        ),
         ("repeat_rows", Box::new(|t, x| repeat_rows(t, x, 3).unwrap())),
     ];
     for (name, f) in &cases {
@@ -260,4 +281,46 @@ fn bad_arguments_are_errors_naming_the_shapes() {
     assert!(err.contains("id 4") && err.contains("position 1") && err.contains("[4, 3]"), "{err}");
     let err = message(index_select_rows(&tape, &t(&[4]), &[0]));
     assert!(err.contains("[4]"), "{err}");
+}
+
+/// repeat_batch: `copies` consecutive copies of the whole tensor, the gradient the sum of the
+/// copies' gradients.
+#[test]
+fn repeat_batch_stacks_whole_copies_and_sums_their_gradients() {
+    use mcs_engine::ops::repeat_batch;
+    let x = random_vec(31, 2 * 3 * 4, -1.0, 1.0);
+    for device in devices() {
+        let xt = Tensor::from_slice(&x, &[2, 3, 4], &device).unwrap();
+        let y = repeat_batch(&Tape::inference(), &xt, 3).unwrap();
+        assert_eq!(y.shape(), [6, 3, 4]);
+        // Exact: values are only copied.
+        assert_close(&format!("repeat_batch on {}", device.name()), &y.to_vec().unwrap(), &x.repeat(3), 0.0, 0.0);
+    }
+    // Summing three copies is exact in f32 except for rounding of the sum itself, so the tape's
+    // gradient meets finite differences with the same tolerance as the other movement ops.
+    check_gradients("repeat_batch", &[(x.clone(), vec![2, 3, 4])], &[], 1e-2, 1e-3, 1e-3, |tape, xs| {
+        repeat_batch(tape, &xs[0], 3)
+    });
+    let err = repeat_batch(&Tape::inference(), &Tensor::from_vec(x, &[2, 3, 4]).unwrap(), 0).unwrap_err().to_string();
+    assert!(err.contains("at least one copy"), "{err}");
+}
+
+#[test]
+fn repeat_batch_gpu_matches_cpu_forward_and_backward() {
+    use mcs_engine::ops::repeat_batch;
+    let Some(gpu) = gpu() else { return };
+    let x = random_vec(32, 1 * 197 * 64, -1.0, 1.0);
+    let run = |device: &Device| {
+        let xt = Tensor::from_slice(&x, &[1, 197, 64], device).unwrap().into_trainable();
+        let tape = Tape::new();
+        let y = repeat_batch(&tape, &xt, 30).unwrap();
+        let dy = Tensor::from_slice(&random_vec(33, y.numel(), -1.0, 1.0), y.shape(), device).unwrap();
+        let grads = tape.backward_from(&y, dy).unwrap();
+        (y.to_vec().unwrap(), grads.get(&xt).unwrap().to_vec().unwrap())
+    };
+    let (cpu_y, cpu_dx) = run(&Device::Cpu);
+    let (gpu_y, gpu_dx) = run(&gpu);
+    // Exact: copies, and a column sum in the same order on both devices.
+    assert_close("repeat_batch forward GPU vs CPU", &gpu_y, &cpu_y, 0.0, 0.0);
+    assert_close("repeat_batch backward GPU vs CPU", &gpu_dx, &cpu_dx, 0.0, 0.0);
 }

@@ -7,8 +7,7 @@ mod common;
 use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
 use mcs_engine::ops::{
     depthwise_conv3x3_nhwc, depthwise_conv3x3_nhwc_backward_input, depthwise_conv3x3_nhwc_backward_weight,
-    depthwise_conv3x3_nhwc_forward, resize_bilinear_nchw, resize_bilinear_nchw_backward,
-    resize_bilinear_nchw_forward,
+    depthwise_conv3x3_nhwc_forward, resize_bilinear_nchw, resize_bilinear_nchw_backward, resize_bilinear_nchw_forward,
 };
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
@@ -422,8 +421,8 @@ struct TorchCase {
 /// rule (which the f64 tests above restate rather than prove) to the real `F.interpolate`.
 #[test]
 fn bilinear_matches_pytorch_fixture() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bilinear_torch.json");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let path = common::repo_file("tests/fixtures/bilinear_torch.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let fixture: TorchFixture = serde_json::from_str(&text).unwrap();
     assert!(fixture.cases.len() >= 5, "fixture has too few cases");
     for device in devices() {
@@ -456,9 +455,15 @@ fn bilinear_gradient_matches_finite_differences() {
     let cases = [resize(1, 2, 3, 4, 5, 7), resize(1, 1, 7, 6, 3, 4), resize(2, 1, 2, 5, 9, 2)];
     for (k, r) in cases.into_iter().enumerate() {
         let x = random_vec(40 + k as u64, r.input_shape().iter().product(), -2.0, 2.0);
-        check_gradients(&format!("bilinear {r:?}"), &[(x, r.input_shape().to_vec())], &[], 1e-2, 1e-3, 1e-3, |tape, p| {
-            resize_bilinear_nchw(tape, &p[0], r.out_h, r.out_w)
-        });
+        check_gradients(
+            &format!("bilinear {r:?}"),
+            &[(x, r.input_shape().to_vec())],
+            &[],
+            1e-2,
+            1e-3,
+            1e-3,
+            |tape, p| resize_bilinear_nchw(tape, &p[0], r.out_h, r.out_w),
+        );
     }
 }
 

@@ -100,7 +100,10 @@ impl ModelConfig {
             return fail(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
         }
         if self.vision_heads == 0 || !self.vision_width.is_multiple_of(self.vision_heads) {
-            return fail(format!("vision_width {} is not divisible by vision_heads {}", self.vision_width, self.vision_heads));
+            return fail(format!(
+                "vision_width {} is not divisible by vision_heads {}",
+                self.vision_width, self.vision_heads
+            ));
         }
         if self.text_heads == 0 || !self.text_width.is_multiple_of(self.text_heads) {
             return fail(format!("text_width {} is not divisible by text_heads {}", self.text_width, self.text_heads));
@@ -125,7 +128,11 @@ impl ModelConfig {
         }
         let upscaled = self.grid() << self.num_upscale;
         if upscaled > self.image_size {
-            return fail(format!("{} upscale blocks take the {}-patch grid past the image size", self.num_upscale, self.grid()));
+            return fail(format!(
+                "{} upscale blocks take the {}-patch grid past the image size",
+                self.num_upscale,
+                self.grid()
+            ));
         }
         Ok(())
     }

@@ -38,7 +38,11 @@ impl<'a> Loader<'a> {
     }
 
     pub fn param(&mut self, key: &str, shape: &[usize], trainable: bool) -> Result<Tensor> {
-        if trainable { self.trainable(key, shape) } else { self.frozen(key, shape) }
+        if trainable {
+            self.trainable(key, shape)
+        } else {
+            self.frozen(key, shape)
+        }
     }
 
     pub fn into_params(self) -> BTreeMap<String, Tensor> {
@@ -107,7 +111,14 @@ pub fn merge_heads(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 /// Multi-head scaled dot-product attention over already projected `[B, T, W]` queries, keys and
 /// values, with an optional additive key mask `[B, Tk]`. Returns `[B, Tq, W]` before the output
 /// projection.
-pub fn multi_head_attention(tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn multi_head_attention(
+    tape: &Tape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let head_dim = q.dim(-1) / heads;
     let (q, k, v) = (split_heads(tape, q, heads)?, split_heads(tape, k, heads)?, split_heads(tape, v, heads)?);
     let o = ops::scaled_dot_product_attention(tape, &q, &k, &v, key_mask, 1.0 / (head_dim as f32).sqrt())?;
@@ -119,6 +130,5 @@ pub fn repeat_batch(tape: &Tape, x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }
-    let copies: Vec<&Tensor> = std::iter::repeat_n(x, n).collect();
-    ops::concat(tape, &copies, 0)
+    ops::repeat_batch(tape, x, n)
 }

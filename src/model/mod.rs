@@ -117,7 +117,14 @@ impl MedClipSeg {
     /// Runs both towers with the adapters, then the decoder. `pixels` is `[B, 3, H, W]`
     /// (normalised), `ids` holds `B * context` token ids. The batch is stacked `sampling.samples`
     /// times at the first adapter (everything before it is deterministic and computed once).
-    pub fn forward(&self, tape: &Tape, pixels: &Tensor, ids: &[u32], sampling: Sampling, trace: &mut Trace) -> Result<ForwardOutput> {
+    pub fn forward(
+        &self,
+        tape: &Tape,
+        pixels: &Tensor,
+        ids: &[u32],
+        sampling: Sampling,
+        trace: &mut Trace,
+    ) -> Result<ForwardOutput> {
         let c = &self.config;
         if pixels.rank() != 4 || pixels.dim(1) != 3 || pixels.dim(2) != c.image_size || pixels.dim(3) != c.image_size {
             return Err(Error::shape(

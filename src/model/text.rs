@@ -50,7 +50,14 @@ impl TextTower {
                     value: Linear::load(l, &format!("{p}.attention.self.value"), w, w, true, false)?,
                     attention_out: Linear::load(l, &format!("{p}.attention.output.dense"), w, w, true, false)?,
                     attention_norm: Norm::load(l, &format!("{p}.attention.output.LayerNorm"), w, eps, false)?,
-                    intermediate: Linear::load(l, &format!("{p}.intermediate.dense"), c.text_intermediate_dim, w, true, false)?,
+                    intermediate: Linear::load(
+                        l,
+                        &format!("{p}.intermediate.dense"),
+                        c.text_intermediate_dim,
+                        w,
+                        true,
+                        false,
+                    )?,
                     output: Linear::load(l, &format!("{p}.output.dense"), w, c.text_intermediate_dim, true, false)?,
                     output_norm: Norm::load(l, &format!("{p}.output.LayerNorm"), w, eps, false)?,
                 })
@@ -60,7 +67,8 @@ impl TextTower {
             context: c.text_context_length,
             width: w,
             pad_id: c.text_pad_id,
-            word_embeddings: l.frozen(&format!("{PREFIX}.embeddings.word_embeddings.weight"), &[c.text_vocab_size, w])?,
+            word_embeddings: l
+                .frozen(&format!("{PREFIX}.embeddings.word_embeddings.weight"), &[c.text_vocab_size, w])?,
             position_embeddings: l
                 .frozen(&format!("{PREFIX}.embeddings.position_embeddings.weight"), &[c.text_max_positions, w])?,
             token_type_embeddings: l

@@ -39,8 +39,12 @@ impl WeightStore {
         let metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
-            let data = decode_floats(view.dtype(), view.data())
-                .ok_or_else(|| Error::Weights(format!("{origin}: key `{name}` has dtype {:?}; expected F32, F16 or BF16", view.dtype())))?;
+            let data = decode_floats(view.dtype(), view.data()).ok_or_else(|| {
+                Error::Weights(format!(
+                    "{origin}: key `{name}` has dtype {:?}; expected F32, F16 or BF16",
+                    view.dtype()
+                ))
+            })?;
             tensors.insert(name, Tensor::from_vec(data, view.shape())?);
         }
         Ok(WeightStore { origin: origin.to_string(), tensors, taken: BTreeSet::new(), metadata, synthetic_seed: None })
@@ -62,7 +66,13 @@ impl WeightStore {
 
     /// A store over tensors already in memory (tests, random initialisation).
     pub fn from_tensors(origin: &str, tensors: BTreeMap<String, Tensor>) -> WeightStore {
-        WeightStore { origin: origin.to_string(), tensors, taken: BTreeSet::new(), metadata: HashMap::new(), synthetic_seed: None }
+        WeightStore {
+            origin: origin.to_string(),
+            tensors,
+            taken: BTreeSet::new(),
+            metadata: HashMap::new(),
+            synthetic_seed: None,
+        }
     }
 
     pub fn metadata(&self) -> &HashMap<String, String> {
@@ -99,11 +109,8 @@ impl WeightStore {
     /// Fails when the file holds keys the model never asked for, other than `unused` ones that the
     /// official checkpoints carry but the model does not need (such as `logit_scale`).
     pub fn finish(self, unused: &[&str]) -> Result<()> {
-        let unexpected: Vec<&String> = self
-            .tensors
-            .keys()
-            .filter(|k| !self.taken.contains(*k) && !unused.contains(&k.as_str()))
-            .collect();
+        let unexpected: Vec<&String> =
+            self.tensors.keys().filter(|k| !self.taken.contains(*k) && !unused.contains(&k.as_str())).collect();
         if unexpected.is_empty() {
             return Ok(());
         }
@@ -125,9 +132,9 @@ fn invent(seed: u64, key: &str, shape: &[usize]) -> Result<Tensor> {
     let key_hash = key.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3));
     let is_norm_weight = shape.len() == 1 && key.ends_with(".weight");
     let scale = match shape.len() {
-        0 => 0.0,                                   // gates: sigmoid(0) = 0.5, as initialised
-        1 if is_norm_weight => 0.0,                 // LayerNorm weights: exactly 1
-        1 => 0.02,                                  // biases and the class embedding
+        0 => 0.0,                   // gates: sigmoid(0) = 0.5, as initialised
+        1 if is_norm_weight => 0.0, // LayerNorm weights: exactly 1
+        1 => 0.02,                  // biases and the class embedding
         _ => 1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt(),
     };
     let mut values = vec![0.0f32; n];

@@ -47,7 +47,10 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Re
     }
     if let Some(m) = mask {
         if m.shape() != [ks[0], ks[2]] {
-            return Err(Error::shape("attention", format!("mask must be [B, Tk] = [{}, {}]; got {}", ks[0], ks[2], describe())));
+            return Err(Error::shape(
+                "attention",
+                format!("mask must be [B, Tk] = [{}, {}]; got {}", ks[0], ks[2], describe()),
+            ));
         }
     }
     Ok(())
