@@ -35,8 +35,9 @@ die() {
 # Parsing (shared by `run` and `selftest`)
 
 # "passed failed skips" of one libtest binary's output: the sums over its `test result:` lines,
-# and how many `skip: no GPU` lines it printed (with REQUIRE_GPU=1 a skip panics instead, but a
-# test that prints one and returns is still counted here).
+# and how many `skip: no GPU` lines reached the log (libtest captures the output of passing tests,
+# so this only sees skips under --nocapture; `run` relies on REQUIRE_GPU=1, which turns a skip
+# into a panic and so into a failed test).
 parse_test_log() {
     awk '
         /^test result: / {

@@ -568,7 +568,7 @@ pub(crate) fn repeat_rows_cuda(
         return Ok(out);
     }
     let (rows_u, cols_u) = (rows as u32, cols as u32);
-    let f = REPEAT_ROWS.function(&dev)?;
+    let f = REPEAT_ROWS.function(dev)?;
     let mut b = dev.stream().launch_builder(f);
     b.arg(&mut out).arg(row).arg(&rows_u).arg(&cols_u);
     // SAFETY: arguments match `repeat_rows(float*, const float*, unsigned, unsigned)`; out holds
