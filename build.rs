@@ -10,8 +10,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// FLOAT_FLAGS: the floating-point flags nvcc gets here and NVRTC gets at run time.
+include!("src/cuda/float_flags.rs");
+
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src/cuda/float_flags.rs");
     for var in ["NVCC", "CUDA_HOME", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -91,11 +95,9 @@ fn find_nvcc() -> Option<PathBuf> {
 fn compile_ptx(nvcc: &Path, kernel_dir: &Path, stem: &str, out_dir: &Path) {
     let source = kernel_dir.join(format!("{stem}.cu"));
     let ptx = out_dir.join(format!("{stem}.ptx"));
-    // Strict IEEE single precision: no fused multiply-add contraction surprises beyond what the
-    // kernels spell out, precise division and square root (parity with the CPU reference).
     let output = Command::new(nvcc)
         .args(["--ptx", "-O3", "-arch=sm_90", "-lineinfo", "-std=c++17"])
-        .args(["--prec-div=true", "--prec-sqrt=true", "--ftz=false"])
+        .args(FLOAT_FLAGS)
         .arg("-I")
         .arg(kernel_dir)
         .arg("-o")

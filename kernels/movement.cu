@@ -76,3 +76,28 @@ extern "C" __global__ void repeat_rows(float* __restrict__ out, const float* __r
         out[i] = row[i % cols];
     }
 }
+
+// out[c] = sum over r < rows of x[r, c]: the gradient of a bias and of rows (or batches)
+// repeated. Block (32, 8): threadIdx.x picks one of 32 adjacent columns (coalesced reads),
+// threadIdx.y one of 8 row lanes that each sum rows y, y + 8, ... in increasing order; the 8
+// partial sums are then added in lane order. Deterministic: the order never depends on timing.
+#define SUM_COLUMNS_LANES 8
+extern "C" __global__ void sum_columns(float* __restrict__ out, const float* __restrict__ x, unsigned int rows,
+                                       unsigned int cols) {
+    __shared__ float partial[SUM_COLUMNS_LANES][32];
+    for (unsigned int base = blockIdx.x * 32; base < cols; base += gridDim.x * 32) {
+        const unsigned int c = base + threadIdx.x;
+        float sum = 0.0f;
+        if (c < cols) {
+            for (unsigned int r = threadIdx.y; r < rows; r += SUM_COLUMNS_LANES) sum += x[(size_t)r * cols + c];
+        }
+        partial[threadIdx.y][threadIdx.x] = sum;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < cols) {
+            float total = partial[0][threadIdx.x];
+            for (int lane = 1; lane < SUM_COLUMNS_LANES; ++lane) total += partial[lane][threadIdx.x];
+            out[c] = total;
+        }
+        __syncthreads();  // partial is reused by the next column group
+    }
+}

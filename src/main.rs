@@ -160,6 +160,9 @@ fn info() -> Result<()> {
         }
         Some(reason) => println!("GPU: not available ({reason}); the CPU backend runs everything"),
     }
+    if mcs_engine::cuda::sync_launches() {
+        println!("{}=1: every launch is synchronised (debugging; slow)", mcs_engine::cuda::SYNC_LAUNCHES_VAR);
+    }
     let prebuilt = KernelFamily::ALL.iter().filter(|f| f.prebuilt_ptx().is_some()).count();
     println!(
         "kernels: {} families, {prebuilt} with nvcc-built sm_90 PTX; NVRTC {}",

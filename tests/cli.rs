@@ -3,8 +3,14 @@
 
 use std::process::Command;
 
+/// The binary under test: `MCS_ENGINE_BIN` when set (a packed GPU kit, where cargo's
+/// compile-time path does not exist), else the one cargo built.
+fn binary() -> std::path::PathBuf {
+    std::env::var_os("MCS_ENGINE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_mcs-engine").into(), Into::into)
+}
+
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcs-engine")).args(args).output().unwrap();
+    let out = Command::new(binary()).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

@@ -326,3 +326,62 @@ fn bad_shapes_are_errors_naming_the_shapes() {
     let err = message(linear(&tape, &t(&[2, 4]), &t(&[5, 4]), Some(&t(&[4]))));
     assert!(err.contains("bias [4]") && err.contains("[5, 4]"), "{err}");
 }
+
+/// An empty inner dimension: the product is all zeros (or the bias rows), on every device, and
+/// its gradients are zeros / empty tensors of the operands' shapes.
+#[test]
+fn empty_inner_dimension_gives_zeros_or_bias_rows() {
+    for device in devices() {
+        let name = device.name();
+        let a = Tensor::from_slice(&[], &[2, 3, 0], &device).unwrap();
+        let b = Tensor::from_slice(&[], &[2, 0, 4], &device).unwrap();
+        let y = matmul(&Tape::inference(), &a, &b).unwrap();
+        assert_eq!(y.shape(), [2, 3, 4]);
+        // Exact: no arithmetic happens.
+        assert_close(&format!("k = 0 matmul on {name}"), &y.to_vec().unwrap(), &[0.0; 24], 0.0, 0.0);
+
+        let x = Tensor::from_slice(&[], &[5, 0], &device).unwrap();
+        let weight = Tensor::from_slice(&[], &[3, 0], &device).unwrap();
+        let bias = Tensor::from_slice(&[1.5, -2.0, 0.25], &[3], &device).unwrap().into_trainable();
+        let tape = Tape::new();
+        let y = linear(&tape, &x, &weight, Some(&bias)).unwrap();
+        let want: Vec<f32> = [1.5, -2.0, 0.25].repeat(5);
+        assert_close(&format!("k = 0 linear on {name}"), &y.to_vec().unwrap(), &want, 0.0, 0.0);
+        let dy = Tensor::from_slice(&random_vec(9, 15, -1.0, 1.0), &[5, 3], &device).unwrap();
+        let grads = tape.backward_from(&y, dy.clone()).unwrap();
+        let dy_host = dy.to_vec().unwrap();
+        let want_db: Vec<f32> = (0..3).map(|c| (0..5).map(|r| dy_host[r * 3 + c] as f64).sum::<f64>() as f32).collect();
+        // 5 terms of magnitude <= 1 summed in f32.
+        assert_close(
+            &format!("k = 0 bias gradient on {name}"),
+            &grads.get(&bias).unwrap().to_vec().unwrap(),
+            &want_db,
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn empty_inner_dimension_gradients_have_the_operands_shapes() {
+    let a = Tensor::from_vec(vec![], &[3, 0]).unwrap().into_trainable();
+    let b = Tensor::from_vec(vec![], &[0, 2]).unwrap().into_trainable();
+    let tape = Tape::new();
+    let y = matmul(&tape, &a, &b).unwrap();
+    let grads = tape.backward_from(&y, Tensor::ones(&[3, 2], &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(grads.get(&a).unwrap().shape(), [3, 0]);
+    assert_eq!(grads.get(&b).unwrap().shape(), [0, 2]);
+}
+
+/// column_sums sums in a fixed lane order on both backends, so the GPU result is bit-identical.
+#[test]
+fn column_sums_gpu_is_bit_identical_to_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, cols) in [(1, 1), (7, 33), (197, 768), (3000, 5)] {
+        let x = random_vec(rows as u64, rows * cols, -1.0, 1.0);
+        let cpu = column_sums(&Tensor::from_vec(x.clone(), &[rows, cols]).unwrap()).unwrap().to_vec().unwrap();
+        let on_gpu = column_sums(&Tensor::from_slice(&x, &[rows, cols], &gpu).unwrap()).unwrap().to_vec().unwrap();
+        // Exact: same additions in the same order, and no multiplications to contract.
+        assert_close(&format!("column_sums [{rows}, {cols}] GPU vs CPU"), &on_gpu, &cpu, 0.0, 0.0);
+    }
+}

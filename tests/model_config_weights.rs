@@ -1,13 +1,15 @@
 //! Model configs (presets, JSON round trip, validation) and the weight loader's errors for
 //! missing and unexpected keys (mis-shaped keys: tests/model_parity.rs).
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use mcs_engine::model::weights::{save_safetensors, WeightStore};
 use mcs_engine::model::{MedClipSeg, ModelConfig};
 use mcs_engine::{Device, Tensor};
 
-const WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_weights.safetensors");
+const WEIGHTS: &str = "tests/fixtures/tiny_weights.safetensors";
 
 #[test]
 fn presets_parse_and_describe_the_paper_model() {
@@ -45,7 +47,7 @@ fn invalid_configs_are_refused_with_the_reason() {
 }
 
 fn tiny_tensors() -> BTreeMap<String, Tensor> {
-    let store = WeightStore::load(WEIGHTS.as_ref()).unwrap();
+    let store = WeightStore::load(&common::repo_file(WEIGHTS)).unwrap();
     let model = MedClipSeg::from_store(ModelConfig::tiny(), store, &Device::Cpu).unwrap();
     model.parameters().clone()
 }

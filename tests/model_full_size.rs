@@ -12,14 +12,15 @@ use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::{MedClipSeg, ModelConfig, Sampling, Trace, UNUSED_KEYS};
 use mcs_engine::{Device, Tape, Tensor};
 
-const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unimedclip_vit_b16_keys.json");
+const KEYS: &str = "tests/fixtures/unimedclip_vit_b16_keys.json";
 
 #[test]
 fn paper_config_asks_for_exactly_the_official_keys_and_runs_on_the_cpu() {
     let config = ModelConfig::unimedclip_vit_b16();
     let model = MedClipSeg::from_store(config.clone(), WeightStore::synthetic(1), &Device::Cpu).unwrap();
 
-    let listed: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(KEYS).unwrap()).unwrap();
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(common::repo_file(KEYS)).unwrap()).unwrap();
     let want: BTreeMap<String, (Vec<usize>, bool)> = listed
         .iter()
         .filter(|e| !UNUSED_KEYS.contains(&e["key"].as_str().unwrap()))

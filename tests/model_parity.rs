@@ -13,8 +13,8 @@ use mcs_engine::{ops, Device, Tape, Tensor};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
-const WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_weights.safetensors");
-const FORWARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_forward.safetensors");
+const WEIGHTS: &str = "tests/fixtures/tiny_weights.safetensors";
+const FORWARD: &str = "tests/fixtures/tiny_forward.safetensors";
 
 struct Fixture {
     tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
@@ -23,7 +23,8 @@ struct Fixture {
 }
 
 fn read_fixture() -> Fixture {
-    let bytes = std::fs::read(FORWARD).expect("tests/fixtures/tiny_forward.safetensors (run tools/make_fixtures.py)");
+    let bytes = std::fs::read(common::repo_file(FORWARD))
+        .expect("tests/fixtures/tiny_forward.safetensors (run tools/make_fixtures.py)");
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().clone().unwrap_or_default();
@@ -76,7 +77,8 @@ fn tiny_forward_matches_pytorch_reference() {
     let config = ModelConfig::tiny();
     for device in devices() {
         let model =
-            MedClipSeg::from_store(config.clone(), WeightStore::load(WEIGHTS.as_ref()).unwrap(), &device).unwrap();
+            MedClipSeg::from_store(config.clone(), WeightStore::load(&common::repo_file(WEIGHTS)).unwrap(), &device)
+                .unwrap();
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let mut trace = Trace::enabled();
@@ -123,8 +125,12 @@ fn tiny_forward_matches_pytorch_reference() {
 fn tiny_monte_carlo_prediction_matches_pytorch_reference() {
     let fixture = read_fixture();
     for device in devices() {
-        let model =
-            MedClipSeg::from_store(ModelConfig::tiny(), WeightStore::load(WEIGHTS.as_ref()).unwrap(), &device).unwrap();
+        let model = MedClipSeg::from_store(
+            ModelConfig::tiny(),
+            WeightStore::load(&common::repo_file(WEIGHTS)).unwrap(),
+            &device,
+        )
+        .unwrap();
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let samples = fixture.tensors["mc.logits"].0[0];
@@ -147,7 +153,7 @@ fn tiny_monte_carlo_prediction_matches_pytorch_reference() {
 
 #[test]
 fn weights_with_a_wrong_shape_name_the_key_and_both_shapes() {
-    let mut store = WeightStore::load(WEIGHTS.as_ref()).unwrap();
+    let mut store = WeightStore::load(&common::repo_file(WEIGHTS)).unwrap();
     let err = store.take("mask_head.0.weight", &[7, 7], &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("mask_head.0.weight") && err.contains("[7, 7]") && err.contains("[24, 24]"), "{err}");
     let err = store.take("no.such.key", &[1], &Device::Cpu).unwrap_err().to_string();

@@ -282,3 +282,45 @@ fn bad_arguments_are_errors_naming_the_shapes() {
     let err = message(index_select_rows(&tape, &t(&[4]), &[0]));
     assert!(err.contains("[4]"), "{err}");
 }
+
+/// repeat_batch: `copies` consecutive copies of the whole tensor, the gradient the sum of the
+/// copies' gradients.
+#[test]
+fn repeat_batch_stacks_whole_copies_and_sums_their_gradients() {
+    use mcs_engine::ops::repeat_batch;
+    let x = random_vec(31, 2 * 3 * 4, -1.0, 1.0);
+    for device in devices() {
+        let xt = Tensor::from_slice(&x, &[2, 3, 4], &device).unwrap();
+        let y = repeat_batch(&Tape::inference(), &xt, 3).unwrap();
+        assert_eq!(y.shape(), [6, 3, 4]);
+        // Exact: values are only copied.
+        assert_close(&format!("repeat_batch on {}", device.name()), &y.to_vec().unwrap(), &x.repeat(3), 0.0, 0.0);
+    }
+    // Summing three copies is exact in f32 except for rounding of the sum itself, so the tape's
+    // gradient meets finite differences with the same tolerance as the other movement ops.
+    check_gradients("repeat_batch", &[(x.clone(), vec![2, 3, 4])], &[], 1e-2, 1e-3, 1e-3, |tape, xs| {
+        repeat_batch(tape, &xs[0], 3)
+    });
+    let err = repeat_batch(&Tape::inference(), &Tensor::from_vec(x, &[2, 3, 4]).unwrap(), 0).unwrap_err().to_string();
+    assert!(err.contains("at least one copy"), "{err}");
+}
+
+#[test]
+fn repeat_batch_gpu_matches_cpu_forward_and_backward() {
+    use mcs_engine::ops::repeat_batch;
+    let Some(gpu) = gpu() else { return };
+    let x = random_vec(32, 197 * 64, -1.0, 1.0);
+    let run = |device: &Device| {
+        let xt = Tensor::from_slice(&x, &[1, 197, 64], device).unwrap().into_trainable();
+        let tape = Tape::new();
+        let y = repeat_batch(&tape, &xt, 30).unwrap();
+        let dy = Tensor::from_slice(&random_vec(33, y.numel(), -1.0, 1.0), y.shape(), device).unwrap();
+        let grads = tape.backward_from(&y, dy).unwrap();
+        (y.to_vec().unwrap(), grads.get(&xt).unwrap().to_vec().unwrap())
+    };
+    let (cpu_y, cpu_dx) = run(&Device::Cpu);
+    let (gpu_y, gpu_dx) = run(&gpu);
+    // Exact: copies, and a column sum in the same order on both devices.
+    assert_close("repeat_batch forward GPU vs CPU", &gpu_y, &cpu_y, 0.0, 0.0);
+    assert_close("repeat_batch backward GPU vs CPU", &gpu_dx, &cpu_dx, 0.0, 0.0);
+}

@@ -12,7 +12,7 @@ use mcs_engine::Device;
 use proptest::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/philox_normal.safetensors");
+const FIXTURE: &str = "tests/fixtures/philox_normal.safetensors";
 
 /// Fails with the number of differing elements and the first one (values and bit patterns).
 fn assert_bits_equal(what: &str, got: &[f32], want: &[f32]) {
@@ -32,7 +32,8 @@ fn assert_bits_equal(what: &str, got: &[f32], want: &[f32]) {
 }
 
 fn read_fixture() -> Vec<u8> {
-    std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("{FIXTURE}: {e} (written by tools/make_philox_fixture.py)"))
+    std::fs::read(common::repo_file(FIXTURE))
+        .unwrap_or_else(|e| panic!("{FIXTURE}: {e} (written by tools/make_philox_fixture.py)"))
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

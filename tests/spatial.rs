@@ -421,8 +421,8 @@ struct TorchCase {
 /// rule (which the f64 tests above restate rather than prove) to the real `F.interpolate`.
 #[test]
 fn bilinear_matches_pytorch_fixture() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bilinear_torch.json");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let path = common::repo_file("tests/fixtures/bilinear_torch.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let fixture: TorchFixture = serde_json::from_str(&text).unwrap();
     assert!(fixture.cases.len() >= 5, "fixture has too few cases");
     for device in devices() {

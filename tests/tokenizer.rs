@@ -1,20 +1,23 @@
 //! Prompt tokenization against the Hugging Face `tokenizers` library's output for the tiny
 //! vocabulary (`tests/fixtures/tiny_tokens.json`, written by tools/make_fixtures.py).
 
+mod common;
+
 use mcs_engine::model::ModelConfig;
 use mcs_engine::tokenizer::{clean_prompt, PromptTokenizer};
 
-const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/tiny/tokenizer.json");
-const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_tokens.json");
+const TOKENIZER: &str = "weights/tiny/tokenizer.json";
+const CASES: &str = "tests/fixtures/tiny_tokens.json";
 
 fn tokenizer() -> PromptTokenizer {
     let c = ModelConfig::tiny();
-    PromptTokenizer::load(TOKENIZER.as_ref(), c.text_context_length, c.text_pad_id).unwrap()
+    PromptTokenizer::load(&common::repo_file(TOKENIZER), c.text_context_length, c.text_pad_id).unwrap()
 }
 
 #[test]
 fn ids_match_hugging_face_padding_and_truncation() {
-    let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(CASES).unwrap()).unwrap();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(common::repo_file(CASES)).unwrap()).unwrap();
     let tokenizer = tokenizer();
     let mut checked = 0;
     for case in &cases {

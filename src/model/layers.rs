@@ -127,6 +127,5 @@ pub fn repeat_batch(tape: &Tape, x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }
-    let copies: Vec<&Tensor> = std::iter::repeat_n(x, n).collect();
-    ops::concat(tape, &copies, 0)
+    ops::repeat_batch(tape, x, n)
 }

@@ -223,7 +223,7 @@ fn cuda_forward(
     // float* rstd, const float* x, const float* residual, const float* weight, const float* bias,
     // int cols, float eps)`; y, sum_out (or null), x and residual (or null) hold rows*cols floats,
     // mean and rstd hold rows, weight and bias hold cols.
-    launch("layer_norm_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+    launch("layer_norm_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
     let stats = LayerNormStats { mean: cuda_output(dev, mean, &shape), rstd: cuda_output(dev, rstd, &shape) };
     Ok((cuda_output(dev, y, x.shape()), sum.map(|s| cuda_output(dev, s, x.shape())), stats))
 }
@@ -299,7 +299,7 @@ pub fn layer_norm_backward_input(x: &Tensor, weight: &Tensor, stats: &LayerNormS
             // SAFETY: arguments match `layer_norm_backward_input(float* dx, const float* x,
             // const float* weight, const float* mean, const float* rstd, const float* dy, int cols)`;
             // dx, x and dy hold rows*cols floats, mean and rstd rows, weight cols.
-            launch("layer_norm_backward_input", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch("layer_norm_backward_input", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok(cuda_output(&dev, dx, x.shape()))
         }
     }

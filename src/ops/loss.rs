@@ -130,7 +130,7 @@ fn mean_of(
     b.arg(&mut out).arg(values).arg(&count_i).arg(&scale_f);
     // SAFETY: arguments match `loss_mean_finish(float* out, const float* values, int count,
     // float scale)`; values holds at least `count` floats, out one.
-    launch("loss_mean_finish", unsafe { b.launch(launch_rows(1, BLOCK)) })?;
+    launch("loss_mean_finish", unsafe { b.launch(launch_rows(1, BLOCK)?) })?;
     Ok(cuda_output(dev, out, &[]))
 }
 
@@ -279,7 +279,7 @@ pub fn soft_dice_forward(logits: &Tensor, target: &Tensor, mode: DiceMode) -> Re
             // float* denominator, const float* x, const float* y, int groups_per_image, int skip,
             // int len, float smooth)`; x and y hold images * (per_image + skip) * len floats, the
             // three outputs one per term (= block).
-            launch("dice_groups_forward", unsafe { b.launch(launch_rows(count, term_threads(terms.len))) })?;
+            launch("dice_groups_forward", unsafe { b.launch(launch_rows(count, term_threads(terms.len))?) })?;
             let loss = mean_of(&dev, &dice, count, 1.0 / count as f64)?;
             let shape = terms.stats_shape();
             let stats =

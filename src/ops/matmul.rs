@@ -1,5 +1,6 @@
 //! Matrix products: batched `matmul` (transposes as GEMM flags, never copies), `linear` with a
-//! PyTorch-layout `[out, in]` weight, and `column_sums` (a GEMM with a ones vector).
+//! PyTorch-layout `[out, in]` weight, and `column_sums` (the bias gradient; on the GPU the
+//! `sum_columns` kernel of `kernels/movement.cu`, so no ones vector is uploaded).
 //! CPU: the `gemm` crate (strides give transposes for free). CUDA: cuBLAS strided-batched SGEMM in
 //! strict FP32, using the row-major trick. Bias pre-fill kernel: `kernels/movement.cu`.
 //! Tests: `tests/matmul.rs`.
@@ -10,7 +11,7 @@ use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use rayon::prelude::*;
 
-use super::movement::{repeat_rows_cpu, repeat_rows_cuda};
+use super::movement::{repeat_rows_cpu, repeat_rows_cuda, repeat_rows_forward};
 use super::{cuda_output, cuda_slice, same_device};
 use crate::cuda::CudaDevice;
 use crate::device::Device;
@@ -262,16 +263,10 @@ pub fn linear_backward(
     Ok((dx, dw, db))
 }
 
-/// Sums of `x` over every dimension but the last: `[..., C] -> [C]`, as one GEMM
-/// `ones[1, rows] x X[rows, C]` (the gradient of a bias or of rows repeated down a matrix).
+/// Sums of `x` over every dimension but the last: `[..., C] -> [C]` (the gradient of a bias or
+/// of rows repeated down a matrix). See [`super::movement::sum_columns_forward`].
 pub fn column_sums(x: &Tensor) -> Result<Tensor> {
-    if x.rank() == 0 {
-        return Err(Error::shape("column_sums", "needs at least one dimension, got a scalar"));
-    }
-    let cols = x.dim(-1);
-    let rows = numel(&x.shape()[..x.rank() - 1]);
-    let ones = Tensor::ones(&[rows], &x.device())?;
-    gemm("column_sums", &ones, x, Gemm::new(1, rows, cols, false, false, 1.0), None, &[cols])
+    super::movement::sum_columns_forward(x)
 }
 
 /// The dimensions of one matmul after its shapes were checked.
@@ -350,6 +345,11 @@ impl Gemm {
         Gemm { sum_batches: true, ..self }
     }
 
+    /// Whether any multiply-add happens: false when k, m, n or the batch is 0.
+    fn has_product(&self) -> bool {
+        self.m > 0 && self.n > 0 && self.k > 0 && self.batch > 0
+    }
+
     fn outputs(&self) -> usize {
         if self.sum_batches {
             1
@@ -392,7 +392,16 @@ fn gemm(
     }
     let mut inputs = vec![a, b];
     inputs.extend(bias_rows);
-    match same_device(op, &inputs)? {
+    let device = same_device(op, &inputs)?;
+    if !g.has_product() {
+        // An empty inner dimension (or no output at all): C is its starting value, and no GEMM
+        // runs (cuBLAS would otherwise be called on an output it may leave unwritten).
+        return match bias_rows {
+            Some(row) => repeat_rows_forward(row, g.outputs() * g.m)?.view_as(out_shape),
+            None => Tensor::zeros(out_shape, &device),
+        };
+    }
+    match device {
         Device::Cpu => {
             let rows = g.outputs() * g.m;
             let mut c = match bias_rows {
@@ -427,7 +436,7 @@ fn op_strides(rows: usize, cols: usize, transposed: bool) -> (isize, isize) {
 
 /// CPU GEMM with the `gemm` crate. `c` already holds the starting values when `accumulate`.
 fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
-    if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
+    if !g.has_product() {
         return; // c already holds its starting values (zeros or bias rows)
     }
     let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
@@ -502,13 +511,16 @@ fn cuda_gemm(
     g: Gemm,
     beta: f32,
 ) -> Result<()> {
-    if g.m == 0 || g.n == 0 || g.batch == 0 {
-        return Ok(());
+    if !g.has_product() {
+        // `gemm` returns before calling this; with k = 0 and beta = 0, C would stay unwritten.
+        return Err(Error::shape("matmul", format!("internal: empty GEMM {g:?} reached cuBLAS")));
     }
     let (m, n, k) = (to_c_int(g.n, "n")?, to_c_int(g.m, "m")?, to_c_int(g.k, "k")?);
     // Leading dimensions of the stored matrices seen column-major (at least 1, as cuBLAS asks).
-    let lda = to_c_int(if g.trans_b { g.k } else { g.n }.max(1), "ldb")?;
-    let ldb = to_c_int(if g.trans_a { g.m } else { g.k }.max(1), "lda")?;
+    // cuBLAS's first operand is the engine's b and its second the engine's a (operands swap), so
+    // cuBLAS's `lda` is b's leading dimension and `ldb` is a's: the labels name the engine's.
+    let lda = to_c_int(if g.trans_b { g.k } else { g.n }.max(1), "the leading dimension of b")?;
+    let ldb = to_c_int(if g.trans_a { g.m } else { g.k }.max(1), "the leading dimension of a")?;
     let ldc = m;
     let stream = dev.stream();
     let (a_ptr, _a_guard) = a.device_ptr(stream);
@@ -548,7 +560,8 @@ fn cuda_gemm(
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(Error::blas(format!("running an SGEMM of {g:?}")))
+        .map_err(Error::blas(format!("running an SGEMM of {g:?}")))?;
+        crate::cuda::after_launch("cuBLAS SGEMM")
     };
     if g.sum_batches {
         // One product at a time into the same C (batches of one call could race on it).
@@ -558,5 +571,21 @@ fn cuda_gemm(
         Ok(())
     } else {
         call(0, 0, 0, g.batch, beta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gemm;
+
+    /// The early return in `gemm` (no cuBLAS call, output = starting value) covers exactly the
+    /// plans with nothing to multiply.
+    #[test]
+    fn only_plans_with_an_inner_product_reach_the_backends() {
+        assert!(Gemm::new(2, 3, 4, false, false, 1.0).has_product());
+        for (m, k, n) in [(2, 0, 4), (0, 3, 4), (2, 3, 0)] {
+            assert!(!Gemm::new(m, k, n, false, true, 1.0).has_product(), "{m}x{k}x{n}");
+        }
+        assert!(!Gemm::new(2, 3, 4, false, false, 1.0).batched(0, true, true).has_product());
     }
 }

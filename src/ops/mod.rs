@@ -72,7 +72,9 @@ pub(crate) fn cuda_output(dev: &Arc<CudaDevice>, data: CudaSlice<f32>, shape: &[
     Tensor::from_storage(Storage::Cuda { device: dev.clone(), data }, shape.to_vec())
 }
 
-/// Turns a launch result into an engine error naming the kernel.
+/// Turns a launch result into an engine error naming the kernel; under `MCS_SYNC_LAUNCHES=1`
+/// also waits for the kernel and names it if it faulted ([`crate::cuda::after_launch`]).
 pub(crate) fn launch<T>(kernel: &str, result: std::result::Result<T, DriverError>) -> Result<()> {
-    result.map(|_| ()).map_err(Error::driver(format!("launching kernel `{kernel}`")))
+    result.map(|_| ()).map_err(Error::driver(format!("launching kernel `{kernel}`")))?;
+    crate::cuda::after_launch(kernel)
 }

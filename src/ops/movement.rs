@@ -1,5 +1,7 @@
 //! Data movement, each differentiable: `reshape` (a view), `permute` / `transpose` (one strided
-//! copy), `narrow`, `concat`, `index_select_rows` (embedding lookup) and `repeat_rows`.
+//! copy), `narrow`, `concat`, `index_select_rows` (embedding lookup), `repeat_rows`,
+//! `repeat_batch` (Monte-Carlo sample stacking), and `sum_columns_forward`, the deterministic
+//! column sum their gradients (and bias gradients) use.
 //! Kernels: `kernels/movement.cu`. Tests: `tests/movement.rs`.
 
 use std::sync::Arc;
@@ -9,11 +11,18 @@ use rayon::prelude::*;
 
 use super::matmul::column_sums;
 use super::{cuda_output, cuda_slice, launch, same_device};
-use crate::cuda::{launch_elements, CudaDevice, KernelFamily};
+use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
 use crate::tensor::{numel, Tensor};
+
+static PERMUTE_COPY: Kernel = Kernel::new(KernelFamily::Movement, "permute_copy");
+static COPY_SLICES: Kernel = Kernel::new(KernelFamily::Movement, "copy_slices");
+static GATHER_ROWS: Kernel = Kernel::new(KernelFamily::Movement, "gather_rows");
+static SCATTER_ADD_ROWS: Kernel = Kernel::new(KernelFamily::Movement, "scatter_add_rows");
+static REPEAT_ROWS: Kernel = Kernel::new(KernelFamily::Movement, "repeat_rows");
+static SUM_COLUMNS: Kernel = Kernel::new(KernelFamily::Movement, "sum_columns");
 
 /// The largest rank [`permute`] handles (the kernel's fixed loop length).
 pub const MAX_PERMUTE_RANK: usize = 6;
@@ -93,9 +102,9 @@ pub fn permute_forward(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         Device::Cuda(dev) => {
             let layout = PermuteLayout::new(&out_shape, &src_strides);
             let n = x.numel() as u32;
-            let f = dev.function(KernelFamily::Movement, "permute_copy")?;
+            let f = PERMUTE_COPY.function(&dev)?;
             let mut out = dev.alloc(x.numel())?;
-            let mut b = dev.stream().launch_builder(&f);
+            let mut b = dev.stream().launch_builder(f);
             b.arg(&mut out).arg(cuda_slice(x)?).arg(&n).arg(&layout);
             // SAFETY: arguments match `permute_copy(float*, const float*, unsigned, PermuteLayout)`
             // (same #[repr(C)] layout); out and x hold n floats and every source offset the layout
@@ -218,10 +227,10 @@ impl SliceCopy {
         if self.count * self.chunk == 0 {
             return Ok(());
         }
-        let f = dev.function(KernelFamily::Movement, "copy_slices")?;
+        let f = COPY_SLICES.function(dev)?;
         let args = [self.count, self.chunk, self.src_block, self.src_offset, self.dst_block, self.dst_offset]
             .map(|v| v as u32);
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         b.arg(dst).arg(src);
         for v in &args {
             b.arg(v);
@@ -424,8 +433,8 @@ pub fn index_select_rows_forward(table: &Tensor, ids: &[u32]) -> Result<Tensor> 
             }
             let ids_gpu = upload_u32(&dev, ids)?;
             let (n, cols_u) = (ids.len() as u32, cols as u32);
-            let f = dev.function(KernelFamily::Movement, "gather_rows")?;
-            let mut b = dev.stream().launch_builder(&f);
+            let f = GATHER_ROWS.function(&dev)?;
+            let mut b = dev.stream().launch_builder(f);
             b.arg(&mut out).arg(cuda_slice(table)?).arg(&ids_gpu).arg(&n).arg(&cols_u);
             // SAFETY: arguments match `gather_rows(float*, const float*, const unsigned*, unsigned,
             // unsigned)`; out holds n*cols floats, ids holds n values each below the table's rows.
@@ -474,8 +483,8 @@ pub fn index_select_rows_backward(dy: &Tensor, ids: &[u32], table_rows: usize) -
             let starts = upload_u32(&dev, &groups.starts)?;
             let positions = upload_u32(&dev, &groups.positions)?;
             let (unique, cols_u) = (groups.rows.len() as u32, cols as u32);
-            let f = dev.function(KernelFamily::Movement, "scatter_add_rows")?;
-            let mut b = dev.stream().launch_builder(&f);
+            let f = SCATTER_ADD_ROWS.function(&dev)?;
+            let mut b = dev.stream().launch_builder(f);
             b.arg(&mut dtable).arg(cuda_slice(dy)?).arg(&rows).arg(&starts).arg(&positions).arg(&unique).arg(&cols_u);
             // SAFETY: arguments match `scatter_add_rows(float*, const float*, const unsigned* x3,
             // unsigned, unsigned)`; rows are below table_rows, positions below ids.len() (dy's
@@ -559,11 +568,107 @@ pub(crate) fn repeat_rows_cuda(
         return Ok(out);
     }
     let (rows_u, cols_u) = (rows as u32, cols as u32);
-    let f = dev.function(KernelFamily::Movement, "repeat_rows")?;
-    let mut b = dev.stream().launch_builder(&f);
+    let f = REPEAT_ROWS.function(dev)?;
+    let mut b = dev.stream().launch_builder(f);
     b.arg(&mut out).arg(row).arg(&rows_u).arg(&cols_u);
     // SAFETY: arguments match `repeat_rows(float*, const float*, unsigned, unsigned)`; out holds
     // rows*cols floats and row at least cols (callers pass a tensor of cols elements).
     launch("repeat_rows", unsafe { b.launch(launch_elements(rows * cols)) })?;
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// repeat_batch
+
+/// `copies` copies of `x` stacked along the first (batch) dimension: `[B, ...]` -> `[copies*B, ...]`
+/// in one launch (how the Monte-Carlo samples of a forward pass are stacked). The gradient sums
+/// the copies' gradients.
+pub fn repeat_batch(tape: &Tape, x: &Tensor, copies: usize) -> Result<Tensor> {
+    let y = repeat_batch_forward(x, copies)?;
+    let input_shape = x.shape().to_vec();
+    Ok(tape.record(y, &[x], move |dy| Ok(vec![Some(repeat_batch_backward(dy, &input_shape, copies)?)])))
+}
+
+/// Untracked [`repeat_batch`].
+pub fn repeat_batch_forward(x: &Tensor, copies: usize) -> Result<Tensor> {
+    if x.rank() == 0 {
+        return Err(Error::shape("repeat_batch", "needs a batch dimension, got a scalar"));
+    }
+    if copies == 0 {
+        return Err(Error::shape("repeat_batch", format!("needs at least one copy of {:?}, got 0", x.shape())));
+    }
+    let mut out_shape = x.shape().to_vec();
+    out_shape[0] *= copies;
+    // The copies of x are consecutive blocks of x.numel() floats: rows repeated down a matrix.
+    repeat_rows_forward(x, copies)?.view_as(&out_shape)
+}
+
+/// Untracked gradient of [`repeat_batch`]: the sum of the `copies` blocks of `dy`.
+pub fn repeat_batch_backward(dy: &Tensor, input_shape: &[usize], copies: usize) -> Result<Tensor> {
+    let fits = copies > 0
+        && !input_shape.is_empty()
+        && dy.rank() == input_shape.len()
+        && dy.shape()[0] == input_shape[0] * copies
+        && dy.shape()[1..] == input_shape[1..];
+    if !fits {
+        return Err(Error::shape(
+            "repeat_batch_backward",
+            format!("gradient {:?} is not {copies} copies of input {input_shape:?}", dy.shape()),
+        ));
+    }
+    sum_columns_forward(&dy.view_as(&[copies, numel(input_shape)])?)?.view_as(input_shape)
+}
+
+// ---------------------------------------------------------------------------------------------
+// sum_columns
+
+/// Row lanes of `sum_columns` (SUM_COLUMNS_LANES in kernels/movement.cu): the CPU sums in the
+/// same order, so both backends give bit-identical results.
+const SUM_COLUMNS_LANES: usize = 8;
+
+/// Untracked sums over every dimension but the last: `[..., C] -> [C]`. Row `r` is added into
+/// lane `r % 8` in increasing order and the lanes are added in order, on either backend.
+pub fn sum_columns_forward(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        return Err(Error::shape("column_sums", "needs at least one dimension, got a scalar"));
+    }
+    check_addressable("column_sums", x.shape())?;
+    let cols = x.dim(-1);
+    let rows = numel(&x.shape()[..x.rank() - 1]);
+    match x.device() {
+        Device::Cpu => Tensor::from_vec(sum_columns_cpu(x.cpu_data("column_sums")?, rows, cols), &[cols]),
+        Device::Cuda(dev) => {
+            if rows == 0 || cols == 0 {
+                return Ok(cuda_output(&dev, dev.zeros(cols)?, &[cols]));
+            }
+            let mut out = dev.alloc(cols)?;
+            let f = SUM_COLUMNS.function(&dev)?;
+            let (rows_u, cols_u) = (rows as u32, cols as u32);
+            let groups = cols.div_ceil(32).min(65_535) as u32;
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (groups, 1, 1),
+                block_dim: (32, SUM_COLUMNS_LANES as u32, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = dev.stream().launch_builder(f);
+            b.arg(&mut out).arg(cuda_slice(x)?).arg(&rows_u).arg(&cols_u);
+            // SAFETY: arguments match `sum_columns(float*, const float*, unsigned, unsigned)`; x
+            // holds rows*cols floats (fewer than 2^31, checked above), out holds cols, and the
+            // column groups grid-stride so every column is written once.
+            launch("sum_columns", unsafe { b.launch(cfg) })?;
+            Ok(cuda_output(&dev, out, &[cols]))
+        }
+    }
+}
+
+fn sum_columns_cpu(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut lanes = vec![vec![0.0f32; cols]; SUM_COLUMNS_LANES];
+    for (r, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        lanes[r % SUM_COLUMNS_LANES].iter_mut().zip(row).for_each(|(sum, v)| *sum += v);
+    }
+    let (first, rest) = lanes.split_first_mut().expect("SUM_COLUMNS_LANES > 0");
+    for lane in rest {
+        first.iter_mut().zip(lane.iter()).for_each(|(total, v)| *total += v);
+    }
+    std::mem::take(first)
 }

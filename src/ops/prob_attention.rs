@@ -17,12 +17,11 @@
 //! `kernels/prob_attention.cu`); [`prob_attention_composed`] builds the same function from the
 //! generic differentiable ops and exists to check the fused one. Tests: `tests/prob_attention.rs`.
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
-use crate::cuda::{launch_elements, CudaDevice, KernelFamily};
+use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::philox::{normal_block, stream_id};
@@ -488,53 +487,68 @@ const FWD_TQ: usize = 32;
 const FWD_TK: usize = 16;
 const KV_TK: usize = 16;
 const KV_TQ: usize = 16;
-/// Shared memory a block may use without opting in.
-const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 /// The kernels spread C over the 32 lanes of a warp, at most 8 columns per lane.
 const MAX_CUDA_CHANNELS: usize = 256;
 
-/// The kernel variant for C channels: columns per lane 1, 2, 4 or 8.
-fn columns_per_lane(c: usize) -> Result<usize> {
+/// The kernel variant for C channels: index 0..4 for columns per lane 1, 2, 4 or 8 (a variant
+/// covers C up to `32 << index`).
+fn variant(c: usize) -> Result<usize> {
     match c {
-        1..=32 => Ok(1),
-        33..=64 => Ok(2),
-        65..=128 => Ok(4),
-        129..=MAX_CUDA_CHANNELS => Ok(8),
+        1..=32 => Ok(0),
+        33..=64 => Ok(1),
+        65..=128 => Ok(2),
+        129..=MAX_CUDA_CHANNELS => Ok(3),
         _ => {
             Err(Error::shape(OP, format!("the CUDA kernels support at most {MAX_CUDA_CHANNELS} channels, got C = {c}")))
         }
     }
 }
 
-fn forward_shared_bytes(c: usize) -> usize {
+const fn forward_shared_bytes(c: usize) -> usize {
     4 * ((FWD_TQ + 2 * FWD_TK) * (c + 1) + FWD_TQ * FWD_TK + 3 * FWD_TQ)
 }
 
-fn dq_shared_bytes(c: usize) -> usize {
+const fn dq_shared_bytes(c: usize) -> usize {
     4 * ((2 * FWD_TQ + 3 * FWD_TK) * (c + 1) + 2 * FWD_TQ * FWD_TK + 2 * FWD_TQ)
 }
 
-fn dkv_shared_bytes(c: usize) -> usize {
+const fn dkv_shared_bytes(c: usize) -> usize {
     4 * ((3 * KV_TK + 2 * KV_TQ) * (c + 1) + 3 * KV_TQ * KV_TK + 2 * KV_TQ)
 }
 
-/// A launch of one block per (row, tile of `tile` along `len`) with `shared` bytes of dynamic
-/// shared memory, opting the kernel in to more than the default 48 KiB when it needs it.
-fn tiled_launch(
-    f: &cudarc::driver::CudaFunction,
-    name: &str,
-    d: Dims,
-    len: usize,
-    tile: usize,
-    shared: usize,
-) -> Result<LaunchConfig> {
+/// One kernel per variant; each is opted in once to the shared memory of its largest C (the
+/// formulas grow with C), so no launch changes a function attribute.
+macro_rules! variants {
+    ($stem:literal, $bytes:ident) => {
+        [
+            Kernel::with_shared_memory(KernelFamily::ProbAttention, concat!($stem, "_c1"), $bytes(32)),
+            Kernel::with_shared_memory(KernelFamily::ProbAttention, concat!($stem, "_c2"), $bytes(64)),
+            Kernel::with_shared_memory(KernelFamily::ProbAttention, concat!($stem, "_c4"), $bytes(128)),
+            Kernel::with_shared_memory(KernelFamily::ProbAttention, concat!($stem, "_c8"), $bytes(256)),
+        ]
+    };
+}
+static FORWARD: [Kernel; 4] = variants!("prob_attention_forward", forward_shared_bytes);
+static BACKWARD_DQ: [Kernel; 4] = variants!("prob_attention_backward_dq", dq_shared_bytes);
+static BACKWARD_DKV: [Kernel; 4] = variants!("prob_attention_backward_dkv", dkv_shared_bytes);
+static DELTA: Kernel = Kernel::new(KernelFamily::ProbAttention, "prob_attention_delta");
+
+/// A launch of `kernel`, one block per (row, tile of `tile` along `len`), with `shared` bytes of
+/// dynamic shared memory (within what the kernel was opted in to when it was loaded).
+fn tiled_launch(kernel: &Kernel, d: Dims, len: usize, tile: usize, shared: usize) -> Result<LaunchConfig> {
     let tiles = len.div_ceil(tile);
     if d.rows > i32::MAX as usize || tiles > 65_535 {
         return Err(Error::shape(OP, format!("{} rows x {tiles} tiles exceed the CUDA grid", d.rows)));
     }
-    if shared > DEFAULT_SHARED_BYTES {
-        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
-            .map_err(Error::driver(format!("granting `{name}` {shared} bytes of shared memory")))?;
+    if shared > kernel.max_dynamic_shared_bytes().max(48 * 1024) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "`{}` needs {shared} bytes of shared memory, above the {} it was granted",
+                kernel.name(),
+                kernel.max_dynamic_shared_bytes()
+            ),
+        ));
     }
     Ok(LaunchConfig {
         grid_dim: (d.rows as u32, tiles as u32, 1),
@@ -597,13 +611,13 @@ fn cuda_forward(
     beta: f32,
     noise: &NoiseKey,
 ) -> Result<ProbAttentionForward> {
-    let name = format!("prob_attention_forward_c{}", columns_per_lane(d.c)?);
-    let f = dev.function(KernelFamily::ProbAttention, &name)?;
-    let cfg = tiled_launch(&f, &name, d, d.tq, FWD_TQ, forward_shared_bytes(d.c))?;
+    let kernel = &FORWARD[variant(d.c)?];
+    let f = kernel.function(dev)?;
+    let cfg = tiled_launch(kernel, d, d.tq, FWD_TQ, forward_shared_bytes(d.c))?;
     let scalars = ScalarArgs::new(d, beta, noise)?;
     let mut out = dev.alloc(d.rows * d.tq * d.c)?;
     let mut lse = dev.alloc(d.rows * d.tq)?;
-    let mut b = dev.stream().launch_builder(&f);
+    let mut b = dev.stream().launch_builder(f);
     b.arg(&mut out).arg(&mut lse);
     for t in x.all() {
         b.arg(cuda_slice(t)?);
@@ -614,7 +628,7 @@ fn cuda_forward(
     // stream_first, u64 stream_stride)`; `dims` checked q is [rows, Tq, C] and the others
     // [rows, Tk, C]; out holds rows*Tq*C and lse rows*Tq floats, every element written once.
     // The grid covers every (row, query tile); the shared memory size is the kernel's formula.
-    launch(&name, unsafe { b.launch(cfg) })?;
+    launch(kernel.name(), unsafe { b.launch(cfg) })?;
     Ok(ProbAttentionForward {
         out: cuda_output(dev, out, &[d.rows, d.tq, d.c]),
         lse: cuda_output(dev, lse, &[d.rows, d.tq]),
@@ -633,16 +647,16 @@ fn cuda_backward(
     d_out: &Tensor,
     wanted: [bool; 5],
 ) -> Result<ProbAttentionGrads> {
-    let cpt = columns_per_lane(d.c)?;
+    let which = variant(d.c)?;
     let scalars = ScalarArgs::new(d, beta, noise)?;
     let query_rows = d.rows * d.tq;
 
     // delta = rowsum(dO * O), one warp per query row.
     let mut delta = dev.alloc(query_rows)?;
     {
-        let f = dev.function(KernelFamily::ProbAttention, "prob_attention_delta")?;
+        let f = DELTA.function(dev)?;
         let (rows_i, c_i) = (query_rows as i64, scalars.c);
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         b.arg(&mut delta).arg(cuda_slice(d_out)?).arg(cuda_slice(out)?).arg(&rows_i).arg(&c_i);
         // SAFETY: arguments match `prob_attention_delta(float*, const float*, const float*, long long,
         // int)`; d_out and out hold query_rows*C floats, delta query_rows. Warps grid-stride.
@@ -651,11 +665,11 @@ fn cuda_backward(
 
     let mut grads = ProbAttentionGrads::default();
     if wanted[0] {
-        let name = format!("prob_attention_backward_dq_c{cpt}");
-        let f = dev.function(KernelFamily::ProbAttention, &name)?;
-        let cfg = tiled_launch(&f, &name, d, d.tq, FWD_TQ, dq_shared_bytes(d.c))?;
+        let kernel = &BACKWARD_DQ[which];
+        let f = kernel.function(dev)?;
+        let cfg = tiled_launch(kernel, d, d.tq, FWD_TQ, dq_shared_bytes(d.c))?;
         let mut dq = dev.alloc(query_rows * d.c)?;
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         b.arg(&mut dq).arg(cuda_slice(d_out)?).arg(cuda_slice(lse)?).arg(&delta);
         for t in x.all() {
             b.arg(cuda_slice(t)?);
@@ -665,19 +679,19 @@ fn cuda_backward(
         // lse, delta, q, k_mu, k_var, v_mu, v_var, <scalars>)`; dq and d_out hold rows*Tq*C
         // floats, lse and delta rows*Tq, the inputs their checked shapes. Every dq element is
         // written by the block of its (row, query tile).
-        launch(&name, unsafe { b.launch(cfg) })?;
+        launch(kernel.name(), unsafe { b.launch(cfg) })?;
         grads.q = Some(cuda_output(dev, dq, x.q.shape()));
     }
     if wanted[1..].contains(&true) {
-        let name = format!("prob_attention_backward_dkv_c{cpt}");
-        let f = dev.function(KernelFamily::ProbAttention, &name)?;
-        let cfg = tiled_launch(&f, &name, d, d.tk, KV_TK, dkv_shared_bytes(d.c))?;
+        let kernel = &BACKWARD_DKV[which];
+        let f = kernel.function(dev)?;
+        let cfg = tiled_launch(kernel, d, d.tk, KV_TK, dkv_shared_bytes(d.c))?;
         let key_len = d.rows * d.tk * d.c;
         let mut outputs: Vec<Option<CudaSlice<f32>>> = wanted[1..]
             .iter()
             .map(|&w| if w { dev.alloc(key_len).map(Some) } else { Ok(None) })
             .collect::<Result<_>>()?;
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         for slot in outputs.iter_mut() {
             match slot {
                 Some(buf) => b.arg(buf),
@@ -693,7 +707,7 @@ fn cuda_backward(
         // dv_var (each null or rows*Tk*C floats), const float* d_out, lse, delta, q, k_mu, k_var,
         // v_mu, v_var, <scalars>)`; the kernel skips null outputs and writes every element of the
         // others from the block of its (row, key tile).
-        launch(&name, unsafe { b.launch(cfg) })?;
+        launch(kernel.name(), unsafe { b.launch(cfg) })?;
         drop(b);
         let shape = x.k_mu.shape();
         let [k_mu, k_var, v_mu, v_var] = <[Option<CudaSlice<f32>>; 4]>::try_from(outputs)

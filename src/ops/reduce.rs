@@ -114,7 +114,7 @@ fn scaled_row_sums(op: &'static str, x: &Tensor, scale: impl Fn(usize) -> f64) -
             b.arg(&mut y).arg(cuda_slice(x)?).arg(&cols_i).arg(&scale_f);
             // SAFETY: arguments match `sum_rows(float* y, const float* x, int cols, float scale)`;
             // x holds rows*cols floats, y rows.
-            launch("sum_rows", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch("sum_rows", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok(cuda_output(&dev, y, out_shape))
         }
     }
@@ -232,7 +232,7 @@ fn scaled_total(op: &'static str, x: &Tensor, scale: f64) -> Result<Tensor> {
             b.arg(&mut out).arg(&partial).arg(&count_i).arg(&scale_f);
             // SAFETY: arguments match `sum_all_finish(float* out, const float* partial, int count,
             // float scale)`; partial holds `count` floats written above, out one.
-            launch("sum_all_finish", unsafe { b.launch(launch_rows(1, BLOCK)) })?;
+            launch("sum_all_finish", unsafe { b.launch(launch_rows(1, BLOCK)?) })?;
             Ok(cuda_output(&dev, out, &[]))
         }
     }
@@ -266,7 +266,7 @@ pub fn l2_normalize_forward(x: &Tensor) -> Result<(Tensor, Tensor)> {
             b.arg(&mut y).arg(&mut norm).arg(cuda_slice(x)?).arg(&cols_i);
             // SAFETY: arguments match `l2_normalize_forward(float* y, float* norm, const float* x,
             // int cols)`; x and y hold rows*cols floats, norm rows.
-            launch("l2_normalize_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch("l2_normalize_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok((cuda_output(&dev, y, x.shape()), cuda_output(&dev, norm, norm_shape)))
         }
     }
@@ -309,7 +309,7 @@ pub fn l2_normalize_backward(y: &Tensor, norm: &Tensor, dy: &Tensor) -> Result<T
             // SAFETY: arguments match `l2_normalize_backward(float* dx, const float* y,
             // const float* norm, const float* dy, int cols)`; dx, y and dy hold rows*cols floats,
             // norm rows.
-            launch("l2_normalize_backward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch("l2_normalize_backward", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok(cuda_output(&dev, dx, y.shape()))
         }
     }

@@ -107,7 +107,7 @@ pub fn soft_contrastive_forward(
             // SAFETY: arguments match `softcon_patch_mean(float* mean, float* norms, const float* z,
             // int tokens, int width)`; z holds batch*tokens*width floats, mean batch*width, norms
             // batch*tokens; one block per image.
-            launch("softcon_patch_mean", unsafe { b.launch(launch_rows(batch, 256)) })?;
+            launch("softcon_patch_mean", unsafe { b.launch(launch_rows(batch, 256)?) })?;
 
             let pairs = batch * batch;
             let (mut loss, mut grad) = (dev.alloc(1)?, dev.alloc(pairs)?);
@@ -120,7 +120,7 @@ pub fn soft_contrastive_forward(
             // SAFETY: arguments match `softcon_pairs(float* loss, float* grad, float* scratch,
             // const float* mean, const float* text, int batch, int width, float inv_tau)`; mean and
             // text hold batch*width floats, grad batch^2, scratch 2*batch^2 + 3*batch, loss one.
-            launch("softcon_pairs", unsafe { b.launch(launch_rows(1, threads)) })?;
+            launch("softcon_pairs", unsafe { b.launch(launch_rows(1, threads)?) })?;
             let saved = SoftConSaved {
                 patch_norms: cuda_output(&dev, norms, &[batch, tokens]),
                 patch_mean: cuda_output(&dev, mean, &[batch, width]),
@@ -280,7 +280,7 @@ pub fn soft_contrastive_backward(
             // SAFETY: arguments match `softcon_backward_patches(float* dz, const float* z,
             // const float* norms, const float* d_mean, int tokens, int width)`; dz and z hold
             // batch*tokens*width floats, norms batch*tokens, d_mean batch*width; one block per token.
-            launch("softcon_backward_patches", unsafe { b.launch(launch_rows(batch * tokens, row_threads(width))) })?;
+            launch("softcon_backward_patches", unsafe { b.launch(launch_rows(batch * tokens, row_threads(width))?) })?;
             Ok((cuda_output(&dev, dz, patch_tokens.shape()), cuda_output(&dev, d_text, text.shape())))
         }
     }

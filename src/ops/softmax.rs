@@ -91,7 +91,7 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
             b.arg(&cols_i).arg(&per_i);
             // SAFETY: arguments match `softmax_forward(float*, const float*, const float*, int, int)`;
             // y and x hold rows*cols floats, the mask (or null) holds rows/rows_per_mask_row*cols.
-            launch("softmax_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch("softmax_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok(cuda_output(&dev, y, x.shape()))
         }
     }
@@ -132,7 +132,7 @@ pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
             b.arg(&mut y).arg(cuda_slice(x)?).arg(&cols_i);
             // SAFETY: arguments match `log_softmax_forward(float*, const float*, int)`; both
             // buffers hold rows*cols floats.
-            launch("log_softmax_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch("log_softmax_forward", unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok(cuda_output(&dev, y, x.shape()))
         }
     }
@@ -176,7 +176,7 @@ fn row_backward(
             b.arg(&mut dx).arg(cuda_slice(y)?).arg(cuda_slice(dy)?).arg(&cols_i);
             // SAFETY: arguments match `{softmax,log_softmax}_backward(float*, const float*,
             // const float*, int)`; all three buffers hold rows*cols floats.
-            launch(kernel, unsafe { b.launch(launch_rows(rows, row_threads(cols))) })?;
+            launch(kernel, unsafe { b.launch(launch_rows(rows, row_threads(cols))?) })?;
             Ok(cuda_output(&dev, dx, y.shape()))
         }
     }

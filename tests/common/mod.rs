@@ -10,15 +10,35 @@ pub fn require_gpu() -> bool {
     std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
-/// The GPU, or `None` after printing `skip: no GPU` (a panic under `REQUIRE_GPU=1`).
+/// The GPU, or `None` after printing `skip: no GPU (<why>)` (a panic under `REQUIRE_GPU=1`).
+/// The reason covers the libraries, the device and whether the kernels load.
 pub fn gpu() -> Option<Device> {
     if gpu_available() {
         return Some(Device::cuda(0).expect("a GPU was detected but could not be opened"));
     }
     let reason = unavailable_reason().unwrap_or("unknown");
     assert!(!require_gpu(), "REQUIRE_GPU=1 but no GPU can be used: {reason}");
-    eprintln!("skip: no GPU ({reason})");
+    eprintln!("{}", skip_line(reason));
     None
+}
+
+/// The line a skipped GPU test prints (tools/gpu_check.sh counts these).
+pub fn skip_line(reason: &str) -> String {
+    format!("skip: no GPU ({reason})")
+}
+
+/// The repository root for files the tests read at run time: `MCS_ROOT` when set (a GPU kit
+/// copied to another machine, see tools/gpu_check.sh), else the source tree cargo built from.
+pub fn repo_root() -> std::path::PathBuf {
+    match std::env::var_os("MCS_ROOT") {
+        Some(root) if !root.is_empty() => root.into(),
+        _ => env!("CARGO_MANIFEST_DIR").into(),
+    }
+}
+
+/// `relative` (e.g. `tests/fixtures/x.json`) under [`repo_root`].
+pub fn repo_file(relative: &str) -> std::path::PathBuf {
+    repo_root().join(relative)
 }
 
 /// The CPU always, and the GPU when there is one: the devices a device-generic test body runs on.
