@@ -4,47 +4,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use common::devices;
+use common::{devices, Fixture};
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::{MedClipSeg, ModelConfig, Sampling, Trace};
 use mcs_engine::{ops, Device, Tape, Tensor};
-use safetensors::tensor::Dtype;
-use safetensors::SafeTensors;
 
 const WEIGHTS: &str = "tests/fixtures/tiny_weights.safetensors";
 const FORWARD: &str = "tests/fixtures/tiny_forward.safetensors";
 
-struct Fixture {
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    ids: Vec<u32>,
-    seed: u64,
-}
-
 fn read_fixture() -> Fixture {
-    let bytes = std::fs::read(common::repo_file(FORWARD))
-        .expect("tests/fixtures/tiny_forward.safetensors (run tools/make_fixtures.py)");
-    let file = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = header.metadata().clone().unwrap_or_default();
-    let seed = meta.get("seed").expect("fixture metadata has the seed").parse().unwrap();
-    let mut tensors = BTreeMap::new();
-    let mut ids = Vec::new();
-    for (name, view) in file.tensors() {
-        let data = view.data();
-        match view.dtype() {
-            Dtype::F32 => {
-                let values = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                tensors.insert(name, (view.shape().to_vec(), values));
-            }
-            Dtype::I64 if name == "input.ids" => {
-                ids = data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
-            }
-            other => panic!("fixture tensor {name} has unexpected dtype {other:?}"),
-        }
-    }
-    Fixture { tensors, ids, seed }
+    common::read_fixture(FORWARD)
 }
 
 /// The reference's NCHW decoder features correspond to our NHWC ones.

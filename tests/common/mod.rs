@@ -154,3 +154,39 @@ pub fn check_gradients(
         assert_close(&format!("{name}: d/d input {i}"), &analytic, &numeric, atol, rtol);
     }
 }
+
+/// A safetensors fixture written by the PyTorch tools: f32 tensors by name, the token ids
+/// (`input.ids`, stored as i64) and the metadata's seed.
+pub struct Fixture {
+    pub tensors: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    pub ids: Vec<u32>,
+    pub seed: u64,
+}
+
+/// Reads the fixture at `relative` (under [`repo_root`]).
+pub fn read_fixture(relative: &str) -> Fixture {
+    use safetensors::tensor::Dtype;
+    use safetensors::SafeTensors;
+    let path = repo_file(relative);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (see tools/README.md)", path.display()));
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap_or_default();
+    let seed = meta.get("seed").expect("fixture metadata has the seed").parse().unwrap();
+    let mut tensors = std::collections::BTreeMap::new();
+    let mut ids = Vec::new();
+    for (name, view) in file.tensors() {
+        let data = view.data();
+        match view.dtype() {
+            Dtype::F32 => {
+                let values = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                tensors.insert(name, (view.shape().to_vec(), values));
+            }
+            Dtype::I64 if name == "input.ids" => {
+                ids = data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+            }
+            other => panic!("fixture tensor {name} has unexpected dtype {other:?}"),
+        }
+    }
+    Fixture { tensors, ids, seed }
+}
