@@ -23,16 +23,6 @@ extern "C" __global__ void bce_partial(float* __restrict__ partial, const float*
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-// One block: out[0] = scale * sum(values[0..count]) (the final mean of both losses).
-extern "C" __global__ void loss_mean_finish(float* __restrict__ out, const float* __restrict__ values, int count,
-                                            float scale) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) s += values[i];
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) out[0] = s * scale;
-}
-
 // dx = dy[0] * (sigmoid(x) - y) / n; dy is the scalar gradient of the mean, read on the device.
 extern "C" __global__ void bce_backward(float* __restrict__ dx, const float* __restrict__ x,
                                         const float* __restrict__ y, const float* __restrict__ dy, long n,

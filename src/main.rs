@@ -31,6 +31,8 @@ enum Command {
     /// the built-in synthetic ultrasound task. Writes best/ and latest/ checkpoints (folders that
     /// `predict --model` reads), metrics.csv and curves.png.
     Train(cli::train::TrainArgs),
+    /// Time one case end to end with random weights (now: `train`, one optimisation step).
+    Bench(cli::bench::BenchArgs),
     /// Write the built-in synthetic dataset in the official layout (images, masks, xlsx prompts).
     Synth(cli::synth::SynthArgs),
     /// Segment an image from a text prompt: writes the binary mask, the mean foreground
@@ -73,10 +75,12 @@ struct PredictArgs {
 }
 
 fn main() -> ExitCode {
+    cli::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => cli::train::run(&args),
         Command::Synth(args) => cli::synth::run(&args),
+        Command::Bench(args) => cli::bench::run(&args),
         Command::Predict(args) => predict(&args),
         Command::Info => info(),
     };

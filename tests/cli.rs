@@ -55,3 +55,61 @@ fn a_corrupt_image_is_named() {
     std::fs::remove_file(&path).unwrap();
     assert!(!ok && stderr.contains("not a readable PNG or JPEG image"), "{stderr}");
 }
+
+#[test]
+fn synth_then_train_on_its_folder_writes_checkpoints_and_metrics() {
+    let root = std::env::temp_dir().join(format!("mcs-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (data, out) = (root.join("data"), root.join("run"));
+    let (ok, _, stderr) = run(&["synth", "--out", data.to_str().unwrap(), "--train", "6", "--val", "3", "--test", "2"]);
+    assert!(ok, "synth failed: {stderr}");
+    for file in
+        ["Prompts_Folder/Train_text.xlsx", "Prompts_Folder/Val_text_50.xlsx", "Train_Folder/img", "Test_Folder/label"]
+    {
+        assert!(data.join(file).exists(), "synth did not write {file}");
+    }
+    let train = ["train", "--data", data.to_str().unwrap(), "--config", "tiny", "--batch-size", "3"];
+    let with_out = |extra: &[&str]| -> Vec<String> {
+        train.iter().chain(["--out", out.to_str().unwrap()].iter()).chain(extra).map(|s| s.to_string()).collect()
+    };
+    let args = with_out(&["--epochs", "1"]);
+    let (ok, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "train failed: {stderr}");
+    assert!(stdout.contains("best validation Dice") && stdout.contains("text ablation"), "{stdout}");
+    for file in [
+        "latest/model.safetensors",
+        "latest/config.json",
+        "latest/tokenizer.json",
+        "best/training_state.json",
+        "metrics.csv",
+        "curves.png",
+    ] {
+        assert!(out.join(file).is_file(), "train did not write {file}");
+    }
+    // The same command again would overwrite the run: it must ask for --resume instead.
+    let (ok, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && stderr.contains("--resume") && !stderr.contains("panicked"), "{stderr}");
+    // Resuming a finished run with more epochs continues it.
+    let args = with_out(&["--resume", "--epochs", "2"]);
+    let (ok, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "resume failed: {stderr}");
+    assert!(stdout.contains("2 epochs"), "{stdout}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn train_on_bad_input_names_it_and_fails() {
+    let missing = std::env::temp_dir().join("mcs-no-such-dataset");
+    let out = std::env::temp_dir().join(format!("mcs-cli-bad-train-{}", std::process::id()));
+    let cases: [(&[&str], &str); 3] = [
+        (&["train", "--data", missing.to_str().unwrap(), "--out", out.to_str().unwrap()], "mcs-no-such-dataset"),
+        (&["train", "--epochs", "0", "--out", out.to_str().unwrap()], "epoch"),
+        (&["train", "--config", "no-such-config", "--out", out.to_str().unwrap()], "no-such-config"),
+    ];
+    for (args, needle) in cases {
+        let (ok, _, stderr) = run(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(stderr.contains(needle) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    assert!(!out.join("latest").exists(), "a failed start left a checkpoint");
+}

@@ -17,7 +17,9 @@ fn tape_bytes(config: &ModelConfig) -> usize {
     let ids: Vec<u32> = (0..2 * config.text_context_length).map(|i| (i % 7) as u32 + 1).collect();
     let tape = Tape::new();
     let before = live_tensor_bytes();
-    let out = model.forward(&tape, &pixels, &ids, Sampling { seed: 1, first_draw: 0, samples: 1 }, None, &mut Trace::disabled()).unwrap();
+    let out = model
+        .forward(&tape, &pixels, &ids, Sampling { seed: 1, first_draw: 0, samples: 1 }, None, &mut Trace::disabled())
+        .unwrap();
     let loss = ops::mean_all(&tape, &out.logits).unwrap();
     let kept = live_tensor_bytes() - before;
     drop((loss, out, tape));

@@ -40,9 +40,7 @@ fn options(out: &Path, epochs: usize) -> TrainOptions {
 fn numbers(records: &[EpochRecord]) -> Vec<[u32; 7]> {
     records
         .iter()
-        .map(|r| {
-            [r.epoch as f32, r.learning_rate, r.loss, r.bce, r.dice, r.softcon, r.val_dice].map(f32::to_bits)
-        })
+        .map(|r| [r.epoch as f32, r.learning_rate, r.loss, r.bce, r.dice, r.softcon, r.val_dice].map(f32::to_bits))
         .collect()
 }
 
@@ -64,10 +62,20 @@ fn same_seed_gives_identical_losses_across_runs_and_across_resume() {
     resume.resume = true;
     let resumed = train::train(&resume, &mut Silent).unwrap();
     assert_eq!(resumed.state.steps, first.state.steps);
-    assert_eq!(numbers(&resumed.state.records), numbers(&first.state.records), "a resumed run differs from an uninterrupted one");
+    assert_eq!(
+        numbers(&resumed.state.records),
+        numbers(&first.state.records),
+        "a resumed run differs from an uninterrupted one"
+    );
 
     // The outputs a user looks at.
-    for file in ["metrics.csv", "curves.png", "latest/model.safetensors", "best/model.safetensors", "latest/optimizer.safetensors"] {
+    for file in [
+        "metrics.csv",
+        "curves.png",
+        "latest/model.safetensors",
+        "best/model.safetensors",
+        "latest/optimizer.safetensors",
+    ] {
         assert!(a.join(file).is_file(), "{file} missing");
     }
     let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
@@ -111,7 +119,11 @@ fn a_non_finite_loss_stops_with_an_error_and_keeps_the_last_checkpoint() {
     let err = train::train(&bad, &mut Silent).err().expect("training on a 1e30 learning rate must fail").to_string();
     assert!(err.contains("non-finite"), "{err}");
     assert!(err.contains("epoch 2"), "the error should say where: {err}");
-    assert_eq!(std::fs::read(out.join(LATEST).join(STATE_FILE)).unwrap(), saved_state, "the last good checkpoint changed");
+    assert_eq!(
+        std::fs::read(out.join(LATEST).join(STATE_FILE)).unwrap(),
+        saved_state,
+        "the last good checkpoint changed"
+    );
     assert!(load_model_folder(&out.join(LATEST), &Device::Cpu).is_ok());
     std::fs::remove_dir_all(out).unwrap();
 }
@@ -134,8 +146,10 @@ fn starting_over_an_existing_run_needs_resume() {
 fn an_interrupted_folder_swap_is_repaired_on_read() {
     let root = temp_dir("swap");
     let dest = root.join("latest");
-    write_folder_atomically(&dest, |tmp| std::fs::write(tmp.join("x"), b"one").map_err(mcs_engine::Error::io(tmp))).unwrap();
-    write_folder_atomically(&dest, |tmp| std::fs::write(tmp.join("x"), b"two").map_err(mcs_engine::Error::io(tmp))).unwrap();
+    write_folder_atomically(&dest, |tmp| std::fs::write(tmp.join("x"), b"one").map_err(mcs_engine::Error::io(tmp)))
+        .unwrap();
+    write_folder_atomically(&dest, |tmp| std::fs::write(tmp.join("x"), b"two").map_err(mcs_engine::Error::io(tmp)))
+        .unwrap();
     assert_eq!(std::fs::read(dest.join("x")).unwrap(), b"two");
     // A failing writer leaves the previous version in place.
     let failed = write_folder_atomically(&dest, |_| Err(mcs_engine::Error::Invalid("disk full".into())));

@@ -18,8 +18,9 @@ const TRAIN: &str = "tests/fixtures/tiny_train.safetensors";
 const LEARNING_RATE: f32 = 1e-3;
 
 fn setup(fixture: &Fixture, device: &Device) -> (MedClipSeg, DeviceBatch, TrainRecipe) {
-    let model = MedClipSeg::from_store(ModelConfig::tiny(), WeightStore::load(&common::repo_file(WEIGHTS)).unwrap(), device)
-        .unwrap();
+    let model =
+        MedClipSeg::from_store(ModelConfig::tiny(), WeightStore::load(&common::repo_file(WEIGHTS)).unwrap(), device)
+            .unwrap();
     let size = model.config().image_size;
     let batch = DeviceBatch::new(
         &fixture.tensors["input.pixels"].1,
@@ -56,12 +57,19 @@ fn loss_terms_and_gradients_match_pytorch() {
         let (total, values) = losses(&model, &tape, &batch, &recipe, noise(&fixture, 0)).unwrap();
         // Loss terms are means of O(1) values through the whole forward pass, whose activations
         // agree with PyTorch to ~1e-5 (tests/model_parity.rs): 1e-5 relative is that budget.
-        for (name, got) in
-            [("loss.bce", values.bce), ("loss.dice_rows", values.dice), ("loss.softcon", values.softcon), ("loss.total", values.total)]
-        {
+        for (name, got) in [
+            ("loss.bce", values.bce),
+            ("loss.dice_rows", values.dice),
+            ("loss.softcon", values.softcon),
+            ("loss.total", values.total),
+        ] {
             let want = scalar(&fixture, name);
             println!("{} {name}: {got} vs {want}", device.name());
-            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{name} on {}: {got} vs PyTorch {want}", device.name());
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{name} on {}: {got} vs PyTorch {want}",
+                device.name()
+            );
         }
 
         let grads = tape.backward(&total).unwrap();
@@ -101,7 +109,8 @@ fn three_adam_steps_follow_pytorch() {
         let (mut model, batch, recipe) = setup(&fixture, &device);
         let mut optimizer = new_optimizer(&model).unwrap();
         for step in 0..3 {
-            let values = train_step(&mut model, &mut optimizer, &batch, &recipe, noise(&fixture, step), LEARNING_RATE).unwrap();
+            let values =
+                train_step(&mut model, &mut optimizer, &batch, &recipe, noise(&fixture, step), LEARNING_RATE).unwrap();
             let want = scalar(&fixture, &format!("loss.step{step}"));
             println!("{} step {step}: loss {} vs {want}", device.name(), values.total);
             // Same budget as the step-0 terms (measured: under 1e-6).

@@ -102,14 +102,19 @@ def make_inputs(cfg, tokenizer):
     return pixels, ids
 
 
-def build(cfg, tokenizer):
-    """(weights dict, forward dict, metadata, token cases) — everything the fixtures hold."""
+def single_threaded(fn, *args):
+    """fn(*args) on one torch thread: one reduction order whatever the machine's core count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order whatever the machine's core count
+    torch.set_num_threads(1)
     try:
-        return _build(cfg, tokenizer)
+        return fn(*args)
     finally:
         torch.set_num_threads(threads)
+
+
+def build(cfg, tokenizer):
+    """(weights dict, forward dict, metadata, token cases) — everything the fixtures hold."""
+    return single_threaded(_build, cfg, tokenizer)
 
 
 def _build(cfg, tokenizer):

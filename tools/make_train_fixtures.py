@@ -60,12 +60,7 @@ def forward_terms(model, pixels, ids, masks, draw):
 
 
 def build(cfg, tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one reduction order whatever the machine's core count
-    try:
-        return _build(cfg, tokenizer)
-    finally:
-        torch.set_num_threads(threads)
+    return make_fixtures.single_threaded(_build, cfg, tokenizer)
 
 
 def _build(cfg, tokenizer):

@@ -101,7 +101,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let data = match &args.data {
         Some(root) => DataSpec::Folder {
             root: root.clone(),
-            percentage: args.data_percentage.as_deref().filter(|p| *p != "100").map(|p| p.parse().expect("checked by clap")),
+            percentage: args
+                .data_percentage
+                .as_deref()
+                .filter(|p| *p != "100")
+                .map(|p| p.parse().expect("checked by clap")),
         },
         None => DataSpec::Synthetic { train: args.synthetic_train, val: args.synthetic_val },
     };
@@ -149,6 +153,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         s.records.last().map_or(f32::NAN, |r| r.val_dice)
     );
     println!(
+        "text ablation: validation Dice {:.4} with each image's own prompt, {:.4} with the next image's prompt",
+        s.records.last().map_or(f32::NAN, |r| r.val_dice),
+        report.shifted_prompt_val_dice
+    );
+    println!(
         "checkpoints: {0}/latest and {0}/best (predict --model {0}/best); metrics: {0}/metrics.csv, {0}/curves.png",
         report.out.display()
     );
@@ -186,7 +195,11 @@ impl Progress for Bars {
         self.batches += 1;
         if let (Some(bar), Some(started)) = (&self.bar, self.started) {
             let rate = self.images as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("loss {:.4} (mean {:.4}) {rate:.1} img/s", losses.total, self.loss_sum / self.batches as f64));
+            bar.set_message(format!(
+                "loss {:.4} (mean {:.4}) {rate:.1} img/s",
+                losses.total,
+                self.loss_sum / self.batches as f64
+            ));
             bar.inc(1);
         }
     }

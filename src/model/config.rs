@@ -187,7 +187,10 @@ impl ModelConfig {
         }
         let t = &self.training;
         if t.epochs == 0 || t.batch_size == 0 {
-            return fail(format!("training needs at least one epoch and a batch of one (got {} and {})", t.epochs, t.batch_size));
+            return fail(format!(
+                "training needs at least one epoch and a batch of one (got {} and {})",
+                t.epochs, t.batch_size
+            ));
         }
         if !(t.learning_rate > 0.0 && t.min_learning_rate >= 0.0 && t.min_learning_rate <= t.learning_rate) {
             return fail(format!(

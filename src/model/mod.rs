@@ -14,8 +14,8 @@ use std::path::Path;
 
 pub use adapter::Sampling;
 pub use config::{DiceModeName, ModelConfig, TrainRecipe};
-pub use text::TextDropout;
 use layers::{repeat_batch, Loader, Param};
+pub use text::TextDropout;
 use weights::WeightStore;
 
 use crate::device::Device;

@@ -67,7 +67,13 @@ impl TextDropout {
     }
 }
 
-fn maybe_dropout(tape: &Tape, x: Tensor, dropout: Option<&TextDropout>, layer: usize, site: DropoutSite) -> Result<Tensor> {
+fn maybe_dropout(
+    tape: &Tape,
+    x: Tensor,
+    dropout: Option<&TextDropout>,
+    layer: usize,
+    site: DropoutSite,
+) -> Result<Tensor> {
     match dropout {
         Some(d) => d.apply(tape, &x, layer, site),
         None => Ok(x),
@@ -176,7 +182,14 @@ impl TextTower {
 impl BertLayer {
     /// Post-LN: `x1 = LN(x + Attn(x))`, `x2 = LN(x1 + FFN(x1))`, with HF's training-mode
     /// dropout when `dropout` is given (layer `index` keys its masks).
-    pub fn forward(&self, tape: &Tape, x: &Tensor, key_mask: &Tensor, dropout: Option<&TextDropout>, index: usize) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tape: &Tape,
+        x: &Tensor,
+        key_mask: &Tensor,
+        dropout: Option<&TextDropout>,
+        index: usize,
+    ) -> Result<Tensor> {
         let q = self.query.forward(tape, x)?;
         let k = self.key.forward(tape, x)?;
         let v = self.value.forward(tape, x)?;

@@ -11,7 +11,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::{cuda_output, cuda_slice, launch, same_device};
-use crate::cuda::{launch_elements, launch_rows, CudaDevice, KernelFamily, BLOCK};
+use crate::cuda::{launch_elements, launch_rows, KernelFamily, BLOCK};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
@@ -109,29 +109,9 @@ pub fn bce_with_logits_forward(logits: &Tensor, target: &Tensor) -> Result<Tenso
             // SAFETY: arguments match `bce_partial(float* partial, const float* x, const float* y,
             // long n)`; x and y hold n floats, partial one per block of the grid.
             launch("bce_partial", unsafe { b.launch(config) })?;
-            mean_of(&dev, &partial, blocks, 1.0 / n as f64)
+            super::reduce::scaled_sum_cuda(&dev, &partial, blocks, 1.0 / n as f64)
         }
     }
-}
-
-/// `scale * sum(values[..count])` as a scalar tensor, by the one-block `loss_mean_finish`.
-fn mean_of(
-    dev: &std::sync::Arc<CudaDevice>,
-    values: &cudarc::driver::CudaSlice<f32>,
-    count: usize,
-    scale: f64,
-) -> Result<Tensor> {
-    let count_i = i32::try_from(count)
-        .map_err(|_| Error::shape("loss mean", format!("{count} terms exceed the kernels' 32-bit limit")))?;
-    let mut out = dev.alloc(1)?;
-    let scale_f = scale as f32;
-    let f = dev.function(KernelFamily::Loss, "loss_mean_finish")?;
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&mut out).arg(values).arg(&count_i).arg(&scale_f);
-    // SAFETY: arguments match `loss_mean_finish(float* out, const float* values, int count,
-    // float scale)`; values holds at least `count` floats, out one.
-    launch("loss_mean_finish", unsafe { b.launch(launch_rows(1, BLOCK)?) })?;
-    Ok(cuda_output(dev, out, &[]))
 }
 
 /// Untracked gradient of the BCE mean with respect to the logits: `dy * (sigmoid(x) - y) / n`.
@@ -280,7 +260,7 @@ pub fn soft_dice_forward(logits: &Tensor, target: &Tensor, mode: DiceMode) -> Re
             // int len, float smooth)`; x and y hold images * (per_image + skip) * len floats, the
             // three outputs one per term (= block).
             launch("dice_groups_forward", unsafe { b.launch(launch_rows(count, term_threads(terms.len))?) })?;
-            let loss = mean_of(&dev, &dice, count, 1.0 / count as f64)?;
+            let loss = super::reduce::scaled_sum_cuda(&dev, &dice, count, 1.0 / count as f64)?;
             let shape = terms.stats_shape();
             let stats =
                 DiceStats { numerator: cuda_output(&dev, num, &shape), denominator: cuda_output(&dev, den, &shape) };

@@ -2,11 +2,13 @@
 //! normalisation of the last dimension.
 //! Kernels: `kernels/reduce.cu`. Tests: `tests/reduce.rs`.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::{cuda_output, cuda_slice, launch, same_device};
-use crate::cuda::{launch_elements, launch_rows, KernelFamily, BLOCK};
+use crate::cuda::{launch_elements, launch_rows, CudaDevice, KernelFamily, BLOCK};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
@@ -225,17 +227,30 @@ fn scaled_total(op: &'static str, x: &Tensor, scale: f64) -> Result<Tensor> {
             // x holds n floats, partial one per block of the grid.
             launch("sum_all_partial", unsafe { b.launch(config) })?;
 
-            let mut out = dev.alloc(1)?;
-            let (count_i, scale_f) = (blocks as i32, scale as f32);
-            let f = dev.function(KernelFamily::Reduce, "sum_all_finish")?;
-            let mut b = dev.stream().launch_builder(&f);
-            b.arg(&mut out).arg(&partial).arg(&count_i).arg(&scale_f);
-            // SAFETY: arguments match `sum_all_finish(float* out, const float* partial, int count,
-            // float scale)`; partial holds `count` floats written above, out one.
-            launch("sum_all_finish", unsafe { b.launch(launch_rows(1, BLOCK)?) })?;
-            Ok(cuda_output(&dev, out, &[]))
+            scaled_sum_cuda(&dev, &partial, blocks, scale)
         }
     }
+}
+
+/// `scale * sum(values[..count])` as a scalar tensor, by the one-block `sum_all_finish` (the
+/// second pass of every full reduction, the losses' means included).
+pub(crate) fn scaled_sum_cuda(
+    dev: &Arc<CudaDevice>,
+    values: &CudaSlice<f32>,
+    count: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let count_i = i32::try_from(count)
+        .map_err(|_| Error::shape("sum_all", format!("{count} partial sums exceed the kernel's 32-bit count")))?;
+    let mut out = dev.alloc(1)?;
+    let scale_f = scale as f32;
+    let f = dev.function(KernelFamily::Reduce, "sum_all_finish")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut out).arg(values).arg(&count_i).arg(&scale_f);
+    // SAFETY: arguments match `sum_all_finish(float* out, const float* partial, int count,
+    // float scale)`; values holds at least `count` floats, out one.
+    launch("sum_all_finish", unsafe { b.launch(launch_rows(1, BLOCK)?) })?;
+    Ok(cuda_output(dev, out, &[]))
 }
 
 /// Untracked L2 normalisation of the last dimension: `(x / norm, norm)`, `norm` shaped like `x`

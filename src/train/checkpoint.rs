@@ -144,7 +144,10 @@ pub fn load_model_folder(dir: &Path, device: &Device) -> Result<ModelFolder> {
         if path.is_file() {
             Ok(path)
         } else {
-            Err(Error::Invalid(format!("{}: missing {name} (a model folder holds {MODEL_FILE}, {CONFIG_FILE} and {TOKENIZER_FILE})", dir.display())))
+            Err(Error::Invalid(format!(
+                "{}: missing {name} (a model folder holds {MODEL_FILE}, {CONFIG_FILE} and {TOKENIZER_FILE})",
+                dir.display()
+            )))
         }
     };
     let config = ModelConfig::load(&file(CONFIG_FILE)?)?;

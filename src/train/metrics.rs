@@ -34,7 +34,15 @@ pub fn to_csv(records: &[EpochRecord]) -> String {
     for r in records {
         out.push_str(&format!(
             "{},{:e},{:.6},{:.6},{:.6},{:.6},{:.6},{:.2},{:.2}\n",
-            r.epoch, r.learning_rate, r.loss, r.bce, r.dice, r.softcon, r.val_dice, r.train_seconds, r.images_per_second
+            r.epoch,
+            r.learning_rate,
+            r.loss,
+            r.bce,
+            r.dice,
+            r.softcon,
+            r.val_dice,
+            r.train_seconds,
+            r.images_per_second
         ));
     }
     out

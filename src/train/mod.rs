@@ -96,6 +96,9 @@ pub struct TrainReport {
     pub val_images: usize,
     /// Trainable parameters and their element count.
     pub trainable_parameters: usize,
+    /// Validation Dice of the final model with every image given another image's prompt (the
+    /// text ablation; compare with the last record's `val_dice`).
+    pub shifted_prompt_val_dice: f32,
 }
 
 /// Trains (or continues) a run as `options` say; returns after the last epoch. Each epoch ends
@@ -106,7 +109,8 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
     let (mut model, mut optimizer, mut state) = start_or_resume(options)?;
     let config = model.config().clone();
     let recipe = config.training.clone();
-    let tokenizer = PromptTokenizer::from_bytes(&options.tokenizer_json, config.text_context_length, config.text_pad_id)?;
+    let tokenizer =
+        PromptTokenizer::from_bytes(&options.tokenizer_json, config.text_context_length, config.text_pad_id)?;
     let (train_set, val_set) = open_data(&options.data, config.image_size, options.seed, progress)?;
     if train_set.is_empty() || val_set.is_empty() {
         return Err(Error::Invalid(format!(
@@ -136,7 +140,12 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
                 .map_err(|e| Error::Invalid(format!("epoch {}, batch {}: {e}", epoch + 1, i + 1)))?;
             state.steps += 1;
             images += batch.len();
-            for (sum, value) in [(&mut sums.total, losses.total), (&mut sums.bce, losses.bce), (&mut sums.dice, losses.dice), (&mut sums.softcon, losses.softcon)] {
+            for (sum, value) in [
+                (&mut sums.total, losses.total),
+                (&mut sums.bce, losses.bce),
+                (&mut sums.dice, losses.dice),
+                (&mut sums.softcon, losses.softcon),
+            ] {
                 *sum += value * batch.len() as f32;
             }
             progress.batch_done(&losses, batch.len());
@@ -144,7 +153,8 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
         let train_seconds = started.elapsed().as_secs_f32();
 
         progress.validating(val_set.len().div_ceil(recipe.batch_size));
-        let val_dice = validation_dice(&model, val_set.clone(), &tokenizer, recipe.batch_size, options.seed, options.workers)?;
+        let val_dice =
+            validation_dice(&model, val_set.clone(), &tokenizer, recipe.batch_size, options.seed, options.workers)?;
         let per_image = |sum: f32| sum / images.max(1) as f32;
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -167,7 +177,11 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
         save_epoch(options, &model, &optimizer, &state, is_best)?;
         progress.epoch_done(&record, is_best);
     }
+    let shifted: Source = Arc::new(validate::ShiftedPrompts(val_set.clone()));
+    let shifted_prompt_val_dice =
+        validation_dice(&model, shifted, &tokenizer, recipe.batch_size, options.seed, options.workers)?;
     Ok(TrainReport {
+        shifted_prompt_val_dice,
         state,
         out: options.out.clone(),
         train_images: train_set.len(),
@@ -226,7 +240,11 @@ fn optimizer_tensors(model: &MedClipSeg, optimizer: &AdamState) -> Result<Vec<(S
     let keys: Vec<&String> = model.trainable_parameters().map(|(k, _)| k).collect();
     let moments = optimizer.moments();
     if moments.len() != keys.len() {
-        return Err(Error::Invalid(format!("optimiser holds {} moments for {} trainable parameters", moments.len(), keys.len())));
+        return Err(Error::Invalid(format!(
+            "optimiser holds {} moments for {} trainable parameters",
+            moments.len(),
+            keys.len()
+        )));
     }
     // The step count is exact in f32 far beyond any run (2^24 steps).
     let mut out = vec![("step".to_string(), Tensor::scalar(optimizer.step_count() as f32, &Device::Cpu)?)];
@@ -237,7 +255,11 @@ fn optimizer_tensors(model: &MedClipSeg, optimizer: &AdamState) -> Result<Vec<(S
     Ok(out)
 }
 
-fn optimizer_from_tensors(model: &MedClipSeg, mut tensors: BTreeMap<String, Tensor>, origin: &Path) -> Result<AdamState> {
+fn optimizer_from_tensors(
+    model: &MedClipSeg,
+    mut tensors: BTreeMap<String, Tensor>,
+    origin: &Path,
+) -> Result<AdamState> {
     let mut take = |name: String, like: &Tensor| -> Result<Tensor> {
         let t = tensors
             .remove(&name)
@@ -260,7 +282,13 @@ fn optimizer_from_tensors(model: &MedClipSeg, mut tensors: BTreeMap<String, Tens
     AdamState::from_moments(moments, step)
 }
 
-fn save_epoch(options: &TrainOptions, model: &MedClipSeg, optimizer: &AdamState, state: &TrainingState, is_best: bool) -> Result<()> {
+fn save_epoch(
+    options: &TrainOptions,
+    model: &MedClipSeg,
+    optimizer: &AdamState,
+    state: &TrainingState,
+    is_best: bool,
+) -> Result<()> {
     let contents = checkpoint::CheckpointContents {
         model,
         tokenizer_json: &options.tokenizer_json,

@@ -49,7 +49,8 @@ fn font_available() -> bool {
 /// Draws the curves of `records` to `path` (PNG).
 pub fn write_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
     let mut pixels = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
-    draw(&mut pixels, records).map_err(|e| Error::Invalid(format!("{}: cannot draw the curves: {e}", path.display())))?;
+    draw(&mut pixels, records)
+        .map_err(|e| Error::Invalid(format!("{}: cannot draw the curves: {e}", path.display())))?;
     let image = image::RgbImage::from_raw(WIDTH, HEIGHT, pixels).expect("the buffer has the image's size");
     let mut png = Vec::new();
     image

@@ -18,7 +18,13 @@ pub struct DeviceBatch {
 
 impl DeviceBatch {
     /// Uploads host data (the loader's output) to `device`.
-    pub fn new(pixels: &[f32], masks: &[f32], ids: Vec<u32>, image_size: usize, device: &Device) -> Result<DeviceBatch> {
+    pub fn new(
+        pixels: &[f32],
+        masks: &[f32],
+        ids: Vec<u32>,
+        image_size: usize,
+        device: &Device,
+    ) -> Result<DeviceBatch> {
         let batch = masks.len() / (image_size * image_size).max(1);
         Ok(DeviceBatch {
             pixels: Tensor::from_slice(pixels, &[batch, 3, image_size, image_size], device)?,
@@ -67,9 +73,16 @@ impl StepNoise {
 
 /// `dice_weight * Dice + bce_weight * BCE + softcon_weight * SoftCon` on the tape, with the
 /// value of each term.
-pub fn losses(model: &MedClipSeg, tape: &Tape, batch: &DeviceBatch, recipe: &TrainRecipe, noise: StepNoise) -> Result<(Tensor, LossValues)> {
+pub fn losses(
+    model: &MedClipSeg,
+    tape: &Tape,
+    batch: &DeviceBatch,
+    recipe: &TrainRecipe,
+    noise: StepNoise,
+) -> Result<(Tensor, LossValues)> {
     let sampling = Sampling { seed: noise.seed, first_draw: noise.draw, samples: 1 };
-    let dropout = (noise.text_dropout > 0.0).then_some(TextDropout { p: noise.text_dropout, seed: noise.seed, step: noise.draw });
+    let dropout =
+        (noise.text_dropout > 0.0).then_some(TextDropout { p: noise.text_dropout, seed: noise.seed, step: noise.draw });
     let out = model.forward(tape, &batch.pixels, &batch.ids, sampling, dropout.as_ref(), &mut Trace::disabled())?;
     let mode = match recipe.dice_mode {
         DiceModeName::Rows => DiceMode::Rows,
@@ -120,9 +133,9 @@ pub fn train_step(
     model.update_parameters(|params| {
         let mut grad_list = Vec::with_capacity(params.len());
         for (key, tensor) in params.iter() {
-            let grad = grads
-                .get(tensor)
-                .ok_or_else(|| Error::Invalid(format!("parameter `{key}` received no gradient (is it used by the forward pass?)")))?;
+            let grad = grads.get(tensor).ok_or_else(|| {
+                Error::Invalid(format!("parameter `{key}` received no gradient (is it used by the forward pass?)"))
+            })?;
             grad_list.push(grad);
         }
         let mut tensors: Vec<&mut Tensor> = params.iter_mut().map(|(_, t)| &mut **t).collect();

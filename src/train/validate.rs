@@ -1,9 +1,29 @@
 //! Validation as the official code does it (spec §5, §6): one stochastic pass (draw 0), the mean
 //! probability thresholded at 0.5, Dice per image (both empty counts as 1), averaged.
 
+use std::sync::Arc;
+
 use super::step::DeviceBatch;
+use crate::data::{RawSample, SampleSource};
 use crate::error::Result;
 use crate::model::MedClipSeg;
+
+/// A dataset whose sample `i` carries the prompt of sample `i + 1` (cyclically): the text
+/// ablation. A model that reads the prompt loses Dice on it; one that ignores the text does not.
+pub struct ShiftedPrompts(pub Arc<dyn SampleSource>);
+
+impl SampleSource for ShiftedPrompts {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn load(&self, index: usize, size: usize) -> Result<RawSample> {
+        let mut sample = self.0.load(index, size)?;
+        let donor = self.0.load((index + 1) % self.0.len().max(1), size)?;
+        sample.prompt = donor.prompt;
+        Ok(sample)
+    }
+}
 
 /// Dice of the binary masks `predicted` and `truth` (same length); 1 when both are empty.
 pub fn dice(predicted: &[bool], truth: &[bool]) -> f32 {
