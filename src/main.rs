@@ -10,7 +10,8 @@ use mcs_engine::cuda::{kernels::KernelFamily, nvrtc_available, unavailable_reaso
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::{MedClipSeg, ModelConfig};
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
-use mcs_engine::{imaging, Device, Result, Tensor};
+use mcs_engine::train::load_model_folder;
+use mcs_engine::{data, imaging, Device, Result, Tensor};
 
 #[derive(Parser)]
 #[command(
@@ -50,7 +51,11 @@ struct PredictArgs {
     /// What to segment, e.g. "one small round polyp in the upper left of the image".
     #[arg(long, default_value = "a small bright circle in the upper left of the image")]
     prompt: String,
-    /// Model config: a preset name (tiny, unimedclip-vit-b16) or a config.json path.
+    /// A model folder as `mcs-engine train` writes it (config.json, model.safetensors,
+    /// tokenizer.json), e.g. runs/train/best. Replaces --config, --weights and --tokenizer.
+    #[arg(long, conflicts_with_all = ["weights", "tokenizer"])]
+    model: Option<PathBuf>,
+    /// Model config: a preset name (tiny, small, unimedclip-vit-b16) or a config.json path.
     #[arg(long, default_value = "tiny")]
     config: String,
     /// Weights (safetensors with the official MedCLIPSeg keys). Without it random weights are
@@ -66,8 +71,8 @@ struct PredictArgs {
     /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
     #[arg(long, default_value_t = 666)]
     seed: u64,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     device: String,
     /// Folder for mask.png, probability.png and uncertainty.png.
     #[arg(long, default_value = "out")]
@@ -94,14 +99,24 @@ fn main() -> ExitCode {
 }
 
 fn predict(args: &PredictArgs) -> Result<()> {
-    let PredictArgs { image, prompt, config, weights, tokenizer, samples, seed, device, out } = args;
+    let PredictArgs { image, prompt, model: model_dir, config, weights, tokenizer, samples, seed, device, out } = args;
     let (samples, seed) = (*samples, *seed);
-    let config = cli::load_config(config)?;
-    let device = Device::parse(device)?;
-    let tokenizer = match (tokenizer, preset_tokenizer_json(&config.name)) {
-        (Some(path), _) => PromptTokenizer::load(path, config.text_context_length, config.text_pad_id)?,
-        (None, Some(bytes)) => PromptTokenizer::from_bytes(bytes, config.text_context_length, config.text_pad_id)?,
-        (None, None) => {
+    let device = cli::parse_device(device)?;
+    let started = Instant::now();
+    let folder = model_dir.as_deref().map(|dir| load_model_folder(dir, &device)).transpose()?;
+    let config = match &folder {
+        Some(f) => f.config.clone(),
+        None => cli::load_config(config)?,
+    };
+    let tokenizer = match (&folder, tokenizer, preset_tokenizer_json(&config.name)) {
+        (Some(f), _, _) => {
+            PromptTokenizer::from_bytes(&f.tokenizer_json, config.text_context_length, config.text_pad_id)?
+        }
+        (None, Some(path), _) => PromptTokenizer::load(path, config.text_context_length, config.text_pad_id)?,
+        (None, None, Some(bytes)) => {
+            PromptTokenizer::from_bytes(bytes, config.text_context_length, config.text_pad_id)?
+        }
+        (None, None, None) => {
             return Err(mcs_engine::Error::Invalid(format!(
                 "config `{}` needs --tokenizer (a BERT tokenizer.json; tools/convert_checkpoint.py vocab makes one)",
                 config.name
@@ -110,22 +125,35 @@ fn predict(args: &PredictArgs) -> Result<()> {
     };
     let ids = tokenizer.encode(prompt)?;
 
-    let picture = match image {
-        Some(path) => imaging::read_rgb(path)?,
-        None => imaging::synthetic_picture(config.image_size as u32 * 2),
-    };
     let size = config.image_size;
-    let pixels = Tensor::from_slice(&imaging::preprocess(&picture, size), &[1, 3, size, size], &device)?;
-
-    let store = match weights {
-        Some(path) => WeightStore::load(path)?,
+    // A given image goes through the training pre-processing (cv2-exact resize, BGR, ImageNet).
+    let (planes, w, h) = match image {
+        Some(path) => {
+            let bgr = data::read_bgr(path)?;
+            (data::normalise_bgr(&data::resize_linear(&bgr, size, size)?)?, bgr.width, bgr.height)
+        }
         None => {
-            eprintln!("note: no --weights given, using random weights: the maps show the pipeline, not a segmentation");
-            WeightStore::synthetic(seed)
+            let picture = imaging::synthetic_picture(config.image_size as u32 * 2);
+            (imaging::preprocess(&picture, size), picture.width() as usize, picture.height() as usize)
         }
     };
-    let started = Instant::now();
-    let model = MedClipSeg::from_store(config, store, &device)?;
+    let pixels = Tensor::from_slice(&planes, &[1, 3, size, size], &device)?;
+
+    let model = match folder {
+        Some(f) => f.model,
+        None => {
+            let store = match weights {
+                Some(path) => WeightStore::load(path)?,
+                None => {
+                    eprintln!(
+                        "note: no --model or --weights given, using random weights: the maps show the pipeline, not a segmentation"
+                    );
+                    WeightStore::synthetic(seed)
+                }
+            };
+            MedClipSeg::from_store(config, store, &device)?
+        }
+    };
     let loaded = started.elapsed();
     let started = Instant::now();
     let prediction = model.predict(&pixels, &ids, seed, samples)?;
@@ -133,7 +161,6 @@ fn predict(args: &PredictArgs) -> Result<()> {
     let uncertainty = prediction.uncertainty.to_vec()?;
     let ran = started.elapsed();
 
-    let (w, h) = (picture.width() as usize, picture.height() as usize);
     let back = |map: &[f32]| imaging::resize_nearest(map, size, size, w, h);
     let (probability, uncertainty) = (back(&probability), back(&uncertainty));
     std::fs::create_dir_all(out).map_err(mcs_engine::Error::io(out))?;

@@ -151,6 +151,11 @@ fn an_interrupted_folder_swap_is_repaired_on_read() {
     write_folder_atomically(&dest, |tmp| std::fs::write(tmp.join("x"), b"two").map_err(mcs_engine::Error::io(tmp)))
         .unwrap();
     assert_eq!(std::fs::read(dest.join("x")).unwrap(), b"two");
+    // A save killed half-way leaves a partial folder behind: the next save removes it.
+    std::fs::create_dir(root.join(".latest.partial-999999")).unwrap();
+    write_folder_atomically(&dest, |tmp| std::fs::write(tmp.join("x"), b"two").map_err(mcs_engine::Error::io(tmp)))
+        .unwrap();
+    assert!(!root.join(".latest.partial-999999").exists(), "a stale partial folder was left");
     // A failing writer leaves the previous version in place.
     let failed = write_folder_atomically(&dest, |_| Err(mcs_engine::Error::Invalid("disk full".into())));
     assert!(failed.is_err());

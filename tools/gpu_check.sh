@@ -8,8 +8,9 @@
 #   DIR/gpu_check.sh run DIR         on the GPU machine (driver, CUDA libraries, compute-sanitizer; no
 #                                    Rust, no network), within about 8 minutes: every test binary with
 #                                    REQUIRE_GPU=1, compute-sanitizer memcheck / racecheck on the
-#                                    kernel tests, `mcs-engine info`, the op benchmarks and a
-#                                    paper-size predict; one summary table, full logs in DIR/logs/.
+#                                    kernel tests, `mcs-engine info`, the op benchmarks, a
+#                                    paper-size predict and paper-size and small training steps;
+#                                    one summary table, full logs in DIR/logs/.
 #   DIR/gpu_check.sh unpack DIR      only unpacks the gzipped binaries into DIR/unpacked/ (run does it).
 #   tools/gpu_check.sh selftest      checks the log parsing on saved sample outputs (no GPU, no build).
 #
@@ -23,8 +24,8 @@ PINNED_NVCC="$HOME/.cache/mcs-engine/cuda-13.0.88/nvidia/cu13/bin/nvcc"
 
 # Test binaries whose GPU tests exercise one kernel family each (memcheck runs on all of them) and
 # the ones with shared-memory cooperation worth a racecheck.
-MEMCHECK_BINARIES="elementwise layernorm softmax reduce movement philox spatial prob_attention matmul attention"
-RACECHECK_BINARIES="prob_attention softmax layernorm reduce"
+MEMCHECK_BINARIES="elementwise layernorm softmax reduce movement philox spatial prob_attention matmul attention loss softcon adam dropout"
+RACECHECK_BINARIES="prob_attention softmax layernorm reduce loss softcon"
 
 die() {
     echo "gpu_check: $*" >&2
@@ -280,11 +281,22 @@ run_kit() {
     if grep -q '30 samples on cuda' "$logs/predict-paper.log"; then row "predict paper-size, 30 samples" 1 0 - "$seconds"; else
         row "predict paper-size, 30 samples" 0 1 - "$seconds"; failures=$((failures + 1)); fi
 
+    # One paper-size training step at the official batch of 24 (time and tensor memory), and the
+    # default small config's step, as `mcs-engine train` runs them on a GPU.
+    for case in "unimedclip-vit-b16 24" "small 16"; do
+        set -- $case
+        seconds=$(timed "$logs/train-$1.log" 240 "$engine" bench train --config "$1" --batch-size "$2" \
+            --steps 5 --warmup 2 --device cuda)
+        if grep -q 'on cuda' "$logs/train-$1.log"; then row "train step $1, batch $2" 1 0 - "$seconds"; else
+            row "train step $1, batch $2" 0 1 - "$seconds"; failures=$((failures + 1)); fi
+    done
+
     {
         printf '%-34s %7s %7s %10s %8s\n' "step" "passed" "failed" "sanitizer" "seconds"
         printf '%s\n' "${ROWS[@]}"
         echo
         echo "predict: $(grep '30 samples' "$logs/predict-paper.log" || echo 'no result, see logs/predict-paper.log')"
+        grep -h '^train step' "$logs"/train-*.log 2>/dev/null || true
         echo "benchmarks (logs/bench-ops.log):"
         grep '^cuda' "$logs/bench-ops.log" 2>/dev/null || true
         echo

@@ -74,10 +74,15 @@ pub fn save_checkpoint(dir: &Path, contents: &CheckpointContents) -> Result<()> 
 pub fn write_folder_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let (parent, name) = split_folder(dest)?;
     std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    // Half-written folders of a run that was killed mid-save (any process id) are dropped.
+    let partial_prefix = format!(".{name}.partial-");
+    for entry in std::fs::read_dir(&parent).map_err(Error::io(&parent))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&partial_prefix) {
+            let stale = entry.path();
+            std::fs::remove_dir_all(&stale).map_err(Error::io(&stale))?;
+        }
     }
+    let tmp = parent.join(format!("{partial_prefix}{}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
