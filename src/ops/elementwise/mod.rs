@@ -12,6 +12,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+mod cpu;
+
 use super::{cuda_output, cuda_slice, launch, same_device};
 use crate::cuda::{launch_elements, CudaDevice, KernelFamily};
 use crate::device::Device;
@@ -64,15 +66,6 @@ impl BinaryOp {
             BinaryOp::Div => 3,
         }
     }
-
-    fn apply(self, a: f32, b: f32) -> f32 {
-        match self {
-            BinaryOp::Add => a + b,
-            BinaryOp::Sub => a - b,
-            BinaryOp::Mul => a * b,
-            BinaryOp::Div => a / b,
-        }
-    }
 }
 
 /// A unary elementwise op. The numeric codes are the kernels' `UnaryOpCode`.
@@ -90,22 +83,6 @@ pub enum UnaryOp {
     Sqrt,
     Square,
     Neg,
-}
-
-const SQRT1_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// `1 / sqrt(2 pi)`, the standard normal density at 0.
-const INV_SQRT_2PI: f32 = 0.398_942_3;
-const QUICK_GELU_SLOPE: f32 = 1.702;
-const SOFTPLUS_THRESHOLD: f32 = 20.0;
-
-/// exp is only taken of a non-positive argument: no overflow, full relative accuracy in both tails.
-fn stable_sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
 }
 
 impl UnaryOp {
@@ -153,50 +130,6 @@ impl UnaryOp {
     /// it: sigmoid, exp, sqrt); false when it wants the input `x`.
     pub fn backward_uses_output(self) -> bool {
         matches!(self, UnaryOp::Sigmoid | UnaryOp::Exp | UnaryOp::Sqrt)
-    }
-
-    /// The op on one value (CPU reference; formulas follow PyTorch's, as the kernels do).
-    pub fn apply(self, x: f32) -> f32 {
-        match self {
-            UnaryOp::Gelu => x * 0.5 * (1.0 + libm::erff(x * SQRT1_2)),
-            UnaryOp::QuickGelu => x * stable_sigmoid(QUICK_GELU_SLOPE * x),
-            UnaryOp::Sigmoid => stable_sigmoid(x),
-            // Above the threshold softplus(x) equals x in f32 (and exp(x) could overflow).
-            UnaryOp::Softplus if x > SOFTPLUS_THRESHOLD => x,
-            UnaryOp::Softplus => x.exp().ln_1p(),
-            UnaryOp::Exp => x.exp(),
-            UnaryOp::Log => x.ln(),
-            UnaryOp::Sqrt => x.sqrt(),
-            UnaryOp::Square => x * x,
-            UnaryOp::Neg => -x,
-        }
-    }
-
-    /// `dy * op'(x)`, given the saved value (`y` or `x`, see [`UnaryOp::backward_uses_output`]).
-    fn derivative_times(self, saved: f32, dy: f32) -> f32 {
-        match self {
-            UnaryOp::Gelu => {
-                let cdf = 0.5 * (1.0 + libm::erff(saved * SQRT1_2));
-                let pdf = (-0.5 * saved * saved).exp() * INV_SQRT_2PI;
-                dy * (cdf + saved * pdf)
-            }
-            UnaryOp::QuickGelu => {
-                let s = stable_sigmoid(QUICK_GELU_SLOPE * saved);
-                // Bracketed so that a huge |x| meets s * (1 - s) = 0 before it can overflow to inf * 0.
-                dy * (s + saved * (QUICK_GELU_SLOPE * s * (1.0 - s)))
-            }
-            UnaryOp::Sigmoid => dy * (1.0 - saved) * saved,
-            UnaryOp::Softplus if saved > SOFTPLUS_THRESHOLD => dy,
-            UnaryOp::Softplus => {
-                let z = saved.exp(); // at most e^20: finite
-                dy * z / (z + 1.0)
-            }
-            UnaryOp::Exp => dy * saved,
-            UnaryOp::Log => dy / saved,
-            UnaryOp::Sqrt => dy / (2.0 * saved),
-            UnaryOp::Square => dy * 2.0 * saved,
-            UnaryOp::Neg => -dy,
-        }
     }
 }
 
@@ -653,23 +586,7 @@ pub fn binary_forward(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match device {
         Device::Cpu => {
             let (xs, ys) = (a.cpu_data(op.name())?, b.cpu_data(op.name())?);
-            let mut out = vec![0.0f32; numel(&plan.out_shape)];
-            if same_shape {
-                out.par_iter_mut()
-                    .with_min_len(CPU_CHUNK)
-                    .zip(xs.par_iter().zip(ys))
-                    .for_each(|(o, (&x, &y))| *o = op.apply(x, y));
-            } else {
-                out.par_chunks_mut(CPU_CHUNK).enumerate().for_each(|(chunk_index, chunk)| {
-                    let mut walk =
-                        StridedWalk::new(&plan.dims, [&plan.strides[0], &plan.strides[1]], chunk_index * CPU_CHUNK);
-                    for o in chunk {
-                        let [ia, ib] = walk.offsets;
-                        *o = op.apply(xs[ia], ys[ib]);
-                        walk.advance();
-                    }
-                });
-            }
+            let out = cpu::binary(op, xs, ys, &plan, numel(&plan.out_shape));
             Tensor::from_vec(out, &plan.out_shape)
         }
         Device::Cuda(dev) => cuda_binary(&dev, op, a, b, &plan, same_shape),
@@ -752,8 +669,7 @@ pub fn unary_forward(op: UnaryOp, x: &Tensor) -> Result<Tensor> {
     match same_device(op.name(), &[x])? {
         Device::Cpu => {
             let xs = x.cpu_data(op.name())?;
-            let y = xs.par_iter().with_min_len(CPU_CHUNK).map(|&v| op.apply(v)).collect();
-            Tensor::from_vec(y, x.shape())
+            Tensor::from_vec(cpu::unary_forward(op, xs), x.shape())
         }
         Device::Cuda(dev) => {
             let n = cuda_len(op.name(), x.shape())?;
@@ -782,12 +698,7 @@ pub fn unary_backward(op: UnaryOp, saved: &Tensor, dy: &Tensor) -> Result<Tensor
     match same_device(op.name(), &[saved, dy])? {
         Device::Cpu => {
             let (ss, dys) = (saved.cpu_data(op.name())?, dy.cpu_data(op.name())?);
-            let dx = ss
-                .par_iter()
-                .with_min_len(CPU_CHUNK)
-                .zip(dys.par_iter())
-                .map(|(&s, &g)| op.derivative_times(s, g))
-                .collect();
+            let dx = cpu::unary_backward(op, ss, dys);
             Tensor::from_vec(dx, dy.shape())
         }
         Device::Cuda(dev) => {

@@ -1,0 +1,122 @@
+//! Branch-free f32 maths for the CPU kernels: `exp`, `erf` and the activations built on them,
+//! written so that a loop over a slice compiles to SIMD code (no libm calls, selects instead of
+//! branches), and [`map_into`] / [`zip_map_into`], which run such loops with the widest vector
+//! instructions the CPU offers (runtime detection through `pulp`; AVX2, AVX-512 or SSE2).
+//!
+//! Accuracy (measured against f64 over dense grids in `tests/fastmath.rs`): `exp` within 2 ulp
+//! on its whole normal range, `erf` within 3e-7 absolute (about 2.5 ulp), so GELU is within a
+//! few ulp of the libm formula. NaN propagates through every function, which the NaN-loss check
+//! of training relies on. Results do not depend on the vector width: every lane does the same
+//! IEEE operations in the same order (Rust never contracts `a * b + c` into an FMA by itself).
+
+/// Coefficients of `erf(x) / x` as a polynomial in `x^2` on `[0, ERF_SPLIT]` (least-squares
+/// fit on Chebyshev nodes, highest power first; fit error 1.3e-9).
+const ERF_SMALL: [f32; 6] =
+    [-6.787_303_7e-4, 5.119_888_6e-3, -2.683_752e-2, 1.128_344e-1, -3.761_262_3e-1, 1.128_379_2];
+/// Coefficients of `erfc(x) e^(x^2)` as a polynomial in `t = 1 / (1 + x/2)` on
+/// `[ERF_SPLIT, ERF_SATURATE]` (same fit, highest power first; fit error 1e-10).
+const ERF_LARGE: [f32; 8] = [
+    1.182_530_7e-1,
+    -4.671_630_9e-1,
+    5.569_583e-1,
+    -9.818_785e-2,
+    3.450_352_5e-1,
+    2.605_257_6e-1,
+    2.847_731_1e-1,
+    -1.443_575_9e-4,
+];
+/// Where `erf` switches from the series-like fit to the `erfc` form.
+const ERF_SPLIT: f32 = 0.75;
+/// Beyond this `erf(x)` is 1 in f32 (`erfc(4.5)` is 2e-10, far below half an ulp of 1).
+const ERF_SATURATE: f32 = 4.5;
+
+/// `e^x`. Inputs below -104 give 0 and above 89 give infinity, as the exact function rounds.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // Comparisons rather than `max`/`min`: those would turn a NaN into a bound.
+    let x = if x < -104.0 { -104.0 } else { x };
+    let x = if x > 89.0 { 89.0 } else { x };
+    // x = n ln2 + r with |r| <= ln2 / 2; n by the round-to-nearest of adding 1.5 * 2^23.
+    const ROUNDER: f32 = 12_582_912.0;
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
+    // ln2 split in two so that n * LN2_HI is exact for |n| < 512 (LN2_HI has 15 significant bits).
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Taylor series to degree 7: the first omitted term is below 5e-9 relative at |r| = ln2 / 2.
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // 2^n in two halves so that the subnormal results (n down to -150) come out right too.
+    let n = (shifted.to_bits() as i32).wrapping_sub(ROUNDER.to_bits() as i32);
+    let half = n >> 1;
+    let first = f32::from_bits(((half + 127) as u32) << 23);
+    let second = f32::from_bits(((n - half + 127) as u32) << 23);
+    p * first * second
+}
+
+/// The error function.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let z = a * a;
+    let small = horner(&ERF_SMALL, z) * a;
+    let clamped = if a > ERF_SATURATE { ERF_SATURATE } else { a };
+    let t = 1.0 / (1.0 + 0.5 * clamped);
+    let large = 1.0 - horner(&ERF_LARGE, t) * exp(-(clamped * clamped));
+    let magnitude = if a < ERF_SPLIT { small } else { large };
+    // A NaN fails both comparisons above and arrives here through `large` as NaN.
+    magnitude.copysign(x)
+}
+
+/// `1 / (1 + e^-x)`, taking exp of a non-positive argument only (no overflow in either tail).
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    let e = exp(-x.abs());
+    let r = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        r
+    } else {
+        e * r
+    }
+}
+
+/// Polynomial with coefficients highest power first.
+#[inline(always)]
+fn horner<const N: usize>(coefficients: &[f32; N], x: f32) -> f32 {
+    let mut acc = coefficients[0];
+    for &c in &coefficients[1..] {
+        acc = acc * x + c;
+    }
+    acc
+}
+
+/// `out[i] = f(xs[i])`, vectorised for the running CPU.
+#[inline(always)]
+pub fn map_into(out: &mut [f32], xs: &[f32], f: impl Fn(f32) -> f32) {
+    assert_eq!(out.len(), xs.len(), "map_into: output and input lengths differ");
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            for (o, &x) in out.iter_mut().zip(xs) {
+                *o = f(x);
+            }
+        },
+    );
+}
+
+/// `out[i] = f(xs[i], ys[i])`, vectorised for the running CPU.
+#[inline(always)]
+pub fn zip_map_into(out: &mut [f32], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32) {
+    assert!(out.len() == xs.len() && xs.len() == ys.len(), "zip_map_into: lengths differ");
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+                *o = f(x, y);
+            }
+        },
+    );
+}
