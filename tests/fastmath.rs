@@ -91,3 +91,26 @@ fn the_vector_loop_gives_the_scalar_results_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn sum_and_max_reduce_in_a_fixed_order_and_see_nans() {
+    use mcs_engine::ops::fastmath::{max, sum, zip_sum};
+    for len in [0usize, 1, 7, 8, 9, 145, 1000] {
+        let xs: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let want: f64 = xs.iter().map(|&v| v as f64).sum();
+        let bound: f64 = xs.iter().map(|&v| v.abs() as f64).sum();
+        // Any summation order of n f32 values is within n * ulp(1)/2 * sum|x| of the exact sum.
+        assert!((sum(&xs) as f64 - want).abs() <= len as f64 * 6e-8 * bound + 1e-30, "len {len}");
+        let dot = zip_sum(&xs, &xs, |a, b| a * b) as f64;
+        let want_dot: f64 = xs.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        assert!((dot - want_dot).abs() <= (len as f64 + 1.0) * 6e-8 * want_dot + 1e-30, "len {len}");
+        let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max(&xs), want_max, "len {len}");
+    }
+    let mut xs = vec![1.0f32; 20];
+    for at in [0, 9, 19] {
+        xs[at] = f32::NAN;
+        assert!(max(&xs).is_nan() && sum(&xs).is_nan(), "a NaN at {at} was lost");
+        xs[at] = 1.0;
+    }
+}

@@ -120,3 +120,82 @@ pub fn zip_map_into(out: &mut [f32], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32
         },
     );
 }
+
+/// `values[i] = f(values[i])`, vectorised for the running CPU.
+#[inline(always)]
+pub fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32) {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            for v in values.iter_mut() {
+                *v = f(*v);
+            }
+        },
+    );
+}
+
+/// Lanes of the reductions below: eight running partial results, so the loop vectorises
+/// (AVX2 width) while the order of operations, and so the result, is fixed for every CPU.
+const LANES: usize = 8;
+
+/// Sum of `f(xs[i], ys[i])` (pass `|x, _| x` over one slice twice for a plain sum) in a fixed
+/// order: eight interleaved partial sums, then those added pairwise, then the tail.
+#[inline(always)]
+pub fn zip_sum(xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    assert_eq!(xs.len(), ys.len(), "zip_sum: lengths differ");
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            let mut acc = [0.0f32; LANES];
+            let (xc, yc) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
+            let (xt, yt) = (xc.remainder(), yc.remainder());
+            for (x, y) in xc.zip(yc) {
+                for k in 0..LANES {
+                    acc[k] += f(x[k], y[k]);
+                }
+            }
+            let mut total = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+            for (&x, &y) in xt.iter().zip(yt) {
+                total += f(x, y);
+            }
+            total
+        },
+    )
+}
+
+/// Sum of a slice in the fixed order of [`zip_sum`].
+#[inline(always)]
+pub fn sum(xs: &[f32]) -> f32 {
+    zip_sum(xs, xs, |x, _| x)
+}
+
+/// Largest element (negative infinity for an empty slice); a NaN anywhere gives NaN.
+#[inline(always)]
+pub fn max(xs: &[f32]) -> f32 {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            let mut acc = [f32::NEG_INFINITY; LANES];
+            let chunks = xs.chunks_exact(LANES);
+            let tail = chunks.remainder();
+            // `if a > b` keeps a NaN in `a` only when it arrives first; NaN is caught at the end.
+            let mut nan = false;
+            for x in chunks {
+                for k in 0..LANES {
+                    nan |= x[k].is_nan();
+                    acc[k] = if x[k] > acc[k] { x[k] } else { acc[k] };
+                }
+            }
+            let mut best = acc.iter().copied().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+            for &x in tail {
+                nan |= x.is_nan();
+                best = if x > best { x } else { best };
+            }
+            if nan {
+                f32::NAN
+            } else {
+                best
+            }
+        },
+    )
+}

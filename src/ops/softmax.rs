@@ -4,6 +4,7 @@
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
+use super::fastmath::{self, map_in_place, map_into, zip_map_into};
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_rows, KernelFamily};
 use crate::device::Device;
@@ -65,16 +66,14 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
             let ms = mask.map(|m| m.cpu_data("softmax")).transpose()?;
             let mut y = vec![0.0f32; xs.len()];
             y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).enumerate().for_each(|(row, (yr, xr))| {
-                let mr = ms.map(|m| &m[(row / rows_per_mask_row) * cols..][..cols]);
-                let shifted = |c: usize| xr[c] + mr.map_or(0.0, |m| m[c]);
-                let max = (0..cols).map(shifted).fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for (c, out) in yr.iter_mut().enumerate() {
-                    *out = (shifted(c) - max).exp();
-                    sum += *out;
+                match ms {
+                    Some(m) => zip_map_into(yr, xr, &m[(row / rows_per_mask_row) * cols..][..cols], |v, a| v + a),
+                    None => yr.copy_from_slice(xr),
                 }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|v| *v *= inv);
+                let max = fastmath::max(yr);
+                map_in_place(yr, |v| fastmath::exp(v - max));
+                let inv = 1.0 / fastmath::sum(yr);
+                map_in_place(yr, |v| v * inv);
             });
             Tensor::from_vec(y, x.shape())
         }
@@ -100,10 +99,8 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 /// Untracked softmax backward: `dx = y * (dy - sum(dy * y))` per row.
 pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     row_backward("softmax_backward", y, dy, |yr, dyr, dxr| {
-        let dot: f32 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
-        for ((dx, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
-            *dx = yv * (g - dot);
-        }
+        let dot = fastmath::zip_sum(yr, dyr, |a, b| a * b);
+        zip_map_into(dxr, yr, dyr, |yv, g| yv * (g - dot));
     })
 }
 
@@ -115,12 +112,10 @@ pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
             let xs = x.cpu_data("log_softmax")?;
             let mut y = vec![0.0f32; xs.len()];
             y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).for_each(|(yr, xr)| {
-                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = xr.iter().map(|v| (v - max).exp()).sum();
-                let shift = max + sum.ln();
-                for (out, v) in yr.iter_mut().zip(xr) {
-                    *out = v - shift;
-                }
+                let max = fastmath::max(xr);
+                map_into(yr, xr, |v| fastmath::exp(v - max));
+                let shift = max + fastmath::sum(yr).ln();
+                map_into(yr, xr, |v| v - shift);
             });
             Tensor::from_vec(y, x.shape())
         }
@@ -141,10 +136,8 @@ pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
 /// Untracked log-softmax backward: `dx = dy - exp(y) * sum(dy)` per row.
 pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     row_backward("log_softmax_backward", y, dy, |yr, dyr, dxr| {
-        let sum: f32 = dyr.iter().sum();
-        for ((dx, &yv), &g) in dxr.iter_mut().zip(yr).zip(dyr) {
-            *dx = g - yv.exp() * sum;
-        }
+        let sum = fastmath::sum(dyr);
+        zip_map_into(dxr, yr, dyr, |yv, g| g - fastmath::exp(yv) * sum);
     })
 }
 
