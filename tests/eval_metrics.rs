@@ -66,7 +66,9 @@ fn nsd_matches_the_official_surface_dice() {
         (
             "square against an L (concave corners)",
             square(8, 25, 20),
-            mask(64, 64, |x, y| ((5..15).contains(&x) && (5..40).contains(&y)) || ((5..45).contains(&x) && (30..40).contains(&y))),
+            mask(64, 64, |x, y| {
+                ((5..15).contains(&x) && (5..40).contains(&y)) || ((5..45).contains(&x) && (30..40).contains(&y))
+            }),
             0.60291557301803,
         ),
         (
@@ -94,7 +96,9 @@ fn surfel_areas_are_the_official_table_entries() {
     // surface_distance's table for the 16 planar corner configurations (one per count and
     // adjacency; rounded to 6 digits there).
     let a = surfel_areas();
-    for (code, expected) in [(0b0001, 0.216506), (0b0011, 0.707107), (0b1001, 0.433013), (0b0111, 1.149519), (0b1111, 1.0)] {
+    for (code, expected) in
+        [(0b0001, 0.216506), (0b0011, 0.707107), (0b1001, 0.433013), (0b0111, 1.149519), (0b1111, 1.0)]
+    {
         assert!((a[code] - expected).abs() < 5e-7, "code {code:04b}: {}", a[code]);
     }
     assert_eq!(a[0], 0.0);

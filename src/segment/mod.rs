@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::model::{MedClipSeg, ModelConfig};
 use crate::tensor::Tensor;
 use crate::tokenizer::PromptTokenizer;
-use crate::train::checkpoint::{load_model_folder, CONFIG_FILE, MODEL_FILE};
+use crate::train::checkpoint::{load_model_folder, CONFIG_FILE};
 
 pub use maps::{binary_entropy, full_resolution_maps};
 pub use output::{write_npy, write_outputs, OutputFiles};
@@ -151,12 +151,10 @@ impl Segmenter {
     pub fn load_on(model_dir: impl AsRef<Path>, device: &Device) -> Result<Segmenter> {
         let dir = model_dir.as_ref();
         let folder = load_model_folder(dir, device).map_err(|e| match e {
-            // The weight loader names the key; say which files disagree.
-            Error::Weights(detail) => Error::Weights(format!(
-                "{} does not fit {}: {detail}",
-                dir.join(MODEL_FILE).display(),
-                dir.join(CONFIG_FILE).display()
-            )),
+            // The weight loader names the weights file and the key; add the config they missed.
+            Error::Weights(detail) => {
+                Error::Weights(format!("{detail} (the weights do not fit {})", dir.join(CONFIG_FILE).display()))
+            }
             other => other,
         })?;
         Ok(Segmenter { model: folder.model, tokenizer: folder.tokenizer, origin: Some(dir.to_path_buf()) })
