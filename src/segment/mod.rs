@@ -215,7 +215,7 @@ impl Segmenter {
     /// draws the noise of row `i`: item 0 equals [`Segmenter::segment`] bit for bit, and every
     /// item depends only on its own image, prompt and position, never on the other items; items
     /// at other positions are other, equally valid Monte-Carlo draws. Errors as
-    /// [`Segmenter::segment`], naming the item (0-based) at fault.
+    /// [`Segmenter::segment`], naming the item (0-based) at fault when there are several.
     pub fn segment_batch(&self, items: &[(&Image8, &str)], options: &Options) -> Result<Vec<Segmentation>> {
         options.check()?;
         if items.is_empty() {
@@ -225,7 +225,8 @@ impl Segmenter {
         let mut pixels = Vec::with_capacity(items.len() * 3 * size * size);
         let mut ids = Vec::with_capacity(items.len() * self.tokenizer.context_length());
         for (i, (image, prompt)) in items.iter().enumerate() {
-            let at = |e: Error| Error::Invalid(format!("item {i}: {e}"));
+            // A batch says which item failed; a single call has nothing to add.
+            let at = |e: Error| if items.len() > 1 { Error::Invalid(format!("item {i}: {e}")) } else { e };
             pixels.extend(model_input(image, size).map_err(at)?);
             ids.extend(self.tokenizer.encode(prompt).map_err(at)?);
         }
