@@ -13,6 +13,8 @@
 //! Per-image values are kept at full precision (the official script rounds each to 4 decimals
 //! before the mean, which moves a mean by less than 5e-5).
 
+#![warn(missing_docs)]
+
 pub mod metrics;
 
 use std::path::{Path, PathBuf};
@@ -49,17 +51,24 @@ pub struct EvalOptions {
 pub struct ImageRecord {
     /// The image's file name.
     pub image: String,
+    /// The image's (and its ground truth's) size.
     pub width: usize,
+    /// See `width`.
     pub height: usize,
+    /// Dice of the official mask (model resolution, resized nearest) against the truth.
     pub dice: f64,
+    /// Normalised surface Dice at the tolerance ([`metrics::nsd`]).
     pub nsd: f64,
+    /// Expected calibration error of the image's probability map ([`Calibration`]).
     pub ece: f64,
+    /// Brier score of the image's probability map.
     pub brier: f64,
     /// Uncertainty-vs-error AUROC; `None` when the image has no misclassified pixel (or only
     /// misclassified ones).
     pub auroc: Option<f64>,
     /// Foreground pixels of the ground truth and of the prediction (at the ground truth's size).
     pub truth_pixels: usize,
+    /// See `truth_pixels`.
     pub predicted_pixels: usize,
     /// Mean uncertainty (nats).
     pub mean_uncertainty: f64,
@@ -72,25 +81,34 @@ pub struct Summary {
     pub name: String,
     /// The prompt file read.
     pub prompts: PathBuf,
+    /// Images scored.
     pub images: usize,
+    /// Monte-Carlo samples per image.
     pub samples: usize,
+    /// Seed of the noise.
     pub seed: u64,
+    /// Images per forward pass.
     pub batch_size: usize,
-    /// Means over images.
+    /// Mean Dice over images.
     pub dice: f64,
+    /// Mean NSD over images.
     pub nsd: f64,
-    /// Over all pixels of the split pooled.
+    /// ECE over all pixels of the split pooled.
     pub ece: f64,
+    /// Brier score over all pixels of the split pooled.
     pub brier: f64,
     /// Mean over the images where it is defined (`auroc_images` of them); `None` if none.
     pub auroc: Option<f64>,
+    /// Images with a defined AUROC.
     pub auroc_images: usize,
 }
 
 /// Everything [`evaluate`] measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Evaluation {
+    /// Per image, in index order.
     pub records: Vec<ImageRecord>,
+    /// The split's means and pooled calibration.
     pub summary: Summary,
 }
 

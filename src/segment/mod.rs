@@ -21,6 +21,8 @@
 //! Reproducibility: the noise is counter-based and keyed by `(seed, draw, adapter, batch row)`,
 //! so the same image, prompt and options give the same maps bit for bit, on any thread count.
 
+#![warn(missing_docs)]
+
 pub mod maps;
 pub mod output;
 
@@ -95,7 +97,9 @@ impl Options {
 /// One image's result, every map `height` x `width` (the input's own size), row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Segmentation {
+    /// The input image's width in pixels.
     pub width: usize,
+    /// The input image's height in pixels.
     pub height: usize,
     /// `probability > threshold`.
     pub mask: Vec<bool>,

@@ -21,11 +21,17 @@ use crate::model::weights::write_atomically;
 /// The files [`write_outputs`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputFiles {
+    /// `mask.png`.
     pub mask_png: PathBuf,
+    /// `probability.png`.
     pub probability_png: PathBuf,
+    /// `probability.npy`.
     pub probability_npy: PathBuf,
+    /// `uncertainty.png`.
     pub uncertainty_png: PathBuf,
+    /// `uncertainty.npy`.
     pub uncertainty_npy: PathBuf,
+    /// `overlay.png`.
     pub overlay_png: PathBuf,
 }
 
