@@ -2,16 +2,20 @@
 //!
 //! Layers, bottom up: [`tensor`] (shape + storage on a [`device`]), [`cuda`] (context, kernel
 //! modules, cuBLAS), [`ops`] (every op with its CPU reference, CUDA launcher and backward rule),
-//! [`tape`] (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend).
+//! [`tape`] (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend);
+//! then [`model`], [`data`] and [`train`]; on top, [`segment`] (the embeddable inference API:
+//! load a model folder once, segment images from prompts) and [`eval`] (DSC, NSD, calibration).
 
 pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod imaging;
 pub mod model;
 pub mod ops;
 pub mod philox;
+pub mod segment;
 pub mod tape;
 pub mod tensor;
 pub mod tokenizer;
@@ -19,5 +23,6 @@ pub mod train;
 
 pub use device::Device;
 pub use error::{Error, Result};
+pub use segment::{Options, Segmentation, Segmenter};
 pub use tape::{Gradients, Tape};
 pub use tensor::Tensor;

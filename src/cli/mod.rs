@@ -2,14 +2,16 @@
 //! arguments to the library. Nothing here is needed by a library user.
 
 pub mod bench;
+pub mod eval;
+pub mod predict;
 pub mod synth;
 pub mod train;
 
 use std::path::Path;
 
-use mcs_engine::cuda::gpu_available;
+use mcs_engine::data::Split;
 use mcs_engine::model::ModelConfig;
-use mcs_engine::{Device, Result};
+use mcs_engine::{Device, Error, Result};
 
 /// Keeps large freed buffers in the process instead of giving them back to the OS at once.
 ///
@@ -43,9 +45,13 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
 
 /// `auto` (the GPU when one can be used, else the CPU), `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
-    match spec {
-        "auto" if gpu_available() => Device::cuda(0),
-        "auto" => Ok(Device::Cpu),
-        other => Device::parse(other),
-    }
+    mcs_engine::segment::select_device(spec)
+}
+
+/// `Train`, `Val` or `Test` (any case).
+pub fn parse_split(name: &str) -> Result<Split> {
+    Split::ALL
+        .into_iter()
+        .find(|s| s.name().eq_ignore_ascii_case(name))
+        .ok_or_else(|| Error::Invalid(format!("unknown split `{name}`: expected Train, Val or Test")))
 }

@@ -1,0 +1,161 @@
+//! `mcs-engine eval`: DSC, NSD, calibration and uncertainty AUROC of a model folder on a split,
+//! or on the five prompt variants (`--prompt-sweep`); per-image CSV, a printed table, JSON.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mcs_engine::data::{self, Split};
+use mcs_engine::eval::{self, EvalOptions, Evaluation, Summary, NSD_TOLERANCE};
+use mcs_engine::segment::{select_device, Options, Segmenter};
+use mcs_engine::{Error, Result};
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A model folder as `mcs-engine train` writes it, e.g. runs/train/latest.
+    #[arg(long)]
+    model: PathBuf,
+    /// Dataset folder in the official layout.
+    #[arg(long)]
+    data: PathBuf,
+    /// The split to evaluate: Train, Val or Test.
+    #[arg(long, default_value = "Test", value_parser = ["Train", "Val", "Test"])]
+    split: String,
+    /// Prompt file (xlsx, csv or json with Image and Description columns) instead of the split's
+    /// Prompts_Folder/<Split>_text.xlsx.
+    #[arg(long, conflicts_with = "prompt_sweep")]
+    prompts: Option<PathBuf>,
+    /// Evaluate the test split once per prompt style: Prompts_Folder/Test_text_{original,
+    /// contradictory, missing_location, overdescriptive, underdescriptive}.xlsx.
+    #[arg(long)]
+    prompt_sweep: bool,
+    /// Monte-Carlo samples per image (the paper uses 30).
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// Seed of the sampling noise (train's --seed reproduces its validation draws).
+    #[arg(long, default_value_t = 666)]
+    seed: u64,
+    /// Mask threshold on the mean probability.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Images per forward pass. Default: the batch size the model was trained with, which with
+    /// --samples 1 and the training seed reproduces training's validation Dice (the noise is keyed
+    /// by batch row).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// NSD tolerance in pixels.
+    #[arg(long, default_value_t = NSD_TOLERANCE)]
+    tolerance: f64,
+    /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Folder for the per-image CSV files (<set>.csv) and summary.json.
+    #[arg(long, default_value = "runs/eval")]
+    out: PathBuf,
+    /// Also write the summary JSON here (for scripts).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let split = super::parse_split(&args.split)?;
+    if args.prompt_sweep && split != Split::Test {
+        return Err(Error::Invalid("--prompt-sweep evaluates the Test split; drop --split".into()));
+    }
+    let sets = evaluation_sets(args, split)?;
+    let segmenter = Segmenter::load_on(&args.model, &select_device(&args.device)?)?;
+    let options = EvalOptions {
+        segment: Options { samples: args.samples, seed: args.seed, threshold: args.threshold },
+        batch_size: args.batch_size.unwrap_or(segmenter.config().training.batch_size),
+        tolerance: args.tolerance,
+    };
+    options.segment.check()?;
+    let started = Instant::now();
+    let mut summaries = Vec::with_capacity(sets.len());
+    for (name, prompts) in &sets {
+        let evaluation = evaluate_set(&segmenter, args, split, name, prompts.as_deref(), &options)?;
+        eval::write_records_csv(&args.out.join(format!("{name}.csv")), &evaluation.records)?;
+        summaries.push(evaluation.summary);
+    }
+    print_table(&summaries);
+    let json = serde_json::to_string_pretty(&summaries).expect("summaries always serialise");
+    let summary_path = args.out.join("summary.json");
+    write_text(&summary_path, &json)?;
+    if let Some(path) = &args.json {
+        write_text(path, &json)?;
+    }
+    println!(
+        "{} samples per image on {} in {:.1?}; per-image scores in {}",
+        options.segment.samples,
+        segmenter.device().name(),
+        started.elapsed(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `(name, prompt file override)` of every set to evaluate; for a sweep, every variant file is
+/// checked to exist before anything runs.
+fn evaluation_sets(args: &EvalArgs, split: Split) -> Result<Vec<(String, Option<PathBuf>)>> {
+    if args.prompt_sweep {
+        let files = eval::prompt_variant_files(&args.data)?;
+        return Ok(files.into_iter().map(|(variant, path)| (variant.to_string(), Some(path))).collect());
+    }
+    Ok(vec![(split.name().to_string(), args.prompts.clone())])
+}
+
+fn evaluate_set(
+    segmenter: &Segmenter,
+    args: &EvalArgs,
+    split: Split,
+    name: &str,
+    prompts: Option<&std::path::Path>,
+    options: &EvalOptions,
+) -> Result<Evaluation> {
+    let (index, unlisted) = data::open_split(&args.data, split, None, prompts)?;
+    if unlisted > 0 {
+        eprintln!(
+            "note: {unlisted} image(s) in {}/{}/img have no prompt and are not evaluated",
+            args.data.display(),
+            split.folder()
+        );
+    }
+    let prompt_path = match prompts {
+        Some(path) => path.to_path_buf(),
+        None => data::prompt_file_path(&args.data, split, None)?,
+    };
+    let bar = ProgressBar::new(index.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("eval {msg} {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}]")
+            .expect("the progress template is valid"),
+    );
+    bar.set_message(name.to_string());
+    let evaluation =
+        eval::evaluate(segmenter, name, &prompt_path, &index, options, &mut |done| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    evaluation
+}
+
+fn print_table(summaries: &[Summary]) {
+    println!("{:<18} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}", "set", "images", "DSC %", "NSD %", "ECE", "Brier", "AUROC");
+    for s in summaries {
+        let auroc = s.auroc.map_or_else(|| "-".to_string(), |a| format!("{a:.4}"));
+        println!(
+            "{:<18} {:>6} {:>8.2} {:>8.2} {:>8.4} {:>8.4} {:>8}",
+            s.name,
+            s.images,
+            s.dice * 100.0,
+            s.nsd * 100.0,
+            s.ece,
+            s.brier,
+            auroc
+        );
+    }
+}
+
+fn write_text(path: &std::path::Path, text: &str) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    }
+    mcs_engine::model::weights::write_atomically(path, text.as_bytes())
+}

@@ -1,0 +1,177 @@
+//! `mcs-engine predict`: one image and prompt, or a whole split of a dataset in the official
+//! layout, through [`Segmenter`]; writes the files of [`mcs_engine::segment::output`] per image.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mcs_engine::data::{self, Image8};
+use mcs_engine::model::weights::WeightStore;
+use mcs_engine::model::MedClipSeg;
+use mcs_engine::segment::{bgr_from_rgb, read_image, select_device, write_outputs, Options, Segmenter};
+use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
+use mcs_engine::{imaging, Error, Result};
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// Input image (PNG or JPEG). Without it (and without --data) a built-in synthetic picture is used.
+    #[arg(long, conflicts_with = "data")]
+    image: Option<PathBuf>,
+    /// What to segment, e.g. "one small round polyp in the upper left of the image".
+    #[arg(long, default_value = "a small bright circle in the upper left of the image")]
+    prompt: String,
+    /// A dataset in the official layout: predicts every image of --split with its own prompt.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The split of --data: Train, Val or Test.
+    #[arg(long, default_value = "Test", value_parser = ["Train", "Val", "Test"], requires = "data")]
+    split: String,
+    /// Prompt file (xlsx, csv or json with Image and Description columns) instead of the split's
+    /// Prompts_Folder/<Split>_text.xlsx.
+    #[arg(long, requires = "data")]
+    prompts: Option<PathBuf>,
+    /// A model folder as `mcs-engine train` writes it (config.json, model.safetensors,
+    /// tokenizer.json), e.g. runs/train/best. Replaces --config, --weights and --tokenizer.
+    #[arg(long, conflicts_with_all = ["weights", "tokenizer"])]
+    model: Option<PathBuf>,
+    /// Model config: a preset name (tiny, small, unimedclip-vit-b16) or a config.json path.
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    /// Weights (safetensors with the official MedCLIPSeg keys). Without it (and without --model)
+    /// random weights are used, which exercises the whole pipeline but segments nothing meaningful.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// tokenizer.json (BERT WordPiece). Defaults to the preset's own for `tiny` and `small`.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Monte-Carlo samples (the paper uses 30), batched in one pass.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
+    #[arg(long, default_value_t = 666)]
+    seed: u64,
+    /// A pixel is in the mask when its mean probability is above this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output folder: the maps of one image, or one sub-folder per image of a split.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+}
+
+pub fn run(args: &PredictArgs) -> Result<()> {
+    let options = Options { samples: args.samples, seed: args.seed, threshold: args.threshold };
+    options.check()?;
+    let started = Instant::now();
+    let segmenter = load_segmenter(args)?;
+    let loaded = started.elapsed();
+    match &args.data {
+        Some(root) => predict_split(&segmenter, args, root, &options),
+        None => predict_one(&segmenter, args, &options, loaded),
+    }
+}
+
+/// The model of `--model`, or `--config` with `--weights` (random weights when neither).
+fn load_segmenter(args: &PredictArgs) -> Result<Segmenter> {
+    let device = select_device(&args.device)?;
+    if let Some(dir) = &args.model {
+        return Segmenter::load_on(dir, &device);
+    }
+    let config = super::load_config(&args.config)?;
+    let (context, pad) = (config.text_context_length, config.text_pad_id);
+    let tokenizer = match (&args.tokenizer, preset_tokenizer_json(&config.name)) {
+        (Some(path), _) => PromptTokenizer::load(path, context, pad)?,
+        (None, Some(bytes)) => PromptTokenizer::from_bytes(bytes, context, pad)?,
+        (None, None) => {
+            return Err(Error::Invalid(format!(
+                "config `{}` needs --tokenizer (a BERT tokenizer.json; tools/convert_checkpoint.py vocab makes one)",
+                config.name
+            )))
+        }
+    };
+    let store = match &args.weights {
+        Some(path) => WeightStore::load(path)?,
+        None => {
+            eprintln!(
+                "note: no --model or --weights given, using random weights: the maps show the pipeline, not a segmentation"
+            );
+            WeightStore::synthetic(args.seed)
+        }
+    };
+    Segmenter::new(MedClipSeg::from_store(config, store, &device)?, tokenizer)
+}
+
+fn predict_one(
+    segmenter: &Segmenter,
+    args: &PredictArgs,
+    options: &Options,
+    loaded: std::time::Duration,
+) -> Result<()> {
+    let image = match &args.image {
+        Some(path) => read_image(path)?,
+        None => bgr_from_rgb(&imaging::synthetic_picture(segmenter.config().image_size as u32 * 2)),
+    };
+    let started = Instant::now();
+    let result = segmenter.segment(&image, &args.prompt, options).map_err(|e| match &args.image {
+        Some(path) => Error::Invalid(format!("{}: {e}", path.display())),
+        None => e,
+    })?;
+    let ran = started.elapsed();
+    write_outputs(&args.out, &image, &result)?;
+    println!(
+        "{}: {} samples on {} in {ran:.2?} (model load {loaded:.2?}); {}x{}, foreground {:.1}%, mean entropy {:.3} nats",
+        args.out.display(),
+        options.samples,
+        segmenter.device().name(),
+        result.width,
+        result.height,
+        result.foreground_fraction() * 100.0,
+        result.mean_uncertainty()
+    );
+    Ok(())
+}
+
+fn predict_split(segmenter: &Segmenter, args: &PredictArgs, root: &Path, options: &Options) -> Result<()> {
+    let split = super::parse_split(&args.split)?;
+    let (index, unlisted) = data::open_split(root, split, None, args.prompts.as_deref())?;
+    if unlisted > 0 {
+        eprintln!(
+            "note: {unlisted} image(s) in {}/{}/img have no prompt and are skipped",
+            root.display(),
+            split.folder()
+        );
+    }
+    let bar = ProgressBar::new(index.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("predict {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("the progress template is valid"),
+    );
+    let started = Instant::now();
+    for item in &index.items {
+        bar.set_message(item.name.clone());
+        let image: Image8 = read_image(&item.image_path)?;
+        let result = segmenter
+            .segment(&image, &item.prompt, options)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", item.image_path.display())))?;
+        write_outputs(&args.out.join(output_folder_name(&item.name)), &image, &result)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "{}: {} images of {} ({} samples each on {}) in {:.2?}",
+        args.out.display(),
+        index.len(),
+        split.folder(),
+        options.samples,
+        segmenter.device().name(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// The sub-folder of one image: its file name without the extension.
+fn output_folder_name(image_name: &str) -> String {
+    Path::new(image_name).file_stem().map_or_else(|| image_name.to_string(), |s| s.to_string_lossy().into_owned())
+}

@@ -1,0 +1,302 @@
+//! Evaluation of a split in the official layout (spec §7): per image, the metrics of
+//! [`metrics`]; per split, their means (DSC, NSD, AUROC) and the pixel-pooled calibration (ECE,
+//! Brier); the prompt-robustness sweep over the five `Test_text_<variant>.xlsx` files.
+//!
+//! Which maps each metric reads:
+//! - DSC and NSD follow the official `eval.py`: the mask at the model's resolution
+//!   (`mean probability > threshold`) is resized nearest (cv2 `INTER_NEAREST`) to the ground
+//!   truth's size, the ground truth read as `cv2.imread(path, 0)` and binarised at 127.
+//! - ECE, Brier and the uncertainty AUROC describe the maps `predict` delivers: probability and
+//!   entropy at the image's own size (bilinear logits, [`crate::segment`]); a pixel is
+//!   misclassified when `probability > threshold` differs from the truth.
+//!
+//! Per-image values are kept at full precision (the official script rounds each to 4 decimals
+//! before the mean, which moves a mean by less than 5e-5).
+
+#![warn(missing_docs)]
+
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::data::{self, DatasetIndex, Image8};
+use crate::error::{Error, Result};
+use crate::segment::{Options, Segmentation, Segmenter};
+use metrics::{auroc, dice, nsd, Calibration};
+
+/// NSD tolerance of the official evaluation, in pixels.
+pub const NSD_TOLERANCE: f64 = 2.0;
+
+/// The prompt styles of the official robustness study (spec §7), in the order they are reported.
+pub const PROMPT_VARIANTS: [&str; 5] =
+    ["original", "contradictory", "missing_location", "overdescriptive", "underdescriptive"];
+
+/// How a split is evaluated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalOptions {
+    /// Samples, seed and threshold of the predictions.
+    pub segment: Options,
+    /// Images per forward pass. The noise is keyed by batch row, so the batch size is part of
+    /// which draws an image sees: the batch size training validated with (and `samples` 1, the
+    /// same seed) reproduces its validation Dice.
+    pub batch_size: usize,
+    /// NSD tolerance in pixels.
+    pub tolerance: f64,
+}
+
+/// One image's scores.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ImageRecord {
+    /// The image's file name.
+    pub image: String,
+    /// The image's (and its ground truth's) size.
+    pub width: usize,
+    /// See `width`.
+    pub height: usize,
+    /// Dice of the official mask (model resolution, resized nearest) against the truth.
+    pub dice: f64,
+    /// Normalised surface Dice at the tolerance ([`metrics::nsd`]).
+    pub nsd: f64,
+    /// Expected calibration error of the image's probability map ([`Calibration`]).
+    pub ece: f64,
+    /// Brier score of the image's probability map.
+    pub brier: f64,
+    /// Uncertainty-vs-error AUROC; `None` when the image has no misclassified pixel (or only
+    /// misclassified ones).
+    pub auroc: Option<f64>,
+    /// Foreground pixels of the ground truth and of the prediction (at the ground truth's size).
+    pub truth_pixels: usize,
+    /// See `truth_pixels`.
+    pub predicted_pixels: usize,
+    /// Mean uncertainty (nats).
+    pub mean_uncertainty: f64,
+}
+
+/// A split's scores.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Summary {
+    /// What was evaluated (e.g. `Test` or a prompt variant).
+    pub name: String,
+    /// The prompt file read.
+    pub prompts: PathBuf,
+    /// Images scored.
+    pub images: usize,
+    /// Monte-Carlo samples per image.
+    pub samples: usize,
+    /// Seed of the noise.
+    pub seed: u64,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Mean Dice over images.
+    pub dice: f64,
+    /// Mean NSD over images.
+    pub nsd: f64,
+    /// ECE over all pixels of the split pooled.
+    pub ece: f64,
+    /// Brier score over all pixels of the split pooled.
+    pub brier: f64,
+    /// Mean over the images where it is defined (`auroc_images` of them); `None` if none.
+    pub auroc: Option<f64>,
+    /// Images with a defined AUROC.
+    pub auroc_images: usize,
+}
+
+/// Everything [`evaluate`] measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Per image, in index order.
+    pub records: Vec<ImageRecord>,
+    /// The split's means and pooled calibration.
+    pub summary: Summary,
+}
+
+/// Scores one prediction against its ground truth (`truth`: one channel, 0/1, the image's size);
+/// also returns the image's calibration accumulator, for pooling over a split.
+pub fn score(
+    name: &str,
+    segmentation: &Segmentation,
+    truth: &Image8,
+    options: &EvalOptions,
+) -> Result<(ImageRecord, Calibration)> {
+    let (w, h) = (segmentation.width, segmentation.height);
+    if (truth.width, truth.height, truth.channels) != (w, h, 1) {
+        return Err(Error::Invalid(format!(
+            "{name}: the ground truth is {}x{} with {} channel(s), the prediction {w}x{h}",
+            truth.width, truth.height, truth.channels
+        )));
+    }
+    let threshold = options.segment.threshold;
+    let truth_mask: Vec<bool> = truth.data.iter().map(|&v| v != 0).collect();
+    let at_truth_size = official_mask(segmentation, threshold, w, h)?;
+    let mut calibration = Calibration::new();
+    calibration.add(&segmentation.probability, &truth_mask);
+    let wrong: Vec<bool> = segmentation.mask.iter().zip(&truth_mask).map(|(&p, &t)| p != t).collect();
+    let record = ImageRecord {
+        image: name.to_string(),
+        width: w,
+        height: h,
+        dice: dice(&at_truth_size, &truth_mask),
+        nsd: nsd(&at_truth_size, &truth_mask, w, h, options.tolerance),
+        ece: calibration.ece(),
+        brier: calibration.brier(),
+        auroc: auroc(&segmentation.uncertainty, &wrong),
+        truth_pixels: truth_mask.iter().filter(|&&t| t).count(),
+        predicted_pixels: at_truth_size.iter().filter(|&&p| p).count(),
+        mean_uncertainty: segmentation.mean_uncertainty(),
+    };
+    Ok((record, calibration))
+}
+
+/// The model-resolution mask resized nearest to `width` x `height`, as the official evaluation
+/// does.
+fn official_mask(segmentation: &Segmentation, threshold: f32, width: usize, height: usize) -> Result<Vec<bool>> {
+    let side = segmentation.model_size;
+    let bytes = segmentation.model_mask(threshold).into_iter().map(u8::from).collect();
+    let small = Image8::from_raw(side, side, 1, bytes)?;
+    Ok(data::resize_nearest(&small, width, height)?.data.into_iter().map(|v| v != 0).collect())
+}
+
+/// Reads a ground-truth mask as the official evaluation does: grey, `>= 127` is foreground.
+pub fn read_truth(path: &Path) -> Result<Image8> {
+    let mut mask = data::read_grey(path)?;
+    data::binarise_mask(&mut mask);
+    Ok(mask)
+}
+
+/// Predicts and scores every item of `index` in batches of `options.batch_size`, in index order;
+/// `progress` hears the number of images done after each batch.
+///
+/// Errors name the file at fault (an unreadable image or mask, an image and mask of different
+/// sizes) or, for model errors, the images of the batch.
+pub fn evaluate(
+    segmenter: &Segmenter,
+    name: &str,
+    prompts: &Path,
+    index: &DatasetIndex,
+    options: &EvalOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Evaluation> {
+    options.segment.check()?;
+    if options.batch_size == 0 {
+        return Err(Error::Invalid("the evaluation batch size must be at least 1".into()));
+    }
+    if index.is_empty() {
+        return Err(Error::Invalid(format!("{}: lists no images", prompts.display())));
+    }
+    let mut records = Vec::with_capacity(index.len());
+    let mut pooled = Calibration::new();
+    for chunk in index.items.chunks(options.batch_size) {
+        let mut images = Vec::with_capacity(chunk.len());
+        let mut truths = Vec::with_capacity(chunk.len());
+        for item in chunk {
+            let image = data::read_bgr(&item.image_path)?;
+            let truth = read_truth(&item.mask_path)?;
+            if (image.width, image.height) != (truth.width, truth.height) {
+                return Err(Error::Invalid(format!(
+                    "{} is {}x{} but its mask {} is {}x{}",
+                    item.image_path.display(),
+                    image.width,
+                    image.height,
+                    item.mask_path.display(),
+                    truth.width,
+                    truth.height
+                )));
+            }
+            images.push(image);
+            truths.push(truth);
+        }
+        let requests: Vec<(&Image8, &str)> =
+            images.iter().zip(chunk).map(|(image, item)| (image, item.prompt.as_str())).collect();
+        let results = segmenter.segment_batch(&requests, &options.segment).map_err(|e| {
+            let names: Vec<&str> = chunk.iter().map(|item| item.name.as_str()).collect();
+            Error::Invalid(format!("{}: {e}", names.join(", ")))
+        })?;
+        for ((item, segmentation), truth) in chunk.iter().zip(&results).zip(&truths) {
+            let (record, calibration) = score(&item.name, segmentation, truth, options)?;
+            pooled.merge(&calibration);
+            records.push(record);
+        }
+        progress(records.len());
+    }
+    let summary = summarise(name, prompts, &records, &pooled, options);
+    Ok(Evaluation { records, summary })
+}
+
+fn summarise(
+    name: &str,
+    prompts: &Path,
+    records: &[ImageRecord],
+    pooled: &Calibration,
+    options: &EvalOptions,
+) -> Summary {
+    let mean = |f: &dyn Fn(&ImageRecord) -> f64| records.iter().map(f).sum::<f64>() / records.len().max(1) as f64;
+    let aurocs: Vec<f64> = records.iter().filter_map(|r| r.auroc).collect();
+    Summary {
+        name: name.to_string(),
+        prompts: prompts.to_path_buf(),
+        images: records.len(),
+        samples: options.segment.samples,
+        seed: options.segment.seed,
+        batch_size: options.batch_size,
+        dice: mean(&|r| r.dice),
+        nsd: mean(&|r| r.nsd),
+        ece: pooled.ece(),
+        brier: pooled.brier(),
+        auroc: (!aurocs.is_empty()).then(|| aurocs.iter().sum::<f64>() / aurocs.len() as f64),
+        auroc_images: aurocs.len(),
+    }
+}
+
+/// The five prompt-variant files of a dataset, `Prompts_Folder/Test_text_<variant>.xlsx`, in
+/// [`PROMPT_VARIANTS`] order. Errors: any missing, all of them named in one message.
+pub fn prompt_variant_files(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
+    let folder = root.join(data::layout::PROMPTS_FOLDER);
+    let files: Vec<(&'static str, PathBuf)> =
+        PROMPT_VARIANTS.iter().map(|&v| (v, folder.join(format!("Test_text_{v}.xlsx")))).collect();
+    let missing: Vec<String> =
+        files.iter().filter(|(_, path)| !path.is_file()).map(|(_, path)| path.display().to_string()).collect();
+    if !missing.is_empty() {
+        return Err(Error::Invalid(format!(
+            "--prompt-sweep needs all five prompt variants; missing: {}",
+            missing.join(", ")
+        )));
+    }
+    Ok(files)
+}
+
+/// Writes the per-image scores as CSV (one header row; an undefined AUROC is an empty cell).
+pub fn write_records_csv(path: &Path, records: &[ImageRecord]) -> Result<()> {
+    let mut text =
+        String::from("image,width,height,dice,nsd,ece,brier,auroc,truth_pixels,predicted_pixels,mean_uncertainty\n");
+    for r in records {
+        let auroc = r.auroc.map(|a| format!("{a:.6}")).unwrap_or_default();
+        text.push_str(&format!(
+            "{},{},{},{:.6},{:.6},{:.6},{:.6},{auroc},{},{},{:.6}\n",
+            csv_field(&r.image),
+            r.width,
+            r.height,
+            r.dice,
+            r.nsd,
+            r.ece,
+            r.brier,
+            r.truth_pixels,
+            r.predicted_pixels,
+            r.mean_uncertainty
+        ));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    }
+    crate::model::weights::write_atomically(path, text.as_bytes())
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}

@@ -1,0 +1,287 @@
+//! The embeddable inference API: load a model folder once, then segment images from text prompts.
+//!
+//! ```no_run
+//! use mcs_engine::segment::{read_image, Options, Segmenter};
+//!
+//! # fn main() -> mcs_engine::Result<()> {
+//! let segmenter = Segmenter::load("runs/train/best")?; // GPU when present, else the CPU
+//! let image = read_image("case.png".as_ref())?;
+//! let result = segmenter.segment(&image, "one small round polyp in the upper left", &Options::default())?;
+//! println!("{}x{}: {:.1} % foreground", result.width, result.height, 100.0 * result.foreground_fraction());
+//! # Ok(()) }
+//! ```
+//!
+//! What a call computes (spec §5): the image goes through the training pre-processing (cv2-exact
+//! bilinear resize to the model's size, B, G, R planes, ImageNet statistics); the model runs
+//! `samples` Monte-Carlo draws in one batched pass, the deterministic part before the first
+//! adapter once; each draw's logits are resized bilinearly to the input's size, then
+//! `sigmoid`, mean over draws (the probability), and the binary entropy of that mean (the
+//! uncertainty, in nats, at most ln 2). The mask is `probability > threshold`.
+//!
+//! Reproducibility: the noise is counter-based and keyed by `(seed, draw, adapter, batch row)`,
+//! so the same image, prompt and options give the same maps bit for bit, on any thread count.
+
+#![warn(missing_docs)]
+
+pub mod maps;
+pub mod output;
+
+use std::path::{Path, PathBuf};
+
+use crate::cuda::gpu_available;
+use crate::data::{self, Image8};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::model::{MedClipSeg, ModelConfig};
+use crate::tensor::Tensor;
+use crate::tokenizer::PromptTokenizer;
+use crate::train::checkpoint::{load_model_folder, CONFIG_FILE};
+
+pub use maps::{binary_entropy, full_resolution_maps};
+pub use output::{write_npy, write_outputs, OutputFiles};
+
+/// The device a `--device` value names: `auto` (the first GPU when one can be used, else the
+/// CPU), `cpu`, `cuda` or `cuda:N`. Errors: an unknown name, or a GPU asked for that cannot be
+/// used here.
+pub fn select_device(spec: &str) -> Result<Device> {
+    match spec {
+        "auto" if gpu_available() => Device::cuda(0),
+        "auto" => Ok(Device::Cpu),
+        other => Device::parse(other),
+    }
+}
+
+/// Reads an image file (PNG or JPEG) as `cv2.imread` does: 8-bit B, G, R. Errors name the file
+/// (missing, unreadable, or not an image).
+pub fn read_image(path: &Path) -> Result<Image8> {
+    data::read_bgr(path)
+}
+
+/// An `image` crate RGB picture as the B, G, R bytes [`Segmenter::segment`] takes.
+pub fn bgr_from_rgb(picture: &image::RgbImage) -> Image8 {
+    let data = picture.pixels().flat_map(|p| [p[2], p[1], p[0]]).collect();
+    Image8 { width: picture.width() as usize, height: picture.height() as usize, channels: 3, data }
+}
+
+/// How a segmentation is computed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Monte-Carlo samples (the paper uses 30); at least 1.
+    pub samples: usize,
+    /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
+    pub seed: u64,
+    /// A pixel is foreground when its mean probability is above this (the paper: 0.5).
+    pub threshold: f32,
+}
+
+impl Default for Options {
+    /// 30 samples, seed 666 (the official scripts' seed), threshold 0.5.
+    fn default() -> Options {
+        Options { samples: 30, seed: 666, threshold: 0.5 }
+    }
+}
+
+impl Options {
+    /// Errors: zero samples, or a threshold outside [0, 1] (or not a number).
+    pub fn check(&self) -> Result<()> {
+        if self.samples == 0 {
+            return Err(Error::Invalid("the number of Monte-Carlo samples must be at least 1".into()));
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(Error::Invalid(format!("threshold {} is not a probability in [0, 1]", self.threshold)));
+        }
+        Ok(())
+    }
+}
+
+/// One image's result, every map `height` x `width` (the input's own size), row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segmentation {
+    /// The input image's width in pixels.
+    pub width: usize,
+    /// The input image's height in pixels.
+    pub height: usize,
+    /// `probability > threshold`.
+    pub mask: Vec<bool>,
+    /// Mean foreground probability over the Monte-Carlo samples.
+    pub probability: Vec<f32>,
+    /// Binary entropy (nats, in [0, ln 2]) of the mean probability.
+    pub uncertainty: Vec<f32>,
+    /// Side of the model's square input.
+    pub model_size: usize,
+    /// The mean probability at the model's own resolution (`model_size` squared), before any
+    /// resize: what the official evaluation thresholds and resizes (nearest) to the ground truth.
+    pub model_probability: Vec<f32>,
+}
+
+impl Segmentation {
+    /// Share of the pixels in the mask.
+    pub fn foreground_fraction(&self) -> f64 {
+        self.mask.iter().filter(|&&m| m).count() as f64 / self.mask.len().max(1) as f64
+    }
+
+    /// Mean uncertainty over the pixels (nats).
+    pub fn mean_uncertainty(&self) -> f64 {
+        self.uncertainty.iter().map(|&u| f64::from(u)).sum::<f64>() / self.uncertainty.len().max(1) as f64
+    }
+
+    /// The mask at the model's resolution (`model_probability > threshold`).
+    pub fn model_mask(&self, threshold: f32) -> Vec<bool> {
+        self.model_probability.iter().map(|&p| p > threshold).collect()
+    }
+}
+
+/// A loaded model with its tokenizer, ready to segment. Load once, call [`Segmenter::segment`]
+/// or [`Segmenter::segment_batch`] from as many threads as you like (`Segmenter` is `Send +
+/// Sync`; calls share the weights and never mutate them).
+pub struct Segmenter {
+    model: MedClipSeg,
+    tokenizer: PromptTokenizer,
+    origin: Option<PathBuf>,
+}
+
+impl Segmenter {
+    /// Loads a model folder as `mcs-engine train` writes it (`config.json`, `model.safetensors`,
+    /// `tokenizer.json`) onto the GPU when one can be used, else the CPU.
+    ///
+    /// Errors name the file at fault: a missing folder or file, a config that does not parse,
+    /// weights that do not match the config (the key and both shapes), a tokenizer whose
+    /// vocabulary size differs from the config's.
+    pub fn load(model_dir: impl AsRef<Path>) -> Result<Segmenter> {
+        Self::load_on(model_dir, &select_device("auto")?)
+    }
+
+    /// [`Segmenter::load`] onto the given device.
+    pub fn load_on(model_dir: impl AsRef<Path>, device: &Device) -> Result<Segmenter> {
+        let dir = model_dir.as_ref();
+        let folder = load_model_folder(dir, device).map_err(|e| match e {
+            // The weight loader names the weights file and the key; add the config they missed.
+            Error::Weights(detail) => {
+                Error::Weights(format!("{detail} (the weights do not fit {})", dir.join(CONFIG_FILE).display()))
+            }
+            other => other,
+        })?;
+        Ok(Segmenter { model: folder.model, tokenizer: folder.tokenizer, origin: Some(dir.to_path_buf()) })
+    }
+
+    /// Wraps a model and tokenizer already in memory (e.g. random weights for a demo). Errors: a
+    /// tokenizer whose vocabulary or context length does not fit the model's config.
+    pub fn new(model: MedClipSeg, tokenizer: PromptTokenizer) -> Result<Segmenter> {
+        let config = model.config();
+        if tokenizer.vocab_size() != config.text_vocab_size {
+            return Err(Error::Invalid(format!(
+                "the tokenizer has {} tokens but config `{}` expects text_vocab_size {}",
+                tokenizer.vocab_size(),
+                config.name,
+                config.text_vocab_size
+            )));
+        }
+        if tokenizer.context_length() != config.text_context_length {
+            return Err(Error::Invalid(format!(
+                "the tokenizer pads to {} tokens but config `{}` expects text_context_length {}",
+                tokenizer.context_length(),
+                config.name,
+                config.text_context_length
+            )));
+        }
+        Ok(Segmenter { model, tokenizer, origin: None })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    /// The folder the model was loaded from (`None` for [`Segmenter::new`]).
+    pub fn origin(&self) -> Option<&Path> {
+        self.origin.as_deref()
+    }
+
+    /// Segments what `prompt` describes in `image` (8-bit B, G, R as [`read_image`] gives, or one
+    /// grey channel). Equal to item 0 of a [`Segmenter::segment_batch`] call.
+    ///
+    /// Errors: an empty prompt, an image with no pixels or 2 or 4+ channels, invalid options,
+    /// non-finite model output (a damaged image or checkpoint), device failures.
+    pub fn segment(&self, image: &Image8, prompt: &str, options: &Options) -> Result<Segmentation> {
+        let mut results = self.segment_batch(&[(image, prompt)], options)?;
+        Ok(results.remove(0))
+    }
+
+    /// Segments many image–prompt pairs in one pass (images of any sizes; each result at its own
+    /// image's size).
+    ///
+    /// The engine's noise is keyed by batch row (as in training and validation), so item `i`
+    /// draws the noise of row `i`: item 0 equals [`Segmenter::segment`] bit for bit, and every
+    /// item depends only on its own image, prompt and position, never on the other items; items
+    /// at other positions are other, equally valid Monte-Carlo draws. Errors as
+    /// [`Segmenter::segment`], naming the item (0-based) at fault when there are several.
+    pub fn segment_batch(&self, items: &[(&Image8, &str)], options: &Options) -> Result<Vec<Segmentation>> {
+        options.check()?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = self.config().image_size;
+        let mut pixels = Vec::with_capacity(items.len() * 3 * size * size);
+        let mut ids = Vec::with_capacity(items.len() * self.tokenizer.context_length());
+        for (i, (image, prompt)) in items.iter().enumerate() {
+            // A batch says which item failed; a single call has nothing to add.
+            let at = |e: Error| if items.len() > 1 { Error::Invalid(format!("item {i}: {e}")) } else { e };
+            pixels.extend(model_input(image, size).map_err(at)?);
+            ids.extend(self.tokenizer.encode(prompt).map_err(at)?);
+        }
+        let pixels = Tensor::from_slice(&pixels, &[items.len(), 3, size, size], self.device())?;
+        let prediction = self.model.predict(&pixels, &ids, options.seed, options.samples)?;
+        let model_probability = prediction.probability.to_vec()?;
+        let plane = size * size;
+        items
+            .iter()
+            .enumerate()
+            .map(|(b, (image, _))| {
+                let (probability, uncertainty) =
+                    full_resolution_maps(&prediction.logits, b, image.width, image.height)?;
+                Ok(Segmentation {
+                    width: image.width,
+                    height: image.height,
+                    mask: probability.iter().map(|&p| p > options.threshold).collect(),
+                    probability,
+                    uncertainty,
+                    model_size: size,
+                    model_probability: model_probability[b * plane..(b + 1) * plane].to_vec(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The training pre-processing of one image: `[3, size, size]` normalised B, G, R planes.
+fn model_input(image: &Image8, size: usize) -> Result<Vec<f32>> {
+    let bgr = match image.channels {
+        3 => std::borrow::Cow::Borrowed(image),
+        // One grey channel, replicated as cv2.imread does for a grey file.
+        1 => std::borrow::Cow::Owned(Image8::from_raw(
+            image.width,
+            image.height,
+            3,
+            image.data.iter().flat_map(|&v| [v; 3]).collect(),
+        )?),
+        n => {
+            return Err(Error::Invalid(format!(
+                "expected a B, G, R image (3 channels) or a grey one (1 channel), got {n} channels"
+            )))
+        }
+    };
+    if bgr.width == 0 || bgr.height == 0 || bgr.data.len() != bgr.width * bgr.height * 3 {
+        return Err(Error::Invalid(format!(
+            "image buffer of {} bytes does not hold {}x{} B, G, R pixels",
+            bgr.data.len(),
+            bgr.width,
+            bgr.height
+        )));
+    }
+    data::normalise_bgr(&data::resize_linear(&bgr, size, size)?)
+}
