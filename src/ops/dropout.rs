@@ -18,7 +18,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::philox::{philox4x32_10, uniform};
 use crate::tape::Tape;
-use crate::tensor::Tensor;
+use crate::tensor::{host_buffer, Tensor};
 
 /// Which Philox draws a dropout uses: the model seed and a stream id from [`dropout_stream_id`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +107,7 @@ fn apply_mask(op: &'static str, x: &Tensor, p: f32, key: DropoutKey) -> Result<T
     match same_device(op, &[x])? {
         Device::Cpu => {
             let xs = x.cpu_data(op)?;
-            let mut y = vec![0.0f32; n];
+            let mut y = host_buffer(n);
             y.par_chunks_mut(4 * BLOCKS_PER_TASK).zip(xs.par_chunks(4 * BLOCKS_PER_TASK)).enumerate().for_each(
                 |(task, (yc, xc))| {
                     let first_block = (task * BLOCKS_PER_TASK) as u64;

@@ -12,7 +12,7 @@ use crate::cuda::{launch_elements, launch_rows, CudaDevice, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::Tensor;
+use crate::tensor::{host_buffer, Tensor};
 
 /// Per-row statistics saved by the forward pass for the backward pass. Both have the shape of
 /// the input without its last dimension.
@@ -165,7 +165,7 @@ fn cpu_forward(
 ) -> Result<(Tensor, LayerNormStats)> {
     let (w, b) = (weight.cpu_data("layer_norm")?, bias.cpu_data("layer_norm")?);
     let rows = xs.len() / cols;
-    let (mut y, mut mean, mut rstd) = (vec![0.0f32; xs.len()], vec![0.0f32; rows], vec![0.0f32; rows]);
+    let (mut y, mut mean, mut rstd) = (host_buffer(xs.len()), vec![0.0f32; rows], vec![0.0f32; rows]);
     y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
         |((yr, xr), (mean_out, rstd_out))| {
             let mu = xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
@@ -266,7 +266,7 @@ pub fn layer_norm_backward_input(x: &Tensor, weight: &Tensor, stats: &LayerNormS
         Device::Cpu => {
             let (xs, w, dys) = (x.cpu_data(OP)?, weight.cpu_data(OP)?, dy.cpu_data(OP)?);
             let (mean, rstd) = (stats.mean.cpu_data(OP)?, stats.rstd.cpu_data(OP)?);
-            let mut dx = vec![0.0f32; xs.len()];
+            let mut dx = host_buffer(xs.len());
             dx.par_chunks_mut(cols).zip(xs.par_chunks(cols).zip(dys.par_chunks(cols))).enumerate().for_each(
                 |(row, (dxr, (xr, dyr)))| {
                     let (mu, rs) = (mean[row] as f64, rstd[row] as f64);

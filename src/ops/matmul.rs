@@ -17,7 +17,7 @@ use crate::cuda::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{host_buffer, numel, Tensor};
 
 /// Puts a fresh cuBLAS handle into strict FP32: the default math mode (no TF32 tensor-op
 /// down-conversion, no BF16x9 emulation, even when the environment asks for them), checked by
@@ -406,7 +406,8 @@ fn gemm(
             let rows = g.outputs() * g.m;
             let mut c = match bias_rows {
                 Some(r) => repeat_rows_cpu(r.cpu_data(op)?, rows),
-                None => vec![0.0; rows * g.n],
+                // Not read by the GEMM (read_c is false without a bias): every element is written.
+                None => host_buffer(rows * g.n),
             };
             cpu_gemm(a.cpu_data(op)?, b.cpu_data(op)?, &mut c, g, bias_rows.is_some());
             Tensor::from_vec(c, out_shape)

@@ -15,7 +15,7 @@ use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{host_buffer, numel, Tensor};
 
 static PERMUTE_COPY: Kernel = Kernel::new(KernelFamily::Movement, "permute_copy");
 static COPY_SLICES: Kernel = Kernel::new(KernelFamily::Movement, "copy_slices");
@@ -125,7 +125,7 @@ fn row_major_strides(shape: &[usize]) -> Vec<usize> {
 
 /// Walks the output row by row (its last dimension); each row is a strided run through `x`.
 fn cpu_permute(x: &[f32], out_shape: &[usize], src_strides: &[usize]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = host_buffer(x.len());
     let Some((&row_len, outer_dims)) = out_shape.split_last() else {
         out.copy_from_slice(x); // a scalar
         return out;
@@ -275,7 +275,7 @@ pub fn narrow_forward(x: &Tensor, dim: usize, start: usize, len: usize) -> Resul
     let copy = SliceCopy::take(outer, inner, size, start, len);
     match x.device() {
         Device::Cpu => {
-            let mut out = vec![0.0; numel(&out_shape)];
+            let mut out = host_buffer(numel(&out_shape)); // every element is copied
             copy.cpu(&mut out, x.cpu_data("narrow")?);
             Tensor::from_vec(out, &out_shape)
         }
@@ -374,7 +374,8 @@ pub fn concat_forward(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     };
     match device {
         Device::Cpu => {
-            let mut out = vec![0.0; numel(&out_shape)];
+            // Every output element belongs to exactly one input's slice.
+            let mut out = host_buffer(numel(&out_shape));
             for (x, copy) in xs.iter().zip(&copies) {
                 copy.cpu(&mut out, x.cpu_data("concat")?);
             }

@@ -12,7 +12,7 @@ use crate::cuda::{launch_elements, launch_rows, CudaDevice, KernelFamily, BLOCK}
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{host_buffer, numel, Tensor};
 
 /// `x.sum(dim=-1)`: shape `[..., C]` to `[...]`.
 pub fn sum_last(tape: &Tape, x: &Tensor) -> Result<Tensor> {
@@ -262,7 +262,7 @@ pub fn l2_normalize_forward(x: &Tensor) -> Result<(Tensor, Tensor)> {
     match same_device(OP, &[x])? {
         Device::Cpu => {
             let xs = x.cpu_data(OP)?;
-            let mut y = vec![0.0f32; xs.len()];
+            let mut y = host_buffer(xs.len());
             let mut norm = vec![0.0f32; rows];
             y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).zip(norm.par_iter_mut()).for_each(|((yr, xr), n)| {
                 *n = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt() as f32;
@@ -301,7 +301,7 @@ pub fn l2_normalize_backward(y: &Tensor, norm: &Tensor, dy: &Tensor) -> Result<T
     match same_device(OP, &[y, norm, dy])? {
         Device::Cpu => {
             let (ys, ns, dys) = (y.cpu_data(OP)?, norm.cpu_data(OP)?, dy.cpu_data(OP)?);
-            let mut dx = vec![0.0f32; ys.len()];
+            let mut dx = host_buffer(ys.len());
             dx.par_chunks_mut(cols).zip(ys.par_chunks(cols).zip(dys.par_chunks(cols))).zip(ns.par_iter()).for_each(
                 |((dxr, (yr, dyr)), &n)| {
                     let dot: f64 = yr.iter().zip(dyr).map(|(&a, &b)| a as f64 * b as f64).sum();

@@ -10,7 +10,7 @@ use crate::cuda::{launch_rows, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::Tensor;
+use crate::tensor::{host_buffer, Tensor};
 
 /// Threads per row: enough to keep a warp busy on short rows without idling on long ones.
 fn row_threads(cols: usize) -> u32 {
@@ -64,7 +64,7 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         Device::Cpu => {
             let xs = x.cpu_data("softmax")?;
             let ms = mask.map(|m| m.cpu_data("softmax")).transpose()?;
-            let mut y = vec![0.0f32; xs.len()];
+            let mut y = host_buffer(xs.len());
             y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).enumerate().for_each(|(row, (yr, xr))| {
                 match ms {
                     Some(m) => zip_map_into(yr, xr, &m[(row / rows_per_mask_row) * cols..][..cols], |v, a| v + a),
@@ -72,7 +72,9 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
                 }
                 let max = fastmath::max(yr);
                 map_in_place(yr, |v| fastmath::exp(v - max));
-                let inv = 1.0 / fastmath::sum(yr);
+                // The denominator in f64, as the other CPU references accumulate: the most accurate
+                // order keeps the CPU path nearest the exact maths that both sides approximate.
+                let inv = 1.0 / yr.iter().map(|&v| v as f64).sum::<f64>() as f32;
                 map_in_place(yr, |v| v * inv);
             });
             Tensor::from_vec(y, x.shape())
@@ -110,7 +112,7 @@ pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
     match same_device("log_softmax", &[x])? {
         Device::Cpu => {
             let xs = x.cpu_data("log_softmax")?;
-            let mut y = vec![0.0f32; xs.len()];
+            let mut y = host_buffer(xs.len());
             y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).for_each(|(yr, xr)| {
                 let max = fastmath::max(xr);
                 map_into(yr, xr, |v| fastmath::exp(v - max));
@@ -155,7 +157,7 @@ fn row_backward(
     match same_device(kernel, &[y, dy])? {
         Device::Cpu => {
             let (ys, dys) = (y.cpu_data(kernel)?, dy.cpu_data(kernel)?);
-            let mut dx = vec![0.0f32; ys.len()];
+            let mut dx = host_buffer(ys.len());
             dx.par_chunks_mut(cols)
                 .zip(ys.par_chunks(cols).zip(dys.par_chunks(cols)))
                 .for_each(|(dxr, (yr, dyr))| cpu_row(yr, dyr, dxr));

@@ -15,7 +15,7 @@ use crate::cuda::{launch_elements, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::Tensor;
+use crate::tensor::{host_buffer, Tensor};
 
 /// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
 fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
@@ -442,7 +442,7 @@ fn resize_dispatch(
 /// `y = l0y * (l0x * x[y0,x0] + l1x * x[y0,x1]) + l1y * (l0x * x[y1,x0] + l1x * x[y1,x1])`.
 fn resize_forward_cpu(r: Resize, x: &[f32]) -> Vec<f32> {
     let (rows, cols) = (axis_taps(r.in_h, r.out_h), axis_taps(r.in_w, r.out_w));
-    let mut y = vec![0.0f32; r.planes * r.out_h * r.out_w];
+    let mut y = host_buffer(r.planes * r.out_h * r.out_w);
     y.par_chunks_mut(r.out_h * r.out_w).zip(x.par_chunks(r.in_h * r.in_w)).for_each(|(y_plane, x_plane)| {
         for (y_row, ty) in y_plane.chunks_mut(r.out_w).zip(&rows) {
             let row0 = &x_plane[ty.i0 * r.in_w..][..r.in_w];

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::{BinaryOp, Broadcast, StridedWalk, UnaryOp, CPU_CHUNK};
 use crate::ops::fastmath::{self, map_into, zip_map_into};
+use crate::tensor::host_buffer;
 
 const SQRT1_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1 / sqrt(2 pi)`, the standard normal density at 0.
@@ -103,7 +104,7 @@ fn sigmoid_backward(y: f32, dy: f32) -> f32 {
 
 /// `op(x)` for every element.
 pub(super) fn unary_forward(op: UnaryOp, xs: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = host_buffer(xs.len());
     out.par_chunks_mut(CPU_CHUNK).zip(xs.par_chunks(CPU_CHUNK)).for_each(|(o, x)| match op {
         UnaryOp::Gelu => map_into(o, x, gelu),
         UnaryOp::QuickGelu => map_into(o, x, quick_gelu),
@@ -120,7 +121,7 @@ pub(super) fn unary_forward(op: UnaryOp, xs: &[f32]) -> Vec<f32> {
 
 /// `dy * op'(saved)` for every element.
 pub(super) fn unary_backward(op: UnaryOp, saved: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; dy.len()];
+    let mut out = host_buffer(dy.len());
     let chunks = out.par_chunks_mut(CPU_CHUNK).zip(saved.par_chunks(CPU_CHUNK).zip(dy.par_chunks(CPU_CHUNK)));
     chunks.for_each(|(o, (s, g))| match op {
         UnaryOp::Gelu => zip_map_into(o, s, g, gelu_backward),
@@ -135,7 +136,7 @@ pub(super) fn unary_backward(op: UnaryOp, saved: &[f32], dy: &[f32]) -> Vec<f32>
 /// `a op b` over a broadcast plan. The innermost (merged) dim is walked as rows: a row whose
 /// operands are contiguous or constant along it runs as one SIMD loop.
 pub(super) fn binary(op: BinaryOp, xs: &[f32], ys: &[f32], plan: &Broadcast, out_len: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; out_len];
+    let mut out = host_buffer(out_len);
     if plan.dims.len() == 1 {
         // One merged dim (equal shapes, or a broadcast scalar): split the run itself.
         let strides = [plan.strides[0][0], plan.strides[1][0]];

@@ -19,7 +19,7 @@ use crate::cuda::{launch_elements, CudaDevice, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{host_buffer, numel, Tensor};
 
 /// Most dims a layout may have after merging (the kernels' fixed-size index arrays).
 const MAX_RANK: usize = 6;
@@ -758,7 +758,7 @@ pub fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
 /// CPU reference: each output row (of `inner` contiguous values) adds up the matching rows of x
 /// in f64, so the reference is at least as accurate as any GPU summation order.
 fn cpu_sum(xs: &[f32], plan: &Reduction) -> Vec<f32> {
-    let mut out = vec![0.0f32; plan.outer_outputs * plan.inner];
+    let mut out = host_buffer(plan.outer_outputs * plan.inner);
     out.par_chunks_mut(plan.inner).enumerate().for_each(|(outer, row)| {
         let base = offset_of(outer, &plan.kept_dims, &plan.kept_strides);
         let mut acc = vec![0.0f64; plan.inner];
