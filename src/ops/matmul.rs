@@ -440,36 +440,8 @@ fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
     if !g.has_product() {
         return; // c already holds its starting values (zeros or bias rows)
     }
-    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
-    let (b_rs, b_cs) = op_strides(g.k, g.n, g.trans_b);
     let product = |i: usize, c_mat: &mut [f32], read_c: bool, parallelism: gemm::Parallelism| {
-        let (a_mat, b_mat) = (&a[i * g.stride_a..], &b[i * g.stride_b..]);
-        // SAFETY: `gemm` checked that a holds (batch-1)*stride_a + m*k floats and b likewise, so
-        // every element op(A_i)[r][c] = a_mat[r*a_rs + c*a_cs] is in bounds (same for B); c_mat
-        // is an [m, n] row-major block of its own.
-        unsafe {
-            gemm::gemm(
-                g.m,
-                g.n,
-                g.k,
-                c_mat.as_mut_ptr(),
-                1,
-                g.n as isize,
-                read_c,
-                a_mat.as_ptr(),
-                a_cs,
-                a_rs,
-                b_mat.as_ptr(),
-                b_cs,
-                b_rs,
-                1.0,
-                g.alpha,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        gemm_one(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, read_c, parallelism);
     };
     let matrix = g.m * g.n;
     if g.sum_batches {
@@ -486,6 +458,67 @@ fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
             product(i, c_mat, accumulate, gemm::Parallelism::Rayon(0));
         }
     }
+}
+
+/// One product `C = alpha op(A) op(B)` (plus C when `read_c`) of the plan's shape on host
+/// slices; `a_mat` and `b_mat` start at this product's operands.
+fn gemm_one(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bool, parallelism: gemm::Parallelism) {
+    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
+    let (b_rs, b_cs) = op_strides(g.k, g.n, g.trans_b);
+    assert!(
+        a_mat.len() >= g.m * g.k && b_mat.len() >= g.k * g.n && c_mat.len() >= g.m * g.n,
+        "internal GEMM operands too short for {g:?}"
+    );
+    // SAFETY: the assert above (and, for batched plans, `gemm`'s check of the whole operands) make
+    // every element op(A)[r][c] = a_mat[r*a_rs + c*a_cs] in bounds, likewise for B; c_mat is an
+    // [m, n] row-major block of its own.
+    unsafe {
+        gemm::gemm(
+            g.m,
+            g.n,
+            g.k,
+            c_mat.as_mut_ptr(),
+            1,
+            g.n as isize,
+            read_c,
+            a_mat.as_ptr(),
+            a_cs,
+            a_rs,
+            b_mat.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            g.alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A single-threaded row-major product on host slices for CPU kernels that run their own rayon
+/// tasks (the probabilistic attention): `c = alpha op(a) op(b)`, plus `c` when `accumulate`.
+/// `a` is `[m, k]` (stored `[k, m]` when `trans_a`), `b` is `[k, n]` (stored `[n, k]` when
+/// `trans_b`), `c` is `[m, n]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cpu_gemm_serial(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    c: &mut [f32],
+    alpha: f32,
+    accumulate: bool,
+) {
+    if k == 0 || m == 0 || n == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    gemm_one(a, b, c, Gemm::new(m, k, n, trans_a, trans_b, alpha), accumulate, gemm::Parallelism::None);
 }
 
 fn to_c_int(value: usize, what: &str) -> Result<c_int> {

@@ -20,13 +20,15 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use super::fastmath::{self, map_in_place};
+use super::matmul::cpu_gemm_serial;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::philox::{normal_block, stream_id};
 use crate::tape::Tape;
-use crate::tensor::Tensor;
+use crate::tensor::{host_buffer, Tensor};
 
 const OP: &str = "prob_attention";
 
@@ -228,11 +230,14 @@ pub fn prob_attention_backward(
 }
 
 // ------------------------------------------------------------------------------------------------
-// CPU reference: direct loops, rayon over rows and queries/keys.
+// CPU reference, shaped as matrix products: per row, S_mu and S_sigma^2 are two GEMMs, A V_s a
+// third, and the backward's seven products run through the same GEMM. Rayon splits the rows (and
+// the forward's queries); every product inside a task is single-threaded, so the result does not
+// depend on the thread count.
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+/// Queries per forward task: enough rows for an efficient GEMM, few enough that one image's
+/// attention still spreads over the cores.
+const CPU_QUERY_CHUNK: usize = 48;
 
 /// Elements `start .. start + len` of the noise under (seed, stream), drawn whole Philox blocks at
 /// a time.
@@ -296,51 +301,69 @@ fn v_sample(x: &RowData, eps: &[f32]) -> Vec<f32> {
     x.v_mu.iter().zip(x.v_var).zip(eps).map(|((m, v), e)| m + v.sqrt() * e).collect()
 }
 
-/// Logits of query row `q_i` against every key, and the S_sigma of each pair.
-fn logits(x: &RowData, d: Dims, q_i: &[f32], beta: f32) -> (Vec<f32>, Vec<f32>) {
-    let q_sq: Vec<f32> = q_i.iter().map(|v| v * v).collect();
-    (0..d.tk)
-        .map(|k| {
-            let mu = dot(q_i, &x.k_mu[k * d.c..][..d.c]) * d.inv_sqrt_c();
-            let sigma = (dot(&q_sq, &x.k_var[k * d.c..][..d.c]) * d.inv_c()).sqrt();
-            (mu - beta * sigma, sigma)
+/// For the queries `q` (`[n, C]`, their squares `q_sq`) against every key of the row:
+/// `(logits, S_sigma)`, both `[n, Tk]`.
+fn logits_and_sigma(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) -> (Vec<f32>, Vec<f32>) {
+    let n = q.len() / d.c;
+    let mut logits = vec![0.0f32; n * d.tk];
+    let mut sigma = vec![0.0f32; n * d.tk];
+    cpu_gemm_serial((n, d.c, d.tk), q, false, x.k_mu, true, &mut logits, d.inv_sqrt_c(), false);
+    cpu_gemm_serial((n, d.c, d.tk), q_sq, false, x.k_var, true, &mut sigma, d.inv_c(), false);
+    map_in_place(&mut sigma, f32::sqrt);
+    zip_map_into_in_place(&mut logits, &sigma, |mu, s| mu - beta * s);
+    (logits, sigma)
+}
+
+/// `a[i] = f(a[i], b[i])`.
+fn zip_map_into_in_place(a: &mut [f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+    a.iter_mut().zip(b).for_each(|(x, &y)| *x = f(*x, y));
+}
+
+fn squares(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|v| v * v).collect()
+}
+
+/// Turns each `[Tk]` row of logits into attention weights in place and returns its log-sum-exp.
+fn softmax_rows(logits: &mut [f32], tk: usize) -> Vec<f32> {
+    logits
+        .chunks_mut(tk)
+        .map(|row| {
+            let max = fastmath::max(row);
+            map_in_place(row, |l| fastmath::exp(l - max));
+            // The denominator in f64, as the softmax op's CPU reference.
+            let sum = row.iter().map(|&w| w as f64).sum::<f64>() as f32;
+            let inv = 1.0 / sum;
+            map_in_place(row, |w| w * inv);
+            max + sum.ln()
         })
-        .unzip()
+        .collect()
 }
 
 fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) -> Result<ProbAttentionForward> {
     let data = CpuInputs::new(x, d)?;
-    let mut out = vec![0.0f32; d.rows * d.tq * d.c];
+    let v_samples: Vec<Vec<f32>> =
+        (0..d.rows).into_par_iter().map(|r| v_sample(&data.row(r), &row_noise(d, noise, r))).collect();
+    let chunk = CPU_QUERY_CHUNK.min(d.tq);
+    let chunks_per_row = d.tq.div_ceil(chunk);
+    let mut out = host_buffer(d.rows * d.tq * d.c);
     let mut lse = vec![0.0f32; d.rows * d.tq];
-    out.par_chunks_mut(d.tq * d.c).zip(lse.par_chunks_mut(d.tq)).enumerate().for_each(|(r, (out_r, lse_r))| {
+    // Task t covers queries [j * chunk, ..) of row r, with (r, j) = (t / chunks_per_row, t % ..);
+    // out and lse are cut the same way, row by row.
+    let out_chunks = out.chunks_mut(d.tq * d.c).flat_map(|row| row.chunks_mut(chunk * d.c));
+    let lse_chunks = lse.chunks_mut(d.tq).flat_map(|row| row.chunks_mut(chunk));
+    let tasks: Vec<(&mut [f32], &mut [f32])> = out_chunks.zip(lse_chunks).collect();
+    tasks.into_par_iter().enumerate().for_each(|(t, (out_c, lse_c))| {
+        let (r, j) = (t / chunks_per_row, t % chunks_per_row);
         let x = data.row(r);
-        let v_s = v_sample(&x, &row_noise(d, noise, r));
-        out_r.par_chunks_mut(d.c).zip(lse_r.par_iter_mut()).enumerate().for_each(|(i, (o_i, lse_i))| {
-            let (logit, _) = logits(&x, d, &x.q[i * d.c..][..d.c], beta);
-            let max = logit.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let weights: Vec<f32> = logit.iter().map(|l| (l - max).exp()).collect();
-            let sum: f32 = weights.iter().sum();
-            for (k, w) in weights.iter().enumerate() {
-                let a = w / sum;
-                for (o, v) in o_i.iter_mut().zip(&v_s[k * d.c..][..d.c]) {
-                    *o += a * v;
-                }
-            }
-            *lse_i = max + sum.ln();
-        });
+        let q = &x.q[j * chunk * d.c..][..out_c.len()];
+        let (mut weights, _) = logits_and_sigma(&x, d, q, &squares(q), beta);
+        lse_c.copy_from_slice(&softmax_rows(&mut weights, d.tk));
+        cpu_gemm_serial((lse_c.len(), d.tk, d.c), &weights, false, &v_samples[r], false, out_c, 1.0, false);
     });
     Ok(ProbAttentionForward {
         out: Tensor::from_vec(out, &[d.rows, d.tq, d.c])?,
         lse: Tensor::from_vec(lse, &[d.rows, d.tq])?,
     })
-}
-
-/// Per (query, key) pair of one row: the attention weight A, the logit gradient
-/// g = A (dA - delta) and h = g / S_sigma (0 where S_sigma = 0, where sqrt has no derivative).
-struct PairGrads {
-    a: Vec<f32>,
-    g: Vec<f32>,
-    h: Vec<f32>,
 }
 
 /// The gradients of one row's five inputs (empty vectors for those not wanted).
@@ -352,6 +375,14 @@ struct RowGrads {
     v_var: Vec<f32>,
 }
 
+/// One row's backward. With g = A (dA - delta) the logit gradient, delta_i = dO_i . O_i and
+/// h = g / S_sigma (0 where S_sigma = 0, where sqrt has no derivative):
+///
+/// ```text
+/// dA     = dO V_s^T                 dQ     = g K_mu / sqrt(C) - (beta / C) Q * (h K_var)
+/// dK_mu  = g^T Q / sqrt(C)          dK_var = -(beta / 2C) h^T (Q * Q)
+/// dV_mu  = A^T dO                   dV_var = dV_mu * eps / (2 sqrt(V_var))
+/// ```
 #[allow(clippy::too_many_arguments)]
 fn cpu_row_backward(
     x: &RowData,
@@ -363,82 +394,49 @@ fn cpu_row_backward(
     d_out: &[f32],
     wanted: [bool; 5],
 ) -> RowGrads {
-    let c = d.c;
+    let (c, tq, tk) = (d.c, d.tq, d.tk);
     let v_s = v_sample(x, eps);
-    // A, g and h for every pair, query-major [Tq, Tk].
-    let per_query: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..d.tq)
-        .into_par_iter()
-        .map(|i| {
-            let (logit, sigma) = logits(x, d, &x.q[i * c..][..c], beta);
-            let do_i = &d_out[i * c..][..c];
-            // delta = sum_k A dA = dO . O.
-            let delta = dot(do_i, &out[i * c..][..c]);
-            let mut row = (vec![0.0; d.tk], vec![0.0; d.tk], vec![0.0; d.tk]);
-            for k in 0..d.tk {
-                let a = (logit[k] - lse[i]).exp();
-                let g = a * (dot(do_i, &v_s[k * c..][..c]) - delta);
-                row.0[k] = a;
-                row.1[k] = g;
-                row.2[k] = if sigma[k] > 0.0 { g / sigma[k] } else { 0.0 };
-            }
-            row
-        })
-        .collect();
-    let pairs = PairGrads {
-        a: per_query.iter().flat_map(|p| p.0.iter().copied()).collect(),
-        g: per_query.iter().flat_map(|p| p.1.iter().copied()).collect(),
-        h: per_query.iter().flat_map(|p| p.2.iter().copied()).collect(),
-    };
-    let pair = |m: &[f32], i: usize, k: usize| m[i * d.tk + k];
-
-    // dQ_i = (1/sqrt(C)) sum_k g_ik K_mu_k - (beta/C) Q_i * sum_k h_ik K_var_k
-    let q_grad = |i: usize| -> Vec<f32> {
-        let mut from_mu = vec![0.0f32; c];
-        let mut from_var = vec![0.0f32; c];
-        for k in 0..d.tk {
-            let (g, h) = (pair(&pairs.g, i, k), pair(&pairs.h, i, k));
-            for ch in 0..c {
-                from_mu[ch] += g * x.k_mu[k * c + ch];
-                from_var[ch] += h * x.k_var[k * c + ch];
-            }
-        }
-        (0..c).map(|ch| from_mu[ch] * d.inv_sqrt_c() - beta * d.inv_c() * x.q[i * c + ch] * from_var[ch]).collect()
-    };
-    // dK_mu_k = (1/sqrt(C)) sum_i g_ik Q_i;  dK_var_k = -(beta/(2C)) sum_i h_ik Q_i^2;
-    // dV_s_k = sum_i A_ik dO_i (= dV_mu_k);  dV_var_k = dV_s_k * eps_k / (2 sqrt(V_var_k)).
-    let key_grads = |k: usize| -> [Vec<f32>; 3] {
-        let (mut kmu, mut kvar, mut vs) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
-        for i in 0..d.tq {
-            let (a, g, h) = (pair(&pairs.a, i, k), pair(&pairs.g, i, k), pair(&pairs.h, i, k));
-            for ch in 0..c {
-                let qv = x.q[i * c + ch];
-                kmu[ch] += g * qv;
-                kvar[ch] += h * qv * qv;
-                vs[ch] += a * d_out[i * c + ch];
-            }
-        }
-        kmu.iter_mut().for_each(|v| *v *= d.inv_sqrt_c());
-        kvar.iter_mut().for_each(|v| *v *= -0.5 * beta * d.inv_c());
-        [kmu, kvar, vs]
-    };
-
-    let q = if wanted[0] { (0..d.tq).into_par_iter().flat_map_iter(q_grad).collect() } else { Vec::new() };
-    let keys: Vec<[Vec<f32>; 3]> =
-        if wanted[1..].contains(&true) { (0..d.tk).into_par_iter().map(key_grads).collect() } else { Vec::new() };
-    let gather = |which: usize| -> Vec<f32> { keys.iter().flat_map(|k| k[which].iter().copied()).collect() };
-    let v_mu = if wanted[3] || wanted[4] { gather(2) } else { Vec::new() };
-    let v_var = if wanted[4] {
-        v_mu.iter().zip(eps).zip(x.v_var).map(|((dv, e), var)| dv * e / (2.0 * var.sqrt())).collect()
-    } else {
-        Vec::new()
-    };
-    RowGrads {
-        q,
-        k_mu: if wanted[1] { gather(0) } else { Vec::new() },
-        k_var: if wanted[2] { gather(1) } else { Vec::new() },
-        v_mu: if wanted[3] { v_mu } else { Vec::new() },
-        v_var,
+    let q_sq = squares(x.q);
+    let (mut a, sigma) = logits_and_sigma(x, d, x.q, &q_sq, beta);
+    for (row, &l) in a.chunks_mut(tk).zip(lse) {
+        map_in_place(row, |logit| fastmath::exp(logit - l));
     }
+    let mut g = vec![0.0f32; tq * tk];
+    cpu_gemm_serial((tq, c, tk), d_out, false, &v_s, true, &mut g, 1.0, false);
+    for ((g_row, a_row), i) in g.chunks_mut(tk).zip(a.chunks(tk)).zip(0..tq) {
+        let delta = fastmath::zip_sum(&d_out[i * c..][..c], &out[i * c..][..c], |p, q| p * q);
+        zip_map_into_in_place(g_row, a_row, |da, a| a * (da - delta));
+    }
+    let h: Vec<f32> = g.iter().zip(&sigma).map(|(&g, &s)| if s > 0.0 { g / s } else { 0.0 }).collect();
+
+    let mut grads =
+        RowGrads { q: Vec::new(), k_mu: Vec::new(), k_var: Vec::new(), v_mu: Vec::new(), v_var: Vec::new() };
+    if wanted[0] {
+        let mut from_mu = vec![0.0f32; tq * c];
+        let mut from_var = vec![0.0f32; tq * c];
+        cpu_gemm_serial((tq, tk, c), &g, false, x.k_mu, false, &mut from_mu, d.inv_sqrt_c(), false);
+        cpu_gemm_serial((tq, tk, c), &h, false, x.k_var, false, &mut from_var, beta * d.inv_c(), false);
+        grads.q = from_mu.iter().zip(&from_var).zip(x.q).map(|((&m, &v), &q)| m - q * v).collect();
+    }
+    if wanted[1] {
+        grads.k_mu = vec![0.0f32; tk * c];
+        cpu_gemm_serial((tk, tq, c), &g, true, x.q, false, &mut grads.k_mu, d.inv_sqrt_c(), false);
+    }
+    if wanted[2] {
+        grads.k_var = vec![0.0f32; tk * c];
+        cpu_gemm_serial((tk, tq, c), &h, true, &q_sq, false, &mut grads.k_var, -0.5 * beta * d.inv_c(), false);
+    }
+    if wanted[3] || wanted[4] {
+        let mut dv = vec![0.0f32; tk * c];
+        cpu_gemm_serial((tk, tq, c), &a, true, d_out, false, &mut dv, 1.0, false);
+        if wanted[4] {
+            grads.v_var = dv.iter().zip(eps).zip(x.v_var).map(|((dv, e), var)| dv * e / (2.0 * var.sqrt())).collect();
+        }
+        if wanted[3] {
+            grads.v_mu = dv;
+        }
+    }
+    grads
 }
 
 #[allow(clippy::too_many_arguments)]
