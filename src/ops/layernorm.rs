@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
+use super::fastmath;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, launch_rows, CudaDevice, KernelFamily};
 use crate::device::Device;
@@ -168,12 +169,14 @@ fn cpu_forward(
     let (mut y, mut mean, mut rstd) = (host_buffer(xs.len()), vec![0.0f32; rows], vec![0.0f32; rows]);
     y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
         |((yr, xr), (mean_out, rstd_out))| {
-            let mu = xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
-            let var = xr.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
+            let mu = fastmath::sum_f64(xr) / cols as f64;
+            let var = fastmath::zip_sum_f64(xr, xr, |v, _| (v as f64 - mu).powi(2)) / cols as f64;
             let rs = 1.0 / (var + eps as f64).sqrt();
-            for (c, out) in yr.iter_mut().enumerate() {
-                *out = ((xr[c] as f64 - mu) * rs) as f32 * w[c] + b[c];
-            }
+            fastmath::vectorised(|| {
+                for (((out, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                    *out = ((x as f64 - mu) * rs) as f32 * w + b;
+                }
+            });
             *mean_out = mu as f32;
             *rstd_out = rs as f32;
         },
@@ -270,13 +273,15 @@ pub fn layer_norm_backward_input(x: &Tensor, weight: &Tensor, stats: &LayerNormS
             dx.par_chunks_mut(cols).zip(xs.par_chunks(cols).zip(dys.par_chunks(cols))).enumerate().for_each(
                 |(row, (dxr, (xr, dyr)))| {
                     let (mu, rs) = (mean[row] as f64, rstd[row] as f64);
-                    let xhat = |c: usize| (xr[c] as f64 - mu) * rs;
-                    let g = |c: usize| dyr[c] as f64 * w[c] as f64;
-                    let g_mean = (0..cols).map(g).sum::<f64>() / cols as f64;
-                    let gx_mean = (0..cols).map(|c| g(c) * xhat(c)).sum::<f64>() / cols as f64;
-                    for (c, out) in dxr.iter_mut().enumerate() {
-                        *out = (rs * (g(c) - g_mean - xhat(c) * gx_mean)) as f32;
-                    }
+                    let xhat = |x: f32| (x as f64 - mu) * rs;
+                    let g = |dy: f32, w: f32| dy as f64 * w as f64;
+                    let g_mean = fastmath::zip_sum_f64(dyr, w, g) / cols as f64;
+                    let gx_mean = fastmath::zip3_sum_f64(dyr, w, xr, |dy, w, x| g(dy, w) * xhat(x)) / cols as f64;
+                    fastmath::vectorised(|| {
+                        for (((out, &dy), &w), &x) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
+                            *out = (rs * (g(dy, w) - g_mean - xhat(x) * gx_mean)) as f32;
+                        }
+                    });
                 },
             );
             Tensor::from_vec(dx, x.shape())

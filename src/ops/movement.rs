@@ -140,8 +140,12 @@ fn cpu_permute(x: &[f32], out_shape: &[usize], src_strides: &[usize]) -> Vec<f32
             base += (rest % size) * src_strides[d];
             rest /= size;
         }
-        for (j, v) in values.iter_mut().enumerate() {
-            *v = x[base + j * step];
+        if step == 1 {
+            values.copy_from_slice(&x[base..base + row_len]);
+        } else {
+            for (j, v) in values.iter_mut().enumerate() {
+                *v = x[base + j * step];
+            }
         }
     });
     out
@@ -553,7 +557,11 @@ pub fn repeat_rows_forward(row: &Tensor, rows: usize) -> Result<Tensor> {
 
 /// `rows` copies of `row`, back to back (also the bias pre-fill of `linear`).
 pub(crate) fn repeat_rows_cpu(row: &[f32], rows: usize) -> Vec<f32> {
-    row.repeat(rows)
+    let mut out = host_buffer(row.len() * rows);
+    if !row.is_empty() {
+        out.chunks_mut(row.len()).for_each(|r| r.copy_from_slice(row));
+    }
+    out
 }
 
 /// A new device buffer holding `rows` copies of the `cols` floats of `row`.

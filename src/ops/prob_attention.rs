@@ -331,7 +331,7 @@ fn softmax_rows(logits: &mut [f32], tk: usize) -> Vec<f32> {
             let max = fastmath::max(row);
             map_in_place(row, |l| fastmath::exp(l - max));
             // The denominator in f64, as the softmax op's CPU reference.
-            let sum = row.iter().map(|&w| w as f64).sum::<f64>() as f32;
+            let sum = fastmath::sum_f64(row) as f32;
             let inv = 1.0 / sum;
             map_in_place(row, |w| w * inv);
             max + sum.ln()

@@ -74,7 +74,7 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
                 map_in_place(yr, |v| fastmath::exp(v - max));
                 // The denominator in f64, as the other CPU references accumulate: the most accurate
                 // order keeps the CPU path nearest the exact maths that both sides approximate.
-                let inv = 1.0 / yr.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                let inv = 1.0 / fastmath::sum_f64(yr) as f32;
                 map_in_place(yr, |v| v * inv);
             });
             Tensor::from_vec(y, x.shape())
