@@ -97,7 +97,7 @@ fn horner<const N: usize>(coefficients: &[f32; N], x: f32) -> f32 {
 #[inline(always)]
 pub fn map_into(out: &mut [f32], xs: &[f32], f: impl Fn(f32) -> f32) {
     assert_eq!(out.len(), xs.len(), "map_into: output and input lengths differ");
-    pulp::Arch::new().dispatch(
+    vectorised(
         #[inline(always)]
         || {
             for (o, &x) in out.iter_mut().zip(xs) {
@@ -111,7 +111,7 @@ pub fn map_into(out: &mut [f32], xs: &[f32], f: impl Fn(f32) -> f32) {
 #[inline(always)]
 pub fn zip_map_into(out: &mut [f32], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32) {
     assert!(out.len() == xs.len() && xs.len() == ys.len(), "zip_map_into: lengths differ");
-    pulp::Arch::new().dispatch(
+    vectorised(
         #[inline(always)]
         || {
             for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
@@ -124,7 +124,7 @@ pub fn zip_map_into(out: &mut [f32], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32
 /// `values[i] = f(values[i])`, vectorised for the running CPU.
 #[inline(always)]
 pub fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32) {
-    pulp::Arch::new().dispatch(
+    vectorised(
         #[inline(always)]
         || {
             for v in values.iter_mut() {
@@ -143,7 +143,7 @@ const LANES: usize = 8;
 #[inline(always)]
 pub fn zip_sum(xs: &[f32], ys: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     assert_eq!(xs.len(), ys.len(), "zip_sum: lengths differ");
-    pulp::Arch::new().dispatch(
+    vectorised(
         #[inline(always)]
         || {
             let mut acc = [0.0f32; LANES];
@@ -172,7 +172,7 @@ pub fn sum(xs: &[f32]) -> f32 {
 /// Largest element (negative infinity for an empty slice); a NaN anywhere gives NaN.
 #[inline(always)]
 pub fn max(xs: &[f32]) -> f32 {
-    pulp::Arch::new().dispatch(
+    vectorised(
         #[inline(always)]
         || {
             let mut acc = [f32::NEG_INFINITY; LANES];
@@ -200,11 +200,25 @@ pub fn max(xs: &[f32]) -> f32 {
     )
 }
 
-/// Runs `f` compiled for the widest vector instructions the CPU offers (for kernels whose loop
-/// does not fit the helpers above).
+/// Runs `f` compiled for the widest vector instructions the CPU offers (AVX2 + FMA where
+/// present), so that the loops inside it auto-vectorise at that width. `f` must be inlined into
+/// pulp's target-feature function for that: [`Inlined`] carries it into `with_simd`, which is
+/// `#[inline(always)]` (a closure handed to `dispatch` directly is not always inlined, and then
+/// runs as baseline SSE2 code).
 #[inline(always)]
 pub fn vectorised<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(f)
+    pulp::Arch::new().dispatch(Inlined(f))
+}
+
+struct Inlined<F>(F);
+
+impl<R, F: FnOnce() -> R> pulp::WithSimd for Inlined<F> {
+    type Output = R;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> R {
+        (self.0)()
+    }
 }
 
 /// Sum in f64 of `f(a[i], b[i], c[i])` in a fixed order (eight interleaved partial sums, added
