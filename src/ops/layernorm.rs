@@ -170,9 +170,9 @@ fn cpu_forward(
     y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(
         |((yr, xr), (mean_out, rstd_out))| {
             let mu = fastmath::sum_f64(xr) / cols as f64;
-            let var = fastmath::zip_sum_f64(xr, xr, |v, _| (v as f64 - mu).powi(2)) / cols as f64;
+            let var = fastmath::zip_sum_f64(xr, xr, move |v, _| (v as f64 - mu).powi(2)) / cols as f64;
             let rs = 1.0 / (var + eps as f64).sqrt();
-            fastmath::vectorised(|| {
+            fastmath::vectorised(move || {
                 for (((out, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                     *out = ((x as f64 - mu) * rs) as f32 * w + b;
                 }
@@ -273,11 +273,11 @@ pub fn layer_norm_backward_input(x: &Tensor, weight: &Tensor, stats: &LayerNormS
             dx.par_chunks_mut(cols).zip(xs.par_chunks(cols).zip(dys.par_chunks(cols))).enumerate().for_each(
                 |(row, (dxr, (xr, dyr)))| {
                     let (mu, rs) = (mean[row] as f64, rstd[row] as f64);
-                    let xhat = |x: f32| (x as f64 - mu) * rs;
-                    let g = |dy: f32, w: f32| dy as f64 * w as f64;
+                    let xhat = move |x: f32| (x as f64 - mu) * rs;
+                    let g = move |dy: f32, w: f32| dy as f64 * w as f64;
                     let g_mean = fastmath::zip_sum_f64(dyr, w, g) / cols as f64;
                     let gx_mean = fastmath::zip3_sum_f64(dyr, w, xr, |dy, w, x| g(dy, w) * xhat(x)) / cols as f64;
-                    fastmath::vectorised(|| {
+                    fastmath::vectorised(move || {
                         for (((out, &dy), &w), &x) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
                             *out = (rs * (g(dy, w) - g_mean - xhat(x) * gx_mean)) as f32;
                         }

@@ -310,7 +310,7 @@ fn logits_and_sigma(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) ->
     cpu_gemm_serial((n, d.c, d.tk), q, false, x.k_mu, true, &mut logits, d.inv_sqrt_c(), false);
     cpu_gemm_serial((n, d.c, d.tk), q_sq, false, x.k_var, true, &mut sigma, d.inv_c(), false);
     map_in_place(&mut sigma, f32::sqrt);
-    zip_map_into_in_place(&mut logits, &sigma, |mu, s| mu - beta * s);
+    zip_map_into_in_place(&mut logits, &sigma, move |mu, s| mu - beta * s);
     (logits, sigma)
 }
 
@@ -329,11 +329,11 @@ fn softmax_rows(logits: &mut [f32], tk: usize) -> Vec<f32> {
         .chunks_mut(tk)
         .map(|row| {
             let max = fastmath::max(row);
-            map_in_place(row, |l| fastmath::exp(l - max));
+            map_in_place(row, move |l| fastmath::exp(l - max));
             // The denominator in f64, as the softmax op's CPU reference.
             let sum = fastmath::sum_f64(row) as f32;
             let inv = 1.0 / sum;
-            map_in_place(row, |w| w * inv);
+            map_in_place(row, move |w| w * inv);
             max + sum.ln()
         })
         .collect()
@@ -399,13 +399,13 @@ fn cpu_row_backward(
     let q_sq = squares(x.q);
     let (mut a, sigma) = logits_and_sigma(x, d, x.q, &q_sq, beta);
     for (row, &l) in a.chunks_mut(tk).zip(lse) {
-        map_in_place(row, |logit| fastmath::exp(logit - l));
+        map_in_place(row, move |logit| fastmath::exp(logit - l));
     }
     let mut g = vec![0.0f32; tq * tk];
     cpu_gemm_serial((tq, c, tk), d_out, false, &v_s, true, &mut g, 1.0, false);
     for ((g_row, a_row), i) in g.chunks_mut(tk).zip(a.chunks(tk)).zip(0..tq) {
         let delta = fastmath::zip_sum(&d_out[i * c..][..c], &out[i * c..][..c], |p, q| p * q);
-        zip_map_into_in_place(g_row, a_row, |da, a| a * (da - delta));
+        zip_map_into_in_place(g_row, a_row, move |da, a| a * (da - delta));
     }
     let h: Vec<f32> = g.iter().zip(&sigma).map(|(&g, &s)| if s > 0.0 { g / s } else { 0.0 }).collect();
 

@@ -71,11 +71,11 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
                     None => yr.copy_from_slice(xr),
                 }
                 let max = fastmath::max(yr);
-                map_in_place(yr, |v| fastmath::exp(v - max));
+                map_in_place(yr, move |v| fastmath::exp(v - max));
                 // The denominator in f64, as the other CPU references accumulate: the most accurate
                 // order keeps the CPU path nearest the exact maths that both sides approximate.
                 let inv = 1.0 / fastmath::sum_f64(yr) as f32;
-                map_in_place(yr, |v| v * inv);
+                map_in_place(yr, move |v| v * inv);
             });
             Tensor::from_vec(y, x.shape())
         }
@@ -102,7 +102,7 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     row_backward("softmax_backward", y, dy, |yr, dyr, dxr| {
         let dot = fastmath::zip_sum(yr, dyr, |a, b| a * b);
-        zip_map_into(dxr, yr, dyr, |yv, g| yv * (g - dot));
+        zip_map_into(dxr, yr, dyr, move |yv, g| yv * (g - dot));
     })
 }
 
@@ -115,9 +115,9 @@ pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
             let mut y = host_buffer(xs.len());
             y.par_chunks_mut(cols).zip(xs.par_chunks(cols)).for_each(|(yr, xr)| {
                 let max = fastmath::max(xr);
-                map_into(yr, xr, |v| fastmath::exp(v - max));
+                map_into(yr, xr, move |v| fastmath::exp(v - max));
                 let shift = max + fastmath::sum(yr).ln();
-                map_into(yr, xr, |v| v - shift);
+                map_into(yr, xr, move |v| v - shift);
             });
             Tensor::from_vec(y, x.shape())
         }
@@ -139,7 +139,7 @@ pub fn log_softmax_forward(x: &Tensor) -> Result<Tensor> {
 pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     row_backward("log_softmax_backward", y, dy, |yr, dyr, dxr| {
         let sum = fastmath::sum(dyr);
-        zip_map_into(dxr, yr, dyr, |yv, g| g - fastmath::exp(yv) * sum);
+        zip_map_into(dxr, yr, dyr, move |yv, g| g - fastmath::exp(yv) * sum);
     })
 }
 

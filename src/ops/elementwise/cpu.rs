@@ -128,7 +128,7 @@ pub(super) fn unary_backward(op: UnaryOp, saved: &[f32], dy: &[f32]) -> Vec<f32>
         UnaryOp::QuickGelu => zip_map_into(o, s, g, quick_gelu_backward),
         UnaryOp::Sigmoid => zip_map_into(o, s, g, sigmoid_backward),
         UnaryOp::Softplus => zip_map_into(o, s, g, softplus_backward),
-        other => zip_map_into(o, s, g, |v, d| other.derivative_times(v, d)),
+        other => zip_map_into(o, s, g, move |v, d| other.derivative_times(v, d)),
     });
     out
 }
@@ -206,8 +206,8 @@ fn binary_run(op: BinaryOp, out: &mut [f32], x: Operand, y: Operand) {
 fn run_with(out: &mut [f32], x: Operand, y: Operand, f: impl Fn(f32, f32) -> f32 + Copy) {
     match (x, y) {
         (Operand::Run(a), Operand::Run(b)) => zip_map_into(out, a, b, f),
-        (Operand::Run(a), Operand::Constant(c)) => map_into(out, a, |v| f(v, c)),
-        (Operand::Constant(c), Operand::Run(b)) => map_into(out, b, |v| f(c, v)),
+        (Operand::Run(a), Operand::Constant(c)) => map_into(out, a, move |v| f(v, c)),
+        (Operand::Constant(c), Operand::Run(b)) => map_into(out, b, move |v| f(c, v)),
         _ => out.iter_mut().enumerate().for_each(|(j, o)| *o = f(x.get(j), y.get(j))),
     }
 }
