@@ -1,5 +1,6 @@
-//! The `mcs-engine` binary end to end: the default `predict` writes its three maps, and bad input
-//! ends in a one-line error and a non-zero exit, never a panic.
+//! The `mcs-engine` binary end to end: the default `predict` (the demo checkpoint on the built-in
+//! picture) writes its three maps, `--config` alone still runs random weights, and bad input ends
+//! in a one-line error and a non-zero exit, never a panic.
 
 use std::process::Command;
 
@@ -20,6 +21,8 @@ fn default_predict_writes_mask_probability_and_uncertainty() {
     let (ok, stdout, stderr) = run(&["predict", "--samples", "4", "--out", dir.to_str().unwrap()]);
     assert!(ok, "predict failed: {stderr}");
     assert!(stdout.contains("4 samples on "), "{stdout}");
+    // No model named: the demo checkpoint, not random weights.
+    assert!(stderr.contains("weights/demo") && !stderr.contains("random weights"), "{stderr}");
     for name in ["mask.png", "probability.png", "uncertainty.png"] {
         let bytes = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(&bytes[1..4], b"PNG", "{name} is not a PNG");
@@ -32,9 +35,24 @@ fn default_predict_writes_mask_probability_and_uncertainty() {
 }
 
 #[test]
+fn config_without_model_or_weights_still_runs_random_weights() {
+    let dir = std::env::temp_dir().join(format!("mcs-cli-random-{}", std::process::id()));
+    let (ok, stdout, stderr) = run(&["predict", "--config", "tiny", "--samples", "2", "--out", dir.to_str().unwrap()]);
+    assert!(ok, "predict --config tiny failed: {stderr}");
+    assert!(stdout.contains("2 samples on ") && stderr.contains("random weights"), "{stdout}{stderr}");
+    assert!(!stderr.contains("demo checkpoint"), "{stderr}");
+    assert!(dir.join("mask.png").is_file());
+    // --model and --config name two models: clap refuses the pair.
+    let (ok, _, stderr) = run(&["predict", "--model", "weights/demo", "--config", "tiny"]);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn bad_input_gives_a_named_error_and_a_failing_exit() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["predict", "--image", "no/such/image.png"], "no/such/image.png"),
+        (&["predict", "--image", concat!(env!("CARGO_MANIFEST_DIR"), "/docs/demo_overlay.png")], "--prompt"),
         (&["predict", "--prompt", "  "], "empty prompt"),
         (&["predict", "--samples", "0"], "at least 1"),
         (&["predict", "--config", "no-such-config"], "unknown model config `no-such-config`"),

@@ -12,9 +12,11 @@ use mcs_engine::{Error, Result};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// A model folder as `mcs-engine train` writes it, e.g. runs/train/latest.
+    /// A model folder as `mcs-engine train` writes it, e.g. runs/train/latest. Default: the demo
+    /// checkpoint weights/demo (looked for under the current directory, then under the clone that
+    /// holds this executable).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Dataset folder in the official layout.
     #[arg(long)]
     data: PathBuf,
@@ -63,7 +65,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         return Err(Error::Invalid("--prompt-sweep evaluates the Test split; drop --split".into()));
     }
     let sets = evaluation_sets(args, split)?;
-    let segmenter = Segmenter::load_on(&args.model, &select_device(&args.device)?)?;
+    let model = super::model_or_demo(args.model.as_deref())?;
+    let segmenter = Segmenter::load_on(&model, &select_device(&args.device)?)?;
     let options = EvalOptions {
         segment: Options { samples: args.samples, seed: args.seed, threshold: args.threshold },
         batch_size: args.batch_size.unwrap_or(segmenter.config().training.batch_size),

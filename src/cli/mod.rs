@@ -55,3 +55,101 @@ pub fn parse_split(name: &str) -> Result<Split> {
         .find(|s| s.name().eq_ignore_ascii_case(name))
         .ok_or_else(|| Error::Invalid(format!("unknown split `{name}`: expected Train, Val or Test")))
 }
+
+/// The checkpoint folder `predict` and `eval` use when no model is named: the demo checkpoint
+/// committed in the repository (trained by the default `mcs-engine train`, see its README.md).
+pub const DEMO_MODEL: &str = "weights/demo";
+
+/// The model folder to use: `--model` when given, else the demo checkpoint (see
+/// [`demo_model_dir`]), announced on stderr so nobody mistakes it for their own model.
+pub fn model_or_demo(model: Option<&Path>) -> Result<std::path::PathBuf> {
+    if let Some(dir) = model {
+        return Ok(dir.to_path_buf());
+    }
+    let cwd = std::env::current_dir().ok();
+    let exe = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
+    let dir = demo_model_dir(cwd.as_deref(), exe.as_deref(), Path::new(env!("CARGO_MANIFEST_DIR")))?;
+    eprintln!("note: no --model given, using the demo checkpoint {} (trained on the synthetic task)", dir.display());
+    Ok(dir)
+}
+
+/// Where [`DEMO_MODEL`] is, looked for in this order: under the current directory (a clone run
+/// from its root), under the folders above the executable (`target/release/mcs-engine` inside a
+/// clone), under the source tree the binary was built from. A folder counts when it holds
+/// `model.safetensors`. Error: every path tried, and the advice to pass `--model`.
+pub fn demo_model_dir(cwd: Option<&Path>, exe: Option<&Path>, manifest_dir: &Path) -> Result<std::path::PathBuf> {
+    let mut tried: Vec<std::path::PathBuf> = Vec::new();
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(cwd) = cwd {
+        candidates.push(cwd.join(DEMO_MODEL));
+    }
+    if let Some(exe) = exe {
+        candidates.extend(exe.ancestors().skip(1).map(|folder| folder.join(DEMO_MODEL)));
+    }
+    candidates.push(manifest_dir.join(DEMO_MODEL));
+    for dir in candidates {
+        if tried.contains(&dir) {
+            continue;
+        }
+        if dir.join(mcs_engine::train::checkpoint::MODEL_FILE).is_file() {
+            return Ok(dir);
+        }
+        tried.push(dir);
+    }
+    let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::Invalid(format!(
+        "no --model given and the demo checkpoint {DEMO_MODEL} was not found (tried {}); pass --model DIR, a folder \
+         `mcs-engine train` wrote (e.g. runs/train/best)",
+        tried.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("mcs-demo-dir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn plant_demo(root: &Path) -> std::path::PathBuf {
+        let dir = root.join(DEMO_MODEL);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_demo_is_found_under_the_current_directory_first_then_above_the_executable() {
+        let (here, clone, elsewhere) = (scratch("here"), scratch("clone"), scratch("elsewhere"));
+        let exe = clone.join("target/release/mcs-engine");
+        let in_clone = plant_demo(&clone);
+        // Run from somewhere else: the clone that holds the executable.
+        assert_eq!(demo_model_dir(Some(&elsewhere), Some(&exe), &elsewhere).unwrap(), in_clone);
+        // The current directory wins when it has one.
+        let in_here = plant_demo(&here);
+        assert_eq!(demo_model_dir(Some(&here), Some(&exe), &elsewhere).unwrap(), in_here);
+        // Neither: the source tree the binary was built from.
+        assert_eq!(demo_model_dir(Some(&elsewhere), Some(&elsewhere.join("bin/x")), &clone).unwrap(), in_clone);
+        for dir in [here, clone, elsewhere] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_missing_demo_names_the_paths_tried_and_asks_for_model() {
+        let (cwd, manifest) = (scratch("cwd"), scratch("manifest"));
+        // A folder without weights does not count.
+        std::fs::create_dir_all(cwd.join(DEMO_MODEL)).unwrap();
+        let message = demo_model_dir(Some(&cwd), None, &manifest).unwrap_err().to_string();
+        assert!(message.contains(&cwd.join(DEMO_MODEL).display().to_string()), "{message}");
+        assert!(message.contains(&manifest.join(DEMO_MODEL).display().to_string()), "{message}");
+        assert!(message.contains("pass --model"), "{message}");
+        for dir in [cwd, manifest] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+}

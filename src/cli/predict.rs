@@ -8,18 +8,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mcs_engine::data::{self, Image8};
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::MedClipSeg;
-use mcs_engine::segment::{bgr_from_rgb, read_image, select_device, write_outputs, Options, Segmenter};
+use mcs_engine::segment::{read_image, select_device, write_outputs, Options, Segmenter};
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
-use mcs_engine::{imaging, Error, Result};
+use mcs_engine::{Error, Result};
 
 #[derive(clap::Args)]
 pub struct PredictArgs {
-    /// Input image (PNG or JPEG). Without it (and without --data) a built-in synthetic picture is used.
+    /// Input image (PNG or JPEG). Without it (and without --data) a built-in picture is used: image
+    /// Test_Folder/img/synthetic_002200.png of the synthetic task (`mcs-engine synth`), with its
+    /// own prompt unless --prompt is given.
     #[arg(long, conflicts_with = "data")]
     image: Option<PathBuf>,
-    /// What to segment, e.g. "one small round polyp in the upper left of the image".
-    #[arg(long, default_value = "a small bright circle in the upper left of the image")]
-    prompt: String,
+    /// What to segment, e.g. "one small round polyp in the upper left of the image" (needed with --image).
+    #[arg(long)]
+    prompt: Option<String>,
     /// A dataset in the official layout: predicts every image of --split with its own prompt.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -32,13 +34,17 @@ pub struct PredictArgs {
     prompts: Option<PathBuf>,
     /// A model folder as `mcs-engine train` writes it (config.json, model.safetensors,
     /// tokenizer.json), e.g. runs/train/best. Replaces --config, --weights and --tokenizer.
-    #[arg(long, conflicts_with_all = ["weights", "tokenizer"])]
+    /// Default, when none of those is given either: the demo checkpoint weights/demo (looked for
+    /// under the current directory, then under the clone that holds this executable).
+    #[arg(long, conflicts_with_all = ["config", "weights", "tokenizer"])]
     model: Option<PathBuf>,
-    /// Model config: a preset name (tiny, small, unimedclip-vit-b16) or a config.json path.
-    #[arg(long, default_value = "tiny")]
-    config: String,
-    /// Weights (safetensors with the official MedCLIPSeg keys). Without it (and without --model)
-    /// random weights are used, which exercises the whole pipeline but segments nothing meaningful.
+    /// Model config: a preset name (tiny, small, unimedclip-vit-b16) or a config.json path, used
+    /// with --weights, or alone for random weights (default with --weights or --tokenizer: tiny).
+    #[arg(long)]
+    config: Option<String>,
+    /// Weights (safetensors with the official MedCLIPSeg keys). With --config or --tokenizer but
+    /// without --weights, random weights are used, which exercise the whole pipeline but segment
+    /// nothing meaningful.
     #[arg(long)]
     weights: Option<PathBuf>,
     /// tokenizer.json (BERT WordPiece). Defaults to the preset's own for `tiny` and `small`.
@@ -73,13 +79,15 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     }
 }
 
-/// The model of `--model`, or `--config` with `--weights` (random weights when neither).
+/// The model of `--model`; or `--config` with `--weights` (random weights without); or, when
+/// none of `--model`, `--config`, `--weights`, `--tokenizer` is given, the demo checkpoint.
 fn load_segmenter(args: &PredictArgs) -> Result<Segmenter> {
     let device = select_device(&args.device)?;
-    if let Some(dir) = &args.model {
-        return Segmenter::load_on(dir, &device);
+    let assembled = args.config.is_some() || args.weights.is_some() || args.tokenizer.is_some();
+    if args.model.is_some() || !assembled {
+        return Segmenter::load_on(super::model_or_demo(args.model.as_deref())?, &device);
     }
-    let config = super::load_config(&args.config)?;
+    let config = super::load_config(args.config.as_deref().unwrap_or("tiny"))?;
     let (context, pad) = (config.text_context_length, config.text_pad_id);
     let tokenizer = match (&args.tokenizer, preset_tokenizer_json(&config.name)) {
         (Some(path), _) => PromptTokenizer::load(path, context, pad)?,
@@ -95,7 +103,7 @@ fn load_segmenter(args: &PredictArgs) -> Result<Segmenter> {
         Some(path) => WeightStore::load(path)?,
         None => {
             eprintln!(
-                "note: no --model or --weights given, using random weights: the maps show the pipeline, not a segmentation"
+                "note: --config without --weights, using random weights: the maps show the pipeline, not a segmentation"
             );
             WeightStore::synthetic(args.seed)
         }
@@ -109,12 +117,29 @@ fn predict_one(
     options: &Options,
     loaded: std::time::Duration,
 ) -> Result<()> {
-    let image = match &args.image {
-        Some(path) => read_image(path)?,
-        None => bgr_from_rgb(&imaging::synthetic_picture(segmenter.config().image_size as u32 * 2)),
+    let (image, prompt) = match &args.image {
+        Some(path) => {
+            let image = read_image(path)?;
+            let prompt = args.prompt.clone().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: say what to segment with --prompt, e.g. --prompt \"one small round-shaped lesion at the center of the image\"",
+                    path.display()
+                ))
+            })?;
+            (image, prompt)
+        }
+        None => {
+            let sample = builtin_sample();
+            let prompt = args.prompt.clone().unwrap_or_else(|| sample.prompt.clone());
+            eprintln!(
+                "note: no --image given, using the synthetic task's {} with the prompt \"{prompt}\"",
+                sample.name
+            );
+            (sample.image, prompt)
+        }
     };
     let started = Instant::now();
-    let result = segmenter.segment(&image, &args.prompt, options).map_err(|e| match &args.image {
+    let result = segmenter.segment(&image, &prompt, options).map_err(|e| match &args.image {
         Some(path) => Error::Invalid(format!("{}: {e}", path.display())),
         None => e,
     })?;
@@ -169,6 +194,13 @@ fn predict_split(segmenter: &Segmenter, args: &PredictArgs, root: &Path, options
         started.elapsed()
     );
     Ok(())
+}
+
+/// The picture `predict` uses without `--image`: the first test image of the synthetic task as
+/// `mcs-engine synth` writes it with its defaults (seed 666, 96 px, test ids from 2200), which the
+/// demo checkpoint never saw in training.
+fn builtin_sample() -> data::synthetic::SyntheticSample {
+    data::synthetic::sample(666, 2200, 96)
 }
 
 /// The sub-folder of one image: its file name without the extension.
