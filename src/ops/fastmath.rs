@@ -155,6 +155,34 @@ pub fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32) {
     );
 }
 
+/// `values[i] = f(values[i], xs[i], ys[i])`, vectorised for the running CPU (blocks as
+/// [`zip_map_into`]).
+#[inline(always)]
+pub fn zip_map_in_place(values: &mut [f32], xs: &[f32], ys: &[f32], f: impl Fn(f32, f32, f32) -> f32) {
+    assert!(values.len() == xs.len() && xs.len() == ys.len(), "zip_map_in_place: lengths differ");
+    vectorised(
+        #[inline(always)]
+        || {
+            let body = values.len() - values.len() % BLOCK;
+            let (head, tail) = values.split_at_mut(body);
+            for ((v, &x), &y) in head.iter_mut().zip(&xs[..body]).zip(&ys[..body]) {
+                *v = f(*v, x, y);
+            }
+            if !tail.is_empty() {
+                let n = tail.len();
+                let (mut v, mut x, mut y) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
+                v[..n].copy_from_slice(tail);
+                x[..n].copy_from_slice(&xs[body..]);
+                y[..n].copy_from_slice(&ys[body..]);
+                for ((v, &x), &y) in v.iter_mut().zip(&x).zip(&y) {
+                    *v = f(*v, x, y);
+                }
+                tail.copy_from_slice(&v[..n]);
+            }
+        },
+    );
+}
+
 /// Elements per unrolled vector iteration of the map loops (4 AVX2 vectors).
 const BLOCK: usize = 32;
 
