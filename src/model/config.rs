@@ -201,7 +201,7 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&t.text_dropout) {
             return fail(format!("text_dropout {} is outside [0, 1)", t.text_dropout));
         }
-        if !(t.temperature > 0.0) {
+        if t.temperature.is_nan() || t.temperature <= 0.0 {
             return fail(format!("temperature {} must be positive", t.temperature));
         }
         let upscaled = self.grid() << self.num_upscale;

@@ -47,6 +47,9 @@ fn font_available() -> bool {
 }
 
 /// Draws the curves of `records` to `path` (PNG).
+/// (epoch, value) points of one curve.
+type Curve = Vec<(f64, f64)>;
+
 pub fn write_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
     let mut pixels = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     draw(&mut pixels, records)
@@ -67,7 +70,7 @@ fn draw(pixels: &mut [u8], records: &[EpochRecord]) -> std::result::Result<(), B
     let epochs = records.last().map_or(1, |r| r.epoch).max(1) as f64;
     let loss_max = records.iter().map(|r| r.loss).fold(0.0f32, f32::max).max(1e-3) as f64 * 1.05;
 
-    let panels: [(&DrawingArea<_, _>, &str, f64, Vec<(f64, f64)>, RGBColor); 2] = [
+    let panels: [(_, _, _, Curve, _); 2] = [
         (&left, "training loss", loss_max, records.iter().map(|r| (r.epoch as f64, r.loss as f64)).collect(), RED),
         (&right, "validation Dice", 1.0, records.iter().map(|r| (r.epoch as f64, r.val_dice as f64)).collect(), BLUE),
     ];
