@@ -86,6 +86,23 @@ pub fn sigmoid(x: f32) -> f32 {
     }
 }
 
+/// `ln(1 + e)` for `e` in `[0, 1]` (the range softplus needs), through
+/// `ln(1 + e) = 2 atanh(s)` with `s = e / (2 + e)` in `[0, 1/3]`: the odd series of atanh to
+/// `s^17` leaves a relative error below `(1/9)^9 / 19`, 2.7e-10.
+#[inline(always)]
+pub fn ln_1p_unit(e: f32) -> f32 {
+    let s = e / (2.0 + e);
+    let z = s * s;
+    // 2s plus a correction below a tenth of it: the rounding of s dominates the result's error.
+    let correction = z
+        * (1.0 / 3.0
+            + z * (1.0 / 5.0
+                + z * (1.0 / 7.0
+                    + z * (1.0 / 9.0 + z * (1.0 / 11.0 + z * (1.0 / 13.0 + z * (1.0 / 15.0 + z * (1.0 / 17.0))))))));
+    let two_s = 2.0 * s;
+    two_s + two_s * correction
+}
+
 /// Polynomial with coefficients highest power first.
 #[inline(always)]
 fn horner<const N: usize>(coefficients: &[f32; N], x: f32) -> f32 {
