@@ -48,11 +48,18 @@ fn config_without_model_or_weights_still_runs_random_weights() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A small valid PNG in the temp folder (the kit run on the GPU machine has no docs/ folder).
+fn readable_png() -> String {
+    let path = std::env::temp_dir().join(format!("mcs-cli-readable-{}.png", std::process::id()));
+    image::RgbImage::new(8, 8).save(&path).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
 #[test]
 fn bad_input_gives_a_named_error_and_a_failing_exit() {
     let cases: [(&[&str], &str); 5] = [
         (&["predict", "--image", "no/such/image.png"], "no/such/image.png"),
-        (&["predict", "--image", concat!(env!("CARGO_MANIFEST_DIR"), "/docs/demo_overlay.png")], "--prompt"),
+        (&["predict", "--image", &readable_png()], "--prompt"),
         (&["predict", "--prompt", "  "], "empty prompt"),
         (&["predict", "--samples", "0"], "at least 1"),
         (&["predict", "--config", "no-such-config"], "unknown model config `no-such-config`"),

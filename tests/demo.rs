@@ -14,8 +14,13 @@ fn binary() -> PathBuf {
     std::env::var_os("MCS_ENGINE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_mcs-engine").into(), Into::into)
 }
 
-fn repository() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// The repository root: `MCS_ROOT` when set (a GPU kit copied to another machine, see
+/// tools/gpu_check.sh), else the source tree cargo built from.
+fn repository() -> PathBuf {
+    match std::env::var_os("MCS_ROOT") {
+        Some(root) if !root.is_empty() => root.into(),
+        _ => env!("CARGO_MANIFEST_DIR").into(),
+    }
 }
 
 struct Outcome {
@@ -127,7 +132,7 @@ fn dataset() -> &'static Path {
             "--test",
             "4",
         ];
-        let out = run_in(repository(), &args);
+        let out = run_in(&repository(), &args);
         assert!(out.ok, "synth failed: {}", out.stderr);
         data
     })
@@ -144,7 +149,7 @@ fn eval_on_the_synthetic_validation_split_reproduces_the_recorded_validation_dic
     // the training batch size, on the CPU the demo was trained on: `--samples 1`, `--seed`, the
     // default batch size (config.json's), `--device cpu`.
     let out = run_in(
-        repository(),
+        &repository(),
         &[
             "eval",
             "--model",

@@ -261,12 +261,10 @@ fn the_target_gets_no_gradient() {
     assert!(grads.get(&y).is_none(), "targets are data: no gradient");
 }
 
-const TRAIN_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_train.safetensors");
-
 /// The float32 tensors of the training fixture, by name.
 fn read_train_fixture() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes =
-        std::fs::read(TRAIN_FIXTURE).expect("tests/fixtures/tiny_train.safetensors (run tools/make_train_fixtures.py)");
+    let bytes = std::fs::read(common::repo_file("tests/fixtures/tiny_train.safetensors"))
+        .expect("tests/fixtures/tiny_train.safetensors (run tools/make_train_fixtures.py)");
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     file.tensors()
         .into_iter()
