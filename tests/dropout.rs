@@ -141,6 +141,13 @@ fn stream_ids_are_distinct_and_apart_from_the_noise_streams() {
             }
         }
     }
+    // Training keys dropout by its step's noise draw, 2^40 + step: consecutive steps stay apart,
+    // and step k's ids are step k's (the low 39 bits), so the ids of a run do not repeat.
+    let base = mcs_engine::train::step::TRAIN_DRAW_BASE;
+    for step in [0u64, 1, 999] {
+        assert_eq!(dropout_stream_id(base + step, 3, 1), dropout_stream_id(step, 3, 1));
+    }
+    assert_ne!(dropout_stream_id(base, 0, 0), dropout_stream_id(base + 1, 0, 0));
     // Probabilistic-attention noise streams with the same small numbers, and its largest draw.
     for draw in [0u64, 1, 2, 999, (1 << 48) - 1] {
         for adapter in 0..13 {

@@ -35,17 +35,16 @@ const SITE_BITS: u32 = 8;
 const LAYER_BITS: u32 = 16;
 const STEP_BITS: u32 = 63 - LAYER_BITS - SITE_BITS;
 
-/// The stream of one dropout site: `2^63 | (step << 24) | (layer << 8) | site`, with the training
-/// `step` below 2^39, the encoder `layer` below 2^16 and the `site` within a layer (hidden states,
+/// The stream of one dropout site: `2^63 | (step << 24) | (layer << 8) | site`, with `step` taken
+/// modulo 2^39, the encoder `layer` below 2^16 and the `site` within a layer (hidden states,
 /// attention probabilities, ...) below 2^8. The top bit keeps it apart from
-/// [`crate::philox::stream_id`]'s space.
+/// [`crate::philox::stream_id`]'s space. Training passes its step's noise draw, `2^40 + step`,
+/// whose low 39 bits are the step itself: distinct for 2^39 steps.
 pub fn dropout_stream_id(step: u64, layer: u32, site: u32) -> u64 {
-    // Wider fields would collide with their neighbours; training never comes close (2^39 steps,
-    // a dozen layers, a handful of sites).
-    debug_assert!(
-        step < (1 << STEP_BITS) && layer < (1 << LAYER_BITS) && site < (1 << SITE_BITS),
-        "dropout_stream_id fields out of range"
-    );
+    // Wider layer or site fields would collide with their neighbours; models come nowhere near
+    // (a dozen layers, a handful of sites).
+    debug_assert!(layer < (1 << LAYER_BITS) && site < (1 << SITE_BITS), "dropout_stream_id fields out of range");
+    let step = step & ((1 << STEP_BITS) - 1);
     DROPOUT_STREAM_TAG | (step << (LAYER_BITS + SITE_BITS)) | (u64::from(layer) << SITE_BITS) | u64::from(site)
 }
 
