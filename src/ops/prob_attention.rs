@@ -20,8 +20,9 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
-use super::fastmath::{self, map_in_place};
+use super::fastmath::{self, map_in_place, zip_map_in_place};
 use super::matmul::cpu_gemm_serial;
+use super::softmax::softmax_row_in_place;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
@@ -310,13 +311,8 @@ fn logits_and_sigma(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) ->
     cpu_gemm_serial((n, d.c, d.tk), q, false, x.k_mu, true, &mut logits, d.inv_sqrt_c(), false);
     cpu_gemm_serial((n, d.c, d.tk), q_sq, false, x.k_var, true, &mut sigma, d.inv_c(), false);
     map_in_place(&mut sigma, f32::sqrt);
-    zip_map_into_in_place(&mut logits, &sigma, move |mu, s| mu - beta * s);
+    zip_map_in_place(&mut logits, &sigma, &sigma, move |mu, s, _| mu - beta * s);
     (logits, sigma)
-}
-
-/// `a[i] = f(a[i], b[i])`.
-fn zip_map_into_in_place(a: &mut [f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
-    a.iter_mut().zip(b).for_each(|(x, &y)| *x = f(*x, y));
 }
 
 fn squares(values: &[f32]) -> Vec<f32> {
@@ -328,12 +324,7 @@ fn softmax_rows(logits: &mut [f32], tk: usize) -> Vec<f32> {
     logits
         .chunks_mut(tk)
         .map(|row| {
-            let max = fastmath::max(row);
-            map_in_place(row, move |l| fastmath::exp(l - max));
-            // The denominator in f64, as the softmax op's CPU reference.
-            let sum = fastmath::sum_f64(row) as f32;
-            let inv = 1.0 / sum;
-            map_in_place(row, move |w| w * inv);
+            let (max, sum) = softmax_row_in_place(row);
             max + sum.ln()
         })
         .collect()
@@ -405,7 +396,7 @@ fn cpu_row_backward(
     cpu_gemm_serial((tq, c, tk), d_out, false, &v_s, true, &mut g, 1.0, false);
     for ((g_row, a_row), i) in g.chunks_mut(tk).zip(a.chunks(tk)).zip(0..tq) {
         let delta = fastmath::zip_sum(&d_out[i * c..][..c], &out[i * c..][..c], |p, q| p * q);
-        zip_map_into_in_place(g_row, a_row, move |da, a| a * (da - delta));
+        zip_map_in_place(g_row, a_row, a_row, move |da, a, _| a * (da - delta));
     }
     let h: Vec<f32> = g.iter().zip(&sigma).map(|(&g, &s)| if s > 0.0 { g / s } else { 0.0 }).collect();
 

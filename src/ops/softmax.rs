@@ -42,6 +42,19 @@ fn rows_cols(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
     Ok((x.numel() / cols, cols))
 }
 
+/// Softmax of one row in place on the CPU; returns the row's max and the sum of its shifted
+/// exponentials, from which a caller gets the log-sum-exp (`max + ln(sum)`).
+pub(crate) fn softmax_row_in_place(row: &mut [f32]) -> (f32, f32) {
+    let max = fastmath::max(row);
+    map_in_place(row, move |v| fastmath::exp(v - max));
+    // The denominator in f64, as the other CPU references accumulate: the most accurate order
+    // keeps the CPU path nearest the exact maths that both sides approximate.
+    let sum = fastmath::sum_f64(row) as f32;
+    let inv = 1.0 / sum;
+    map_in_place(row, move |v| v * inv);
+    (max, sum)
+}
+
 /// Untracked softmax forward (CPU reference or CUDA kernel).
 pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (rows, cols) = rows_cols("softmax", x)?;
@@ -70,12 +83,7 @@ pub fn softmax_forward(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
                     Some(m) => zip_map_into(yr, xr, &m[(row / rows_per_mask_row) * cols..][..cols], |v, a| v + a),
                     None => yr.copy_from_slice(xr),
                 }
-                let max = fastmath::max(yr);
-                map_in_place(yr, move |v| fastmath::exp(v - max));
-                // The denominator in f64, as the other CPU references accumulate: the most accurate
-                // order keeps the CPU path nearest the exact maths that both sides approximate.
-                let inv = 1.0 / fastmath::sum_f64(yr) as f32;
-                map_in_place(yr, move |v| v * inv);
+                softmax_row_in_place(yr);
             });
             Tensor::from_vec(y, x.shape())
         }
