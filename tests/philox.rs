@@ -7,7 +7,7 @@ mod common;
 
 use common::{devices, gpu};
 use mcs_engine::ops::normal_noise;
-use mcs_engine::philox::{fill_normal, ln, normal, philox4x32_10, sincos_2pi, stream_id, uniform};
+use mcs_engine::philox::{fill_normal, fill_normal_from, ln, normal, philox4x32_10, sincos_2pi, stream_id, uniform};
 use mcs_engine::Device;
 use proptest::prelude::*;
 use safetensors::{Dtype, SafeTensors};
@@ -184,6 +184,22 @@ fn element_and_bulk_generation_agree() {
     fill_normal(seed, stream, &mut bulk);
     let single: Vec<f32> = (0..n as u64).map(|i| normal(seed, stream, i)).collect();
     assert_bits_equal("normal(i) vs fill_normal", &single, &bulk);
+}
+
+#[test]
+fn ranges_at_any_offset_match_element_generation() {
+    // fill_normal_from computes eight Philox blocks side by side: starts inside a block and
+    // inside a group, lengths shorter than a block and spanning groups, and block counters that
+    // cross 2^32 (the counter's second word) must all give normal(i) bit for bit.
+    let (seed, stream) = (0x1234_5678_9ABC_DEF0, 77);
+    for start in [0u64, 1, 3, 5, 31, 32, 33, (1 << 34) - 13] {
+        for len in [1usize, 3, 4, 29, 64, 101] {
+            let mut range = vec![0.0f32; len];
+            fill_normal_from(seed, stream, start, &mut range);
+            let single: Vec<f32> = (start..start + len as u64).map(|i| normal(seed, stream, i)).collect();
+            assert_bits_equal(&format!("fill_normal_from({start}, len {len})"), &single, &range);
+        }
+    }
 }
 
 #[test]

@@ -19,7 +19,7 @@ pub struct Decoder {
 }
 
 pub struct ScaleBlock {
-    /// `ConvTranspose2d` weight `[in, out, 2, 2]` seen as `[in, out*4]`.
+    /// `ConvTranspose2d` weight `[in, out, 2, 2]`, used as `[in, (di, dj, out)]` (see `forward`).
     up_weight: Param,
     up_bias: Param,
     depthwise: Param,
@@ -108,11 +108,15 @@ impl ScaleBlock {
         let (b, h, w, e) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         // Stride equals kernel size, so every output pixel gets exactly one input pixel:
         // out[b, 2i+di, 2j+dj, o] = sum_c x[b, i, j, c] W[c, o, di, dj] + bias[o].
+        // The weight's columns are reordered (di, dj, o) first (a copy of E x 4E values), so
+        // that the product's rows interleave into the output as contiguous (dj, o) runs of 2E
+        // values instead of a gather with stride 4.
         let rows = ops::reshape(tape, x, &[b * h * w, e])?;
-        let weight = ops::reshape(tape, &self.up_weight.value, &[e, e * 4])?;
-        let y = ops::matmul(tape, &rows, &weight)?; // columns ordered (o, di, dj)
-        let y = ops::reshape(tape, &y, &[b, h, w, e, 2, 2])?;
-        let y = ops::permute(tape, &y, &[0, 1, 4, 2, 5, 3])?; // [B, h, di, w, dj, E]
+        let weight = ops::permute(tape, &self.up_weight.value, &[0, 2, 3, 1])?; // [E, di, dj, o]
+        let weight = ops::reshape(tape, &weight, &[e, e * 4])?;
+        let y = ops::matmul(tape, &rows, &weight)?;
+        let y = ops::reshape(tape, &y, &[b, h, w, 2, 2, e])?;
+        let y = ops::permute(tape, &y, &[0, 1, 3, 2, 4, 5])?; // [B, h, di, w, dj, E]
         let y = ops::reshape(tape, &y, &[b, 2 * h, 2 * w, e])?;
         let y = ops::add(tape, &y, &self.up_bias.value)?;
         let y = ops::gelu(tape, &y)?;

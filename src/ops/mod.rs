@@ -20,6 +20,7 @@ pub mod reduce;
 pub mod softcon;
 pub mod softmax;
 pub mod spatial;
+pub(crate) mod strided;
 
 pub use adam::*;
 pub use attention::*;

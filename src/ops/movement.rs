@@ -10,6 +10,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use rayon::prelude::*;
 
 use super::matmul::column_sums;
+use super::strided::StridedWalk;
 use super::{cuda_output, cuda_slice, launch, same_device};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
@@ -97,10 +98,11 @@ pub fn permute_forward(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     // For each output dimension, the step it takes through the input.
     let src_strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let (walk_dims, walk_strides) = merge_contiguous_dims(&out_shape, &src_strides);
     match x.device() {
-        Device::Cpu => Tensor::from_vec(cpu_permute(x.cpu_data("permute")?, &out_shape, &src_strides), &out_shape),
+        Device::Cpu => Tensor::from_vec(cpu_permute(x.cpu_data("permute")?, &walk_dims, &walk_strides), &out_shape),
         Device::Cuda(dev) => {
-            let layout = PermuteLayout::new(&out_shape, &src_strides);
+            let layout = PermuteLayout::new(&walk_dims, &walk_strides);
             let n = x.numel() as u32;
             let f = PERMUTE_COPY.function(&dev)?;
             let mut out = dev.alloc(x.numel())?;
@@ -123,7 +125,39 @@ fn row_major_strides(shape: &[usize]) -> Vec<usize> {
     strides
 }
 
+/// The output's dims with every run of dims that is also contiguous in the input merged into
+/// one (and size-1 dims dropped): `[B, T, H, D] -> [B, H, T, D]` walks rows of `D`, but a
+/// permute that keeps the last two dims together copies rows of their product.
+fn merge_contiguous_dims(out_shape: &[usize], src_strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut dims, mut strides): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for (&size, &stride) in out_shape.iter().zip(src_strides) {
+        if size == 1 {
+            continue;
+        }
+        match (dims.last_mut(), strides.last_mut()) {
+            (Some(last_size), Some(last_stride)) if *last_stride == stride * size => {
+                *last_size *= size;
+                *last_stride = stride;
+            }
+            _ => {
+                dims.push(size);
+                strides.push(stride);
+            }
+        }
+    }
+    if dims.is_empty() {
+        (vec![1], vec![1])
+    } else {
+        (dims, strides)
+    }
+}
+
+/// Output elements one rayon task copies (rows of the last walked dim, at least one row).
+const PERMUTE_TASK_ELEMENTS: usize = 1 << 14;
+
 /// Walks the output row by row (its last dimension); each row is a strided run through `x`.
+/// A task takes a block of rows and steps through the outer dims with an odometer (no
+/// division per row: rows can be as short as an attention head's 16 values).
 fn cpu_permute(x: &[f32], out_shape: &[usize], src_strides: &[usize]) -> Vec<f32> {
     let mut out = host_buffer(x.len());
     let Some((&row_len, outer_dims)) = out_shape.split_last() else {
@@ -133,19 +167,21 @@ fn cpu_permute(x: &[f32], out_shape: &[usize], src_strides: &[usize]) -> Vec<f32
     if out.is_empty() {
         return out;
     }
-    let step = src_strides[out_shape.len() - 1];
-    out.par_chunks_mut(row_len).enumerate().for_each(|(row, values)| {
-        let (mut rest, mut base) = (row, 0);
-        for (d, &size) in outer_dims.iter().enumerate().rev() {
-            base += (rest % size) * src_strides[d];
-            rest /= size;
-        }
-        if step == 1 {
-            values.copy_from_slice(&x[base..base + row_len]);
-        } else {
-            for (j, v) in values.iter_mut().enumerate() {
-                *v = x[base + j * step];
+    let (step, outer_strides) = src_strides.split_last().expect("one stride per dim");
+    let step = *step;
+    let rows_per_task = (PERMUTE_TASK_ELEMENTS / row_len).max(1);
+    out.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(task, block)| {
+        let mut walk = StridedWalk::new(outer_dims, [outer_strides], task * rows_per_task);
+        for values in block.chunks_mut(row_len) {
+            let base = walk.offsets[0];
+            if step == 1 {
+                values.copy_from_slice(&x[base..base + row_len]);
+            } else {
+                for (j, v) in values.iter_mut().enumerate() {
+                    *v = x[base + j * step];
+                }
             }
+            walk.advance();
         }
     });
     out

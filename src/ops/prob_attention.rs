@@ -27,7 +27,7 @@ use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::philox::{normal_block, stream_id};
+use crate::philox::{fill_normal_from, stream_id};
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, Tensor};
 
@@ -240,13 +240,11 @@ pub fn prob_attention_backward(
 /// attention still spreads over the cores.
 const CPU_QUERY_CHUNK: usize = 48;
 
-/// Elements `start .. start + len` of the noise under (seed, stream), drawn whole Philox blocks at
-/// a time.
+/// Elements `start .. start + len` of the noise under (seed, stream).
 fn noise_range(seed: u64, stream: u64, start: u64, len: usize) -> Vec<f32> {
-    let first_block = start / 4;
-    let end_block = (start + len as u64).div_ceil(4);
-    let blocks: Vec<f32> = (first_block..end_block).flat_map(|b| normal_block(seed, stream, b)).collect();
-    blocks[(start % 4) as usize..][..len].to_vec()
+    let mut eps = host_buffer(len);
+    fill_normal_from(seed, stream, start, &mut eps);
+    eps
 }
 
 /// One row's tensors as `[T, C]` slices.

@@ -10,7 +10,7 @@
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
-use super::{cuda_output, cuda_slice, launch, same_device};
+use super::{cuda_output, cuda_slice, fastmath, launch, same_device};
 use crate::cuda::{launch_elements, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -173,24 +173,31 @@ fn shifted(index: usize, offset: isize, size: usize) -> Option<usize> {
 fn depthwise_cpu(dims: Nhwc, input: &[f32], weight: &[f32], direction: TapDirection) -> Vec<f32> {
     let Nhwc { height, width, channels, .. } = dims;
     let taps = weight_by_tap(weight, channels);
-    let mut out = vec![0.0f32; input.len()];
+    let mut out = host_buffer(input.len());
     out.par_chunks_mut(width * channels).enumerate().for_each(|(row, out_row)| {
         let h = row % height;
         let image_first_row = row - h;
-        for w in 0..width {
-            let out_pixel = &mut out_row[w * channels..][..channels];
-            for i in 0..3 {
-                let Some(hh) = shifted(h, direction.offset(i), height) else { continue };
-                for j in 0..3 {
-                    let Some(ww) = shifted(w, direction.offset(j), width) else { continue };
-                    let in_pixel = &input[((image_first_row + hh) * width + ww) * channels..][..channels];
-                    let tap = &taps[(i * 3 + j) * channels..][..channels];
-                    for ((o, &v), &k) in out_pixel.iter_mut().zip(in_pixel).zip(tap) {
-                        *o += v * k;
+        // The channel loops run at the CPU's vector width (the crate is built for baseline x86-64).
+        fastmath::vectorised(
+            #[inline(always)]
+            || {
+                for w in 0..width {
+                    let out_pixel = &mut out_row[w * channels..][..channels];
+                    out_pixel.fill(0.0);
+                    for i in 0..3 {
+                        let Some(hh) = shifted(h, direction.offset(i), height) else { continue };
+                        for j in 0..3 {
+                            let Some(ww) = shifted(w, direction.offset(j), width) else { continue };
+                            let in_pixel = &input[((image_first_row + hh) * width + ww) * channels..][..channels];
+                            let tap = &taps[(i * 3 + j) * channels..][..channels];
+                            for ((o, &v), &k) in out_pixel.iter_mut().zip(in_pixel).zip(tap) {
+                                *o += v * k;
+                            }
+                        }
                     }
                 }
-            }
-        }
+            },
+        );
     });
     out
 }
@@ -262,29 +269,40 @@ fn weight_grad_chunks(rows: usize, channels: usize) -> (usize, usize) {
 /// then the partials added in row order, so the result does not depend on thread scheduling.
 fn depthwise_weight_grad_cpu(dims: Nhwc, dy: &[f32], x: &[f32]) -> Vec<f32> {
     let Nhwc { batch, height, width, channels } = dims;
-    let mut partials = vec![0.0f32; batch * height * 9 * channels];
+    let mut partials = host_buffer(batch * height * 9 * channels);
     partials.par_chunks_mut(9 * channels).enumerate().for_each(|(row, partial)| {
         let h = row % height;
         let image_first_row = row - h;
-        for i in 0..3 {
-            let Some(hh) = shifted(h, i as isize - 1, height) else { continue };
-            for j in 0..3 {
-                let acc = &mut partial[(i * 3 + j) * channels..][..channels];
-                for w in 0..width {
-                    let Some(ww) = shifted(w, j as isize - 1, width) else { continue };
-                    let g = &dy[(row * width + w) * channels..][..channels];
-                    let xs = &x[((image_first_row + hh) * width + ww) * channels..][..channels];
-                    for ((a, &gv), &xv) in acc.iter_mut().zip(g).zip(xs) {
-                        *a += gv * xv;
+        partial.fill(0.0); // taps that fall in the padding stay zero
+        fastmath::vectorised(
+            #[inline(always)]
+            || {
+                for i in 0..3 {
+                    let Some(hh) = shifted(h, i as isize - 1, height) else { continue };
+                    for j in 0..3 {
+                        let acc = &mut partial[(i * 3 + j) * channels..][..channels];
+                        for w in 0..width {
+                            let Some(ww) = shifted(w, j as isize - 1, width) else { continue };
+                            let g = &dy[(row * width + w) * channels..][..channels];
+                            let xs = &x[((image_first_row + hh) * width + ww) * channels..][..channels];
+                            for ((a, &gv), &xv) in acc.iter_mut().zip(g).zip(xs) {
+                                *a += gv * xv;
+                            }
+                        }
                     }
                 }
-            }
-        }
+            },
+        );
     });
     let mut by_tap = vec![0.0f32; 9 * channels];
-    for partial in partials.chunks(9 * channels) {
-        by_tap.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
-    }
+    fastmath::vectorised(
+        #[inline(always)]
+        || {
+            for partial in partials.chunks(9 * channels) {
+                by_tap.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+            }
+        },
+    );
     // [9][C] -> the PyTorch layout [C][1][3][3].
     let mut dweight = vec![0.0f32; 9 * channels];
     for tap in 0..9 {

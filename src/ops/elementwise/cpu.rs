@@ -7,8 +7,9 @@
 
 use rayon::prelude::*;
 
-use super::{BinaryOp, Broadcast, StridedWalk, UnaryOp, CPU_CHUNK};
+use super::{BinaryOp, Broadcast, UnaryOp, CPU_CHUNK};
 use crate::ops::fastmath::{self, map_into, zip_map_in_place, zip_map_into};
+use crate::ops::strided::StridedWalk;
 use crate::tensor::host_buffer;
 
 const SQRT1_2: f32 = std::f32::consts::FRAC_1_SQRT_2;

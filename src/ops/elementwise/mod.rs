@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 mod cpu;
 
+use super::strided::StridedWalk;
 use super::{cuda_output, cuda_slice, launch, same_device};
 use crate::cuda::{launch_elements, CudaDevice, KernelFamily};
 use crate::device::Device;
@@ -452,44 +453,6 @@ fn offset_of(mut index: usize, dims: &[usize], strides: &[usize]) -> usize {
         index /= size;
     }
     offset
-}
-
-/// A row-major walk over `dims` from a linear position, keeping each operand's offset current
-/// (one add per step instead of a div/mod per dim).
-struct StridedWalk<'a, const K: usize> {
-    dims: &'a [usize],
-    strides: [&'a [usize]; K],
-    coords: Vec<usize>,
-    offsets: [usize; K],
-}
-
-impl<'a, const K: usize> StridedWalk<'a, K> {
-    fn new(dims: &'a [usize], strides: [&'a [usize]; K], start: usize) -> Self {
-        let mut coords = vec![0; dims.len()];
-        let mut rest = start;
-        for (d, &size) in dims.iter().enumerate().rev() {
-            coords[d] = rest % size;
-            rest /= size;
-        }
-        let offsets = std::array::from_fn(|k| coords.iter().zip(strides[k]).map(|(c, s)| c * s).sum());
-        StridedWalk { dims, strides, coords, offsets }
-    }
-
-    fn advance(&mut self) {
-        for d in (0..self.dims.len()).rev() {
-            self.coords[d] += 1;
-            for k in 0..K {
-                self.offsets[k] += self.strides[k][d];
-            }
-            if self.coords[d] < self.dims[d] {
-                return;
-            }
-            for k in 0..K {
-                self.offsets[k] -= self.strides[k][d] * self.dims[d];
-            }
-            self.coords[d] = 0;
-        }
-    }
 }
 
 /// Mirrors `BroadcastLayout` in kernels/elementwise.cu.
