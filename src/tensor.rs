@@ -59,8 +59,18 @@ impl Drop for Storage {
 /// saves the zeroing (`vec![0.0; n]` is a memset once the allocator recycles memory) and the page
 /// faults of fresh memory, about a tenth of a CPU training step.
 struct HostPool {
-    by_len: HashMap<usize, Vec<Vec<f32>>>,
+    by_len: HashMap<usize, PooledLength>,
     pooled_floats: usize,
+}
+
+/// The free buffers of one length, and how many the pool keeps: one per time
+/// [`host_buffer`] found none (the most that were ever wanted at once). Buffers of lengths
+/// nobody asks the pool for (a `collect`, a `to_vec`) are freed rather than kept: parked, they
+/// would fill the pool a step at a time until buffers that are asked for no longer fit.
+#[derive(Default)]
+struct PooledLength {
+    free: Vec<Vec<f32>>,
+    keep: usize,
 }
 
 static HOST_POOL: Mutex<Option<HostPool>> = Mutex::new(None);
@@ -76,26 +86,44 @@ fn recycle(values: Vec<f32>) {
     }
     // A poisoned lock only means a panic elsewhere while it was held; the pool is still sound.
     let mut guard = HOST_POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = guard.get_or_insert_with(|| HostPool { by_len: HashMap::new(), pooled_floats: 0 });
-    if pool.pooled_floats + len <= POOL_LIMIT_FLOATS {
+    let Some(pool) = guard.as_mut() else { return };
+    let fits = pool.pooled_floats + len <= POOL_LIMIT_FLOATS;
+    if let Some(entry) = pool.by_len.get_mut(&len).filter(|e| fits && e.free.len() < e.keep) {
+        entry.free.push(values);
         pool.pooled_floats += len;
-        pool.by_len.entry(len).or_default().push(values);
     }
 }
 
 /// A host buffer of `len` floats whose contents are unspecified (stale values of a dropped
-/// tensor, or zeros): for CPU kernels that overwrite every element of their output.
+/// tensor, or zeros): for CPU kernels that overwrite every element of their output. Meant for
+/// buffers that become tensors: a scratch `Vec` dropped as such never comes back, and each
+/// miss lets the pool keep one more buffer of its length.
 pub(crate) fn host_buffer(len: usize) -> Vec<f32> {
     if len >= POOL_MIN_FLOATS {
         let mut guard = HOST_POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = guard.as_mut() {
-            if let Some(values) = pool.by_len.get_mut(&len).and_then(Vec::pop) {
-                pool.pooled_floats -= len;
-                return values;
-            }
+        let pool = guard.get_or_insert_with(|| HostPool { by_len: HashMap::new(), pooled_floats: 0 });
+        let entry = pool.by_len.entry(len).or_default();
+        if let Some(values) = entry.free.pop() {
+            pool.pooled_floats -= len;
+            return values;
         }
+        entry.keep += 1;
     }
     vec![0.0; len]
+}
+
+/// A host buffer of `len` zeros, from the pool when it holds one of that length (a memset of
+/// warm memory costs less than the page faults of fresh memory; and a zeroed tensor that came
+/// from `vec!` would, once dropped, park in the pool under a length only zeros ever ask for).
+pub(crate) fn host_zeros(len: usize) -> Vec<f32> {
+    host_filled(len, 0.0)
+}
+
+/// A host buffer of `len` copies of `value` (from the pool as [`host_zeros`]).
+pub(crate) fn host_filled(len: usize, value: f32) -> Vec<f32> {
+    let mut values = host_buffer(len);
+    values.fill(value);
+    values
 }
 
 /// Bytes of all tensor storage alive now.
@@ -163,12 +191,12 @@ impl Tensor {
     }
 
     pub fn full(value: f32, shape: &[usize], device: &Device) -> Result<Tensor> {
-        Tensor::from_vec(vec![value; numel(shape)], shape)?.to_device(device)
+        Tensor::from_vec(host_filled(numel(shape), value), shape)?.to_device(device)
     }
 
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
         match device {
-            Device::Cpu => Tensor::from_vec(vec![0.0; numel(shape)], shape),
+            Device::Cpu => Tensor::from_vec(host_zeros(numel(shape)), shape),
             Device::Cuda(d) => Ok(Tensor::from_storage(
                 Storage::Cuda { device: d.clone(), data: d.zeros(numel(shape))? },
                 shape.to_vec(),
@@ -314,5 +342,32 @@ impl Tensor {
             Storage::Cpu(v) => Ok(v),
             Storage::Cuda { .. } => Err(Error::shape(op, "expected a CPU tensor, got a CUDA one")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(len: usize) -> usize {
+        let guard = HOST_POOL.lock().unwrap();
+        guard.as_ref().and_then(|p| p.by_len.get(&len)).map_or(0, |e| e.free.len())
+    }
+
+    #[test]
+    fn the_pool_keeps_only_lengths_it_was_asked_for_and_no_more_of_them() {
+        // Lengths no other test uses (the pool is process-wide and tests run in parallel).
+        let (unasked, asked) = (POOL_MIN_FLOATS + 17, POOL_MIN_FLOATS + 23);
+        drop(Tensor::from_vec(vec![1.0; unasked], &[unasked]).unwrap());
+        assert_eq!(kept(unasked), 0, "a length nobody asked the pool for is not kept");
+
+        let from_pool_once = Tensor::from_vec(host_buffer(asked), &[asked]).unwrap(); // one miss
+        let made_elsewhere = Tensor::from_vec(vec![2.0; asked], &[asked]).unwrap();
+        drop(from_pool_once);
+        drop(made_elsewhere);
+        assert_eq!(kept(asked), 1, "one miss lets the pool keep one buffer of that length");
+        let reused = host_buffer(asked);
+        assert_eq!(kept(asked), 0, "the kept buffer is handed out again");
+        assert_eq!(reused.len(), asked);
     }
 }

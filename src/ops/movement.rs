@@ -16,7 +16,7 @@ use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{host_buffer, numel, Tensor};
+use crate::tensor::{host_buffer, host_zeros, numel, Tensor};
 
 static PERMUTE_COPY: Kernel = Kernel::new(KernelFamily::Movement, "permute_copy");
 static COPY_SLICES: Kernel = Kernel::new(KernelFamily::Movement, "copy_slices");
@@ -350,7 +350,7 @@ pub fn narrow_backward(dy: &Tensor, input_shape: &[usize], dim: usize, start: us
     let copy = SliceCopy::place(outer, inner, input_shape[dim], start, len);
     match dy.device() {
         Device::Cpu => {
-            let mut dx = vec![0.0; numel(input_shape)];
+            let mut dx = host_zeros(numel(input_shape));
             copy.cpu(&mut dx, dy.cpu_data("narrow_backward")?);
             Tensor::from_vec(dx, input_shape)
         }
@@ -507,7 +507,7 @@ pub fn index_select_rows_backward(dy: &Tensor, ids: &[u32], table_rows: usize) -
     match dy.device() {
         Device::Cpu => {
             let g = dy.cpu_data("index_select_rows_backward")?;
-            let mut dtable = vec![0.0f32; numel(&table_shape)];
+            let mut dtable = host_zeros(numel(&table_shape));
             for (position, &id) in ids.iter().enumerate() {
                 let target = &mut dtable[id as usize * cols..][..cols];
                 target.iter_mut().zip(&g[position * cols..][..cols]).for_each(|(t, v)| *t += v);

@@ -29,7 +29,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::philox::{fill_normal_from, stream_id};
 use crate::tape::Tape;
-use crate::tensor::{host_buffer, Tensor};
+use crate::tensor::{host_buffer, host_zeros, Tensor};
 
 const OP: &str = "prob_attention";
 
@@ -242,7 +242,8 @@ const CPU_QUERY_CHUNK: usize = 48;
 
 /// Elements `start .. start + len` of the noise under (seed, stream).
 fn noise_range(seed: u64, stream: u64, start: u64, len: usize) -> Vec<f32> {
-    let mut eps = host_buffer(len);
+    // A plain Vec: scratch that never becomes a tensor would not return to the host pool.
+    let mut eps = vec![0.0f32; len];
     fill_normal_from(seed, stream, start, &mut eps);
     eps
 }
@@ -335,7 +336,7 @@ fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) ->
     let chunk = CPU_QUERY_CHUNK.min(d.tq);
     let chunks_per_row = d.tq.div_ceil(chunk);
     let mut out = host_buffer(d.rows * d.tq * d.c);
-    let mut lse = vec![0.0f32; d.rows * d.tq];
+    let mut lse = host_zeros(d.rows * d.tq);
     // Task t covers queries [j * chunk, ..) of row r, with (r, j) = (t / chunks_per_row, t % ..);
     // out and lse are cut the same way, row by row.
     let out_chunks = out.chunks_mut(d.tq * d.c).flat_map(|row| row.chunks_mut(chunk * d.c));

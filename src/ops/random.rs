@@ -8,7 +8,7 @@ use crate::cuda::{launch_elements, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::philox::fill_normal;
-use crate::tensor::Tensor;
+use crate::tensor::{host_buffer, Tensor};
 
 /// A tensor of `shape` on `device` whose element `i` (row-major) is
 /// [`normal(seed, stream, i)`](crate::philox::normal). A leaf: it carries no gradient.
@@ -19,7 +19,7 @@ pub fn normal_noise(device: &Device, shape: &[usize], seed: u64, stream: u64) ->
         .ok_or_else(|| Error::shape("normal_noise", format!("shape {shape:?} has more elements than fit in memory")))?;
     match device {
         Device::Cpu => {
-            let mut data = vec![0.0f32; n];
+            let mut data = host_buffer(n);
             fill_normal(seed, stream, &mut data);
             Tensor::from_vec(data, shape)
         }

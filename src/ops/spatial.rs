@@ -15,7 +15,7 @@ use crate::cuda::{launch_elements, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{host_buffer, Tensor};
+use crate::tensor::{host_buffer, host_zeros, Tensor};
 
 /// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
 fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
@@ -269,11 +269,11 @@ fn weight_grad_chunks(rows: usize, channels: usize) -> (usize, usize) {
 /// then the partials added in row order, so the result does not depend on thread scheduling.
 fn depthwise_weight_grad_cpu(dims: Nhwc, dy: &[f32], x: &[f32]) -> Vec<f32> {
     let Nhwc { batch, height, width, channels } = dims;
-    let mut partials = host_buffer(batch * height * 9 * channels);
+    // Scratch, not a tensor: a pooled buffer would not find its way back to the pool.
+    let mut partials = vec![0.0f32; batch * height * 9 * channels];
     partials.par_chunks_mut(9 * channels).enumerate().for_each(|(row, partial)| {
         let h = row % height;
         let image_first_row = row - h;
-        partial.fill(0.0); // taps that fall in the padding stay zero
         fastmath::vectorised(
             #[inline(always)]
             || {
@@ -478,7 +478,7 @@ fn resize_forward_cpu(r: Resize, x: &[f32]) -> Vec<f32> {
 /// four input pixels it read, with the weights it read them with.
 fn resize_backward_cpu(r: Resize, dy: &[f32]) -> Vec<f32> {
     let (rows, cols) = (axis_taps(r.in_h, r.out_h), axis_taps(r.in_w, r.out_w));
-    let mut dx = vec![0.0f32; r.planes * r.in_h * r.in_w];
+    let mut dx = host_zeros(r.planes * r.in_h * r.in_w);
     dx.par_chunks_mut(r.in_h * r.in_w).zip(dy.par_chunks(r.out_h * r.out_w)).for_each(|(dx_plane, dy_plane)| {
         for (dy_row, ty) in dy_plane.chunks(r.out_w).zip(&rows) {
             for (&g, tx) in dy_row.iter().zip(&cols) {

@@ -141,7 +141,7 @@ pub(super) fn unary_backward(op: UnaryOp, saved: &[f32], dy: &[f32]) -> Vec<f32>
         // Three passes, each simple enough for the vectoriser (a loop holding both the erf and
         // the density's exp stays scalar, ~15x slower); same operations, same results.
         UnaryOp::Gelu => {
-            let mut pdf_term = host_buffer(o.len());
+            let mut pdf_term = vec![0.0f32; o.len()]; // scratch: not a tensor, so not from the pool
             map_into(&mut pdf_term, s, |x| x * gelu_pdf(x));
             map_into(o, s, gelu_cdf);
             zip_map_in_place(o, &pdf_term, g, |cdf, pdf_term, dy| dy * (cdf + pdf_term));
