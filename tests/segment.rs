@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use mcs_engine::data::{self, Image8};
 use mcs_engine::model::ModelConfig;
-use mcs_engine::segment::{binary_entropy, full_resolution_maps, Options, Segmentation, Segmenter};
+use mcs_engine::segment::{binary_entropy, full_resolution_maps, NoiseMode, Options, Segmentation, Segmenter};
 use mcs_engine::tokenizer::preset_tokenizer_json;
 use mcs_engine::train::{self, DataSpec, Silent, TrainOptions};
 use mcs_engine::{Device, Error, Tensor};
@@ -99,7 +99,7 @@ fn segmenter_is_send_and_sync_and_threads_get_the_sequential_results() {
 #[test]
 fn maps_are_at_the_input_size_and_consistent() {
     let (image, prompt) = picture(1, 75, 50);
-    let opts = Options { samples: 6, seed: 3, threshold: 0.4 };
+    let opts = Options { samples: 6, seed: 3, threshold: 0.4, noise: NoiseMode::Plain };
     let r = segmenter().segment(&image, &prompt, &opts).unwrap();
     assert_eq!((r.width, r.height), (75, 50));
     for map in [r.probability.len(), r.uncertainty.len(), r.mask.len()] {
