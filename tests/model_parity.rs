@@ -139,7 +139,14 @@ fn fused_probabilistic_attention_matches_pytorch_internals() {
             let (shape, values) = &fixture.tensors[&format!("act.adapter.0.img_to_txt.{name}")];
             Tensor::from_slice(values, shape, &device).unwrap()
         };
-        let noise = ops::NoiseKey { seed: fixture.seed, first_draw: 0, samples: 1, adapter: 0, direction: 0, mode: NoiseMode::Plain };
+        let noise = ops::NoiseKey {
+            seed: fixture.seed,
+            first_draw: 0,
+            samples: 1,
+            adapter: 0,
+            direction: 0,
+            mode: NoiseMode::Plain,
+        };
         let out = ops::prob_attention(
             &Tape::inference(),
             &get("q"),

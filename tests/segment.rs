@@ -121,6 +121,19 @@ fn maps_are_at_the_input_size_and_consistent() {
 }
 
 #[test]
+fn antithetic_noise_is_reproducible_and_differs_from_plain_only_in_paired_draws() {
+    let (image, prompt) = picture(3, 40, 40);
+    let with = |samples, noise| {
+        segmenter().segment(&image, &prompt, &Options { samples, noise, ..Options::default() }).unwrap()
+    };
+    let antithetic = with(4, NoiseMode::Antithetic);
+    assert!(with(4, NoiseMode::Antithetic) == antithetic, "antithetic maps must repeat bit for bit");
+    assert!(with(4, NoiseMode::Plain).probability != antithetic.probability, "the mode did not change the draws");
+    // One sample has no partner: draw 0 is the same noise in both modes.
+    assert!(with(1, NoiseMode::Antithetic) == with(1, NoiseMode::Plain));
+}
+
+#[test]
 fn an_input_at_the_model_size_is_not_resampled() {
     let (image, prompt) = picture(2, 32, 32);
     let r = segmenter().segment(&image, &prompt, &options(3)).unwrap();

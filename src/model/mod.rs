@@ -12,8 +12,8 @@ pub mod weights;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use adapter::Sampling;
 pub use crate::philox::NoiseMode;
+pub use adapter::Sampling;
 pub use config::{DiceModeName, ModelConfig, TrainRecipe};
 use layers::{repeat_batch, Loader, Param};
 pub use text::TextDropout;

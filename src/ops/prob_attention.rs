@@ -27,8 +27,8 @@ use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::philox::{normal_block, stream_id};
 pub use crate::philox::NoiseMode;
+use crate::philox::{normal_block, stream_id};
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, Tensor};
 
