@@ -16,6 +16,11 @@
 //! mean probability. Each seed's numbers are averaged over the images; the table gives the mean
 //! over seeds and its spread (sample standard deviation over seeds), and the ratio of the mean
 //! squared entropy errors (antithetic / plain: below 1 means fewer samples reach the same error).
+//! The reference is itself a Monte-Carlo estimate: its own squared error adds about
+//! `sigma^2 / reference` to every row's MSE, where the plain rows give `sigma^2` (their MSE is
+//! `sigma^2 (1/N + 1/reference)`). The last columns remove that floor: the variance ratio
+//! `(MSE - floor) / (plain MSE - floor)` and the plain samples that would give the same error
+//! (`N / ratio`).
 //! Both modes use the same seeds (draw 0 is the same noise in both), so the comparison is paired.
 
 use std::path::PathBuf;
@@ -171,19 +176,27 @@ fn run() -> Result<()> {
     println!(
         "mean over seeds ± sd over seeds of the image-averaged error; MSE ratio: mean per-image entropy MSE / plain's"
     );
-    println!("| N | noise | entropy RMSE (nats) | entropy MAE (nats) | probability RMSE | entropy MSE ratio |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| N | noise | entropy RMSE (nats) | entropy MAE (nats) | probability RMSE | entropy MSE (1e-6 nats²) | \
+         MSE ratio | ratio, reference floor removed | plain samples for the same error |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let seeds = args.seeds as f64;
     for (ni, &n) in args.samples.iter().enumerate() {
-        let plain_mse = table[ni][0].iter().map(|e| e.entropy_mse).sum::<f64>();
+        let plain_mse = table[ni][0].iter().map(|e| e.entropy_mse).sum::<f64>() / seeds;
+        let floor = plain_mse / (1.0 / n as f64 + 1.0 / args.reference as f64) / args.reference as f64;
         for (mi, mode) in modes.iter().enumerate() {
             let column = |f: fn(&Errors) -> f64| mean_sd(&table[ni][mi].iter().map(f).collect::<Vec<_>>());
             let (h, h_sd) = column(|e| e.entropy_rmse);
             let (a, a_sd) = column(|e| e.entropy_mae);
             let (p, p_sd) = column(|e| e.probability_rmse);
-            let mse = table[ni][mi].iter().map(|e| e.entropy_mse).sum::<f64>();
+            let mse = table[ni][mi].iter().map(|e| e.entropy_mse).sum::<f64>() / seeds;
+            let corrected = (mse - floor) / (plain_mse - floor);
             println!(
-                "| {n} | {mode} | {h:.5} ± {h_sd:.5} | {a:.5} ± {a_sd:.5} | {p:.5} ± {p_sd:.5} | {:.3} |",
-                mse / plain_mse
+                "| {n} | {mode} | {h:.5} ± {h_sd:.5} | {a:.5} ± {a_sd:.5} | {p:.5} ± {p_sd:.5} | {:.3} | {:.3} | {corrected:.3} | {:.0} |",
+                mse * 1e6,
+                mse / plain_mse,
+                n as f64 / corrected
             );
         }
     }
