@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use mcs_engine::cuda::gpu_available;
-use mcs_engine::ops::{self, MatmulOpts, NoiseKey};
+use mcs_engine::ops::{self, MatmulOpts, NoiseKey, NoiseMode};
 use mcs_engine::{Device, Tape, Tensor};
 
 /// Median wall time of `repeats` runs of `f`, synchronising the device after each.
@@ -46,7 +46,7 @@ fn cases(device: &Device) -> Vec<Case> {
     let k = random(&[s, 256, 256], 5, device);
     let var = ops::softplus(&t, &random(&[s, 256, 256], 6, device)).unwrap();
     let gemm_flops = 2.0 * (s * 197) as f64 * 768.0 * 3072.0;
-    let noise = NoiseKey { seed: 7, first_draw: 0, samples: s, adapter: 0, direction: 0 };
+    let noise = NoiseKey { seed: 7, first_draw: 0, samples: s, adapter: 0, direction: 0, mode: NoiseMode::Plain };
     vec![
         ("linear 5910x768 -> 3072", gemm_flops / 1e9, {
             let (x, w) = (x.clone(), w.clone());

@@ -8,6 +8,8 @@
 // Tensors are [rows, T, C] with rows = samples * batch (sample s = row / batch). The noise eps of
 // element (row, key, c) is philox_normal(seed, stream_first + s * stream_stride, (b * Tk + key) * C + c)
 // with b = row % batch: the same value the CPU draws, so both backends see bit-identical noise.
+// Antithetic mode (NoiseMode in src/philox.rs) passes negate_bit != 0: a sample whose nominal
+// stream has that bit set reads the stream without it, negated (plain mode passes 0).
 // It is drawn here, in the kernels, and never stored: the backward kernels draw it again.
 //
 // Layout shared by the kernels. 256 threads = 8 warps. Query and key tiles are staged in shared
@@ -40,10 +42,14 @@
 
 __device__ __forceinline__ float pa_neg_infinity() { return __int_as_float(0xff800000); }
 
-// The Philox stream of the sample that `row` belongs to.
+// The Philox stream the sample that `row` belongs to reads, and in *sign the sign its noise
+// takes: -1 for the odd draw of an antithetic pair (negate_bit set in its nominal stream), else 1.
 __device__ __forceinline__ unsigned long long pa_stream(int row, int batch, unsigned long long stream_first,
-                                                        unsigned long long stream_stride) {
-    return stream_first + (unsigned long long)(row / batch) * stream_stride;
+                                                        unsigned long long stream_stride,
+                                                        unsigned long long negate_bit, float* sign) {
+    const unsigned long long nominal = stream_first + (unsigned long long)(row / batch) * stream_stride;
+    *sign = (nominal & negate_bit) ? -1.0f : 1.0f;
+    return nominal & ~negate_bit;
 }
 
 // Copies rows [t0, t0 + n) of one [T, C] matrix into shared memory with row stride ld.
@@ -59,7 +65,7 @@ __device__ __forceinline__ void pa_stage_rows(float* dst, int ld, const float* _
 __device__ __forceinline__ void pa_stage_v_sample(float* dst, int ld, const float* __restrict__ v_mu,
                                                   const float* __restrict__ v_var, int k0, int n, int C,
                                                   unsigned long long seed, unsigned long long stream,
-                                                  unsigned long long noise_first) {
+                                                  unsigned long long noise_first, float sign) {
     const unsigned long long start = noise_first + (unsigned long long)k0 * C;
     const unsigned long long end = start + (unsigned long long)n * C;
     const unsigned long long first_block = start >> 2;
@@ -75,7 +81,7 @@ __device__ __forceinline__ void pa_stage_v_sample(float* dst, int ld, const floa
             const unsigned long long index = 4 * block + l;
             if (index < start || index >= end) continue;
             const int e = (int)(index - start);  // element of the [n, C] tile
-            dst[(e / C) * ld + e % C] = mu[e] + sqrtf(var[e]) * lanes[l];
+            dst[(e / C) * ld + e % C] = mu[e] + sqrtf(var[e]) * (sign * lanes[l]);  // sign: exact
         }
     }
 }
@@ -88,7 +94,7 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
                            const float* __restrict__ k_mu, const float* __restrict__ k_var,
                            const float* __restrict__ v_mu, const float* __restrict__ v_var, int batch, int Tq,
                            int Tk, int C, float beta, unsigned long long seed, unsigned long long stream_first,
-                           unsigned long long stream_stride) {
+                           unsigned long long stream_stride, unsigned long long negate_bit) {
     constexpr int QPT = PA_TQ / PA_WARPS;  // queries per thread in the accumulation
     extern __shared__ float smem[];
     const int ld = C + 1;
@@ -104,7 +110,8 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
     const int row = blockIdx.x, q0 = blockIdx.y * PA_TQ;
     const int nq = min(PA_TQ, Tq - q0);
     const size_t q_base = (size_t)row * Tq * C, k_base = (size_t)row * Tk * C;
-    const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride);
+    float sign;
+    const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride, negate_bit, &sign);
     const unsigned long long noise_first = (unsigned long long)(row % batch) * Tk * C;
     const float inv_sqrt_c = 1.0f / sqrtf((float)C), inv_c = 1.0f / (float)C;
 
@@ -170,7 +177,7 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
                 rescale_s[i] = 0.0f;
             }
         }
-        pa_stage_v_sample(kmu_s, ld, v_mu + k_base, v_var + k_base, k0, nk, C, seed, stream, noise_first);
+        pa_stage_v_sample(kmu_s, ld, v_mu + k_base, v_var + k_base, k0, nk, C, seed, stream, noise_first, sign);
         __syncthreads();
 
         // acc[i][c] = acc[i][c] * rescale[i] + sum_k p[i][k] * V_s[k][c]
@@ -217,9 +224,9 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
         float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,                          \
         const float* __restrict__ k_mu, const float* __restrict__ k_var, const float* __restrict__ v_mu,        \
         const float* __restrict__ v_var, int batch, int Tq, int Tk, int C, float beta, unsigned long long seed, \
-        unsigned long long stream_first, unsigned long long stream_stride) {                                    \
+        unsigned long long stream_first, unsigned long long stream_stride, unsigned long long negate_bit) {     \
         pa_forward<CPT>(out, lse, q, k_mu, k_var, v_mu, v_var, batch, Tq, Tk, C, beta, seed, stream_first,      \
-                        stream_stride);                                                                          \
+                        stream_stride, negate_bit);                                                              \
     }
 PA_FORWARD(1)
 PA_FORWARD(2)
@@ -274,7 +281,7 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
                                const float* __restrict__ k_var, const float* __restrict__ v_mu,
                                const float* __restrict__ v_var, int batch, int Tq, int Tk, int C, float beta,
                                unsigned long long seed, unsigned long long stream_first,
-                               unsigned long long stream_stride) {
+                               unsigned long long stream_stride, unsigned long long negate_bit) {
     constexpr int QPT = PA_TQ / PA_WARPS;
     extern __shared__ float smem[];
     const int ld = C + 1;
@@ -292,7 +299,8 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
     const int row = blockIdx.x, q0 = blockIdx.y * PA_TQ;
     const int nq = min(PA_TQ, Tq - q0);
     const size_t q_base = (size_t)row * Tq * C, k_base = (size_t)row * Tk * C;
-    const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride);
+    float sign;
+    const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride, negate_bit, &sign);
     const unsigned long long noise_first = (unsigned long long)(row % batch) * Tk * C;
     const float inv_sqrt_c = 1.0f / sqrtf((float)C), inv_c = 1.0f / (float)C;
 
@@ -313,7 +321,7 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
         __syncthreads();  // the previous tile is consumed (and the query tiles are staged)
         pa_stage_rows(kmu_s, ld, k_mu + k_base, k0, nk, C);
         pa_stage_rows(kvar_s, ld, k_var + k_base, k0, nk, C);
-        pa_stage_v_sample(vs_s, ld, v_mu + k_base, v_var + k_base, k0, nk, C, seed, stream, noise_first);
+        pa_stage_v_sample(vs_s, ld, v_mu + k_base, v_var + k_base, k0, nk, C, seed, stream, noise_first, sign);
         __syncthreads();
         {
             const int kk = tid % PA_TK;
@@ -370,9 +378,9 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
         const float* __restrict__ delta, const float* __restrict__ q, const float* __restrict__ k_mu,           \
         const float* __restrict__ k_var, const float* __restrict__ v_mu, const float* __restrict__ v_var,       \
         int batch, int Tq, int Tk, int C, float beta, unsigned long long seed, unsigned long long stream_first, \
-        unsigned long long stream_stride) {                                                                     \
+        unsigned long long stream_stride, unsigned long long negate_bit) {                                      \
         pa_backward_dq<CPT>(dq, d_out, lse, delta, q, k_mu, k_var, v_mu, v_var, batch, Tq, Tk, C, beta, seed,   \
-                            stream_first, stream_stride);                                                       \
+                            stream_first, stream_stride, negate_bit);                                           \
     }
 PA_BACKWARD_DQ(1)
 PA_BACKWARD_DQ(2)
@@ -395,7 +403,7 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
                                 const float* __restrict__ k_var, const float* __restrict__ v_mu,
                                 const float* __restrict__ v_var, int batch, int Tq, int Tk, int C, float beta,
                                 unsigned long long seed, unsigned long long stream_first,
-                                unsigned long long stream_stride) {
+                                unsigned long long stream_stride, unsigned long long negate_bit) {
     constexpr int KPT = PA_KV_TK / PA_WARPS;  // keys per thread in the accumulation
     extern __shared__ float smem[];
     const int ld = C + 1;
@@ -414,13 +422,14 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
     const int row = blockIdx.x, k0 = blockIdx.y * PA_KV_TK;
     const int nk = min(PA_KV_TK, Tk - k0);
     const size_t q_base = (size_t)row * Tq * C, k_base = (size_t)row * Tk * C;
-    const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride);
+    float sign;
+    const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride, negate_bit, &sign);
     const unsigned long long noise_first = (unsigned long long)(row % batch) * Tk * C;
     const float inv_sqrt_c = 1.0f / sqrtf((float)C), inv_c = 1.0f / (float)C;
 
     pa_stage_rows(kmu_s, ld, k_mu + k_base, k0, nk, C);
     pa_stage_rows(kvar_s, ld, k_var + k_base, k0, nk, C);
-    pa_stage_v_sample(vs_s, ld, v_mu + k_base, v_var + k_base, k0, nk, C, seed, stream, noise_first);
+    pa_stage_v_sample(vs_s, ld, v_mu + k_base, v_var + k_base, k0, nk, C, seed, stream, noise_first, sign);
 
     float acc_kmu[KPT][CPT], acc_kvar[KPT][CPT], acc_v[KPT][CPT];
 #pragma unroll
@@ -487,7 +496,7 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
             if (dv_mu) dv_mu[at] = acc_v[j][m];
             if (dv_var) {
                 const unsigned long long index = noise_first + (unsigned long long)(k0 + kk) * C + c;
-                const float eps = philox_normal(seed, stream, index);
+                const float eps = sign * philox_normal(seed, stream, index);
                 dv_var[at] = acc_v[j][m] * eps / (2.0f * sqrtf(v_var[at]));
             }
         }
@@ -501,9 +510,9 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
         const float* __restrict__ delta, const float* __restrict__ q, const float* __restrict__ k_mu,           \
         const float* __restrict__ k_var, const float* __restrict__ v_mu, const float* __restrict__ v_var,       \
         int batch, int Tq, int Tk, int C, float beta, unsigned long long seed, unsigned long long stream_first, \
-        unsigned long long stream_stride) {                                                                     \
+        unsigned long long stream_stride, unsigned long long negate_bit) {                                      \
         pa_backward_dkv<CPT>(dk_mu, dk_var, dv_mu, dv_var, d_out, lse, delta, q, k_mu, k_var, v_mu, v_var,      \
-                             batch, Tq, Tk, C, beta, seed, stream_first, stream_stride);                        \
+                             batch, Tq, Tk, C, beta, seed, stream_first, stream_stride, negate_bit);            \
     }
 PA_BACKWARD_DKV(1)
 PA_BACKWARD_DKV(2)

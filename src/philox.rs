@@ -253,3 +253,72 @@ pub fn stream_id(draw: u64, adapter: u32, direction: u32) -> u64 {
     debug_assert!(direction < 2 && adapter < (1 << 15) && draw < (1 << 48), "stream_id fields out of range");
     (draw << 16) | (u64::from(adapter) << 1) | u64::from(direction)
 }
+
+/// How the Monte-Carlo draws of one forward pass share their noise.
+///
+/// The Philox scheme is the same in every mode — the noise of draw `d` is a pure function of
+/// (seed, stream of some draw, element index) — so every mode is bit-reproducible and identical on
+/// every backend. Only which stream a draw reads, and its sign, change. Training always uses
+/// [`NoiseMode::Plain`].
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum NoiseMode {
+    /// Independent draws: draw `d` reads its own stream (the official code's sampling).
+    #[default]
+    Plain,
+    /// Antithetic pairs: draw `2j + 1` reads the stream of draw `2j` and negates it, so a pair's
+    /// Gaussian vectors are `eps` and `-eps` exactly. Pairs are formed on the absolute draw index
+    /// (not on a sample's position in one call), so an odd number of draws leaves the last one
+    /// unpaired and plain. Each draw is still marginally N(0, I); the mean over a pair cancels the
+    /// odd part of the response to the noise.
+    Antithetic,
+}
+
+impl NoiseMode {
+    /// Every mode, in the order the command line lists them.
+    pub const ALL: [NoiseMode; 2] = [NoiseMode::Plain, NoiseMode::Antithetic];
+
+    /// The name `--noise` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            NoiseMode::Plain => "plain",
+            NoiseMode::Antithetic => "antithetic",
+        }
+    }
+
+    /// `(the draw whose stream draw `draw` reads, whether it negates that noise)`.
+    pub fn source(self, draw: u64) -> (u64, bool) {
+        match self {
+            NoiseMode::Plain => (draw, false),
+            NoiseMode::Antithetic => (draw & !1, draw & 1 == 1),
+        }
+    }
+
+    /// The bit of a [`stream_id`] that holds the draw's lowest bit when this mode negates odd
+    /// draws, else 0. A kernel that knows only a draw's nominal stream `s` reads stream
+    /// `s & !bit`, negated when `s & bit != 0` — the same as [`NoiseMode::source`], because
+    /// `stream_id` keeps the draw in its high bits, shifted by a constant.
+    pub fn negate_bit(self) -> u64 {
+        match self {
+            NoiseMode::Plain => 0,
+            NoiseMode::Antithetic => stream_id(1, 0, 0),
+        }
+    }
+}
+
+impl std::fmt::Display for NoiseMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for NoiseMode {
+    type Err = crate::error::Error;
+
+    /// `plain` or `antithetic`; anything else is an error that lists the choices.
+    fn from_str(text: &str) -> Result<NoiseMode, Self::Err> {
+        NoiseMode::ALL.into_iter().find(|mode| mode.name() == text).ok_or_else(|| {
+            let names: Vec<&str> = NoiseMode::ALL.iter().map(|m| m.name()).collect();
+            crate::error::Error::Invalid(format!("unknown noise mode `{text}`: expected one of {}", names.join(", ")))
+        })
+    }
+}

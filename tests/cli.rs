@@ -73,6 +73,26 @@ fn bad_input_gives_a_named_error_and_a_failing_exit() {
 }
 
 #[test]
+fn noise_mode_flag_is_accepted_and_bad_values_are_named() {
+    let dir = std::env::temp_dir().join(format!("mcs-cli-noise-{}", std::process::id()));
+    let out = dir.to_str().unwrap();
+    let (ok, stdout, stderr) = run(&["predict", "--samples", "4", "--noise", "antithetic", "--out", out]);
+    assert!(ok && stdout.contains("4 samples on "), "predict --noise antithetic failed: {stderr}");
+    let antithetic = std::fs::read(dir.join("probability.png")).unwrap();
+    assert!(run(&["predict", "--samples", "4", "--noise", "plain", "--out", out]).0);
+    assert_ne!(std::fs::read(dir.join("probability.png")).unwrap(), antithetic, "--noise changed nothing");
+    std::fs::remove_dir_all(&dir).unwrap();
+    for command in ["predict", "eval"] {
+        let (ok, _, stderr) = run(&[command, "--data", "unused", "--noise", "sobol"]);
+        assert!(!ok, "{command} accepted --noise sobol");
+        assert!(stderr.contains("sobol") && stderr.contains("plain") && stderr.contains("antithetic"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{command} panicked: {stderr}");
+    }
+    let (ok, help, _) = run(&["predict", "--help"]);
+    assert!(ok && help.contains("--noise") && help.contains("antithetic"), "{help}");
+}
+
+#[test]
 fn a_corrupt_image_is_named() {
     let path = std::env::temp_dir().join(format!("mcs-corrupt-{}.png", std::process::id()));
     std::fs::write(&path, b"\x89PNG\r\n\x1a\nthis is not really a png").unwrap();

@@ -6,7 +6,7 @@ mod common;
 
 use common::{devices, Fixture};
 use mcs_engine::model::weights::WeightStore;
-use mcs_engine::model::{MedClipSeg, ModelConfig, Sampling, Trace};
+use mcs_engine::model::{MedClipSeg, ModelConfig, NoiseMode, Sampling, Trace};
 use mcs_engine::{ops, Device, Tape, Tensor};
 
 const WEIGHTS: &str = "tests/fixtures/tiny_weights.safetensors";
@@ -51,7 +51,7 @@ fn tiny_forward_matches_pytorch_reference() {
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let mut trace = Trace::enabled();
-        let sampling = Sampling { seed: fixture.seed, first_draw: 0, samples: 1 };
+        let sampling = Sampling { seed: fixture.seed, first_draw: 0, samples: 1, mode: NoiseMode::Plain };
         model.forward(&Tape::inference(), &pixels, &fixture.ids, sampling, None, &mut trace).unwrap();
 
         println!("\nparity on {} (tiny config, seed {})", device.name(), fixture.seed);
@@ -139,7 +139,14 @@ fn fused_probabilistic_attention_matches_pytorch_internals() {
             let (shape, values) = &fixture.tensors[&format!("act.adapter.0.img_to_txt.{name}")];
             Tensor::from_slice(values, shape, &device).unwrap()
         };
-        let noise = ops::NoiseKey { seed: fixture.seed, first_draw: 0, samples: 1, adapter: 0, direction: 0 };
+        let noise = ops::NoiseKey {
+            seed: fixture.seed,
+            first_draw: 0,
+            samples: 1,
+            adapter: 0,
+            direction: 0,
+            mode: NoiseMode::Plain,
+        };
         let out = ops::prob_attention(
             &Tape::inference(),
             &get("q"),

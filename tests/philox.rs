@@ -7,7 +7,9 @@ mod common;
 
 use common::{devices, gpu};
 use mcs_engine::ops::normal_noise;
-use mcs_engine::philox::{fill_normal, fill_normal_from, ln, normal, philox4x32_10, sincos_2pi, stream_id, uniform};
+use mcs_engine::philox::{
+    fill_normal, fill_normal_from, ln, normal, philox4x32_10, sincos_2pi, stream_id, uniform, NoiseMode,
+};
 use mcs_engine::Device;
 use proptest::prelude::*;
 use safetensors::{Dtype, SafeTensors};
@@ -298,4 +300,24 @@ proptest! {
             assert_bits_equal(&format!("[{rows}, {cols}] on {} vs prefix", device.name()), &noise, &longer[..rows * cols]);
         }
     }
+}
+
+#[test]
+fn noise_modes_map_draws_to_streams_and_parse_by_name() {
+    for draw in [0u64, 1, 2, 3, 40, 41, (1 << 40) + 7] {
+        assert_eq!(NoiseMode::Plain.source(draw), (draw, false));
+        assert_eq!(NoiseMode::Antithetic.source(draw), (draw & !1, draw % 2 == 1));
+        // The kernels' form: clear negate_bit in the nominal stream, negate when it was set.
+        for mode in NoiseMode::ALL {
+            let (bit, nominal) = (mode.negate_bit(), stream_id(draw, 5, 1));
+            let (source, negate) = mode.source(draw);
+            assert_eq!((nominal & !bit, nominal & bit != 0), (stream_id(source, 5, 1), negate), "{mode} draw {draw}");
+        }
+    }
+    assert_eq!(NoiseMode::default(), NoiseMode::Plain);
+    for mode in NoiseMode::ALL {
+        assert_eq!(mode.name().parse::<NoiseMode>().unwrap(), mode);
+    }
+    let err = "sobol".parse::<NoiseMode>().unwrap_err().to_string();
+    assert!(err.contains("`sobol`") && err.contains("plain, antithetic"), "{err}");
 }

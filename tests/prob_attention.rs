@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_vec};
-use mcs_engine::ops::{prob_attention, prob_attention_composed, NoiseKey};
+use mcs_engine::ops::{prob_attention, prob_attention_composed, NoiseKey, NoiseMode};
 use mcs_engine::philox::{normal, stream_id};
 use mcs_engine::{Device, Result, Tape, Tensor};
 use proptest::prelude::*;
@@ -39,7 +39,7 @@ impl Case {
 const BETA: f32 = 2.35;
 
 fn noise(samples: usize, first_draw: u64) -> NoiseKey {
-    NoiseKey { seed: 0x5EED_1234_ABCD, first_draw, samples, adapter: 3, direction: 1 }
+    NoiseKey { seed: 0x5EED_1234_ABCD, first_draw, samples, adapter: 3, direction: 1, mode: NoiseMode::Plain }
 }
 
 /// Host data of (q, k_mu, k_var, v_mu, v_var): means in [-1, 1], variances in [0.1, 1] (they are
@@ -331,6 +331,139 @@ fn noise_is_reproducible_and_follows_the_key() {
                 device.name()
             );
         }
+    }
+}
+
+/// The key of `noise` in antithetic mode.
+fn antithetic(samples: usize, first_draw: u64) -> NoiseKey {
+    NoiseKey { mode: NoiseMode::Antithetic, ..noise(samples, first_draw) }
+}
+
+/// `data` with every sample's rows replaced by sample 0's, so that samples differ only in noise.
+fn same_inputs_per_sample(case: Case, mut data: [Vec<f32>; 5]) -> [Vec<f32>; 5] {
+    for t in data.iter_mut() {
+        let per_sample = t.len() / case.samples;
+        let first = t[..per_sample].to_vec();
+        for chunk in t.chunks_mut(per_sample) {
+            chunk.copy_from_slice(&first);
+        }
+    }
+    data
+}
+
+#[test]
+fn antithetic_pairs_read_one_stream_with_opposite_signs() {
+    // With one key O = V_mu + sqrt(V_var) * eps, so the output shows the noise each sample drew.
+    // Samples 0..5 from draw 5: draw 5 is the odd half of pair (4, 5), draws 6/7 and 8/9 pair up
+    // within the call; nothing is unpaired. From draw 0 with 3 samples, draw 2 is unpaired (plain).
+    for (samples, first_draw) in [(5usize, 5u64), (3, 0)] {
+        let case = Case { samples, batch: 2, tq: 2, tk: 1, c: 7 };
+        let data = case_data(case, 6);
+        let key = antithetic(samples, first_draw);
+        let mut want = Vec::new();
+        for row in 0..case.rows() {
+            let draw = first_draw + (row / case.batch) as u64;
+            let (stream, sign) =
+                (stream_id(draw & !1, key.adapter, key.direction), if draw % 2 == 1 { -1.0 } else { 1.0 });
+            assert_eq!(key.source(row / case.batch), (stream, sign < 0.0), "NoiseKey::source of draw {draw}");
+            for _query in 0..case.tq {
+                for ch in 0..case.c {
+                    let eps = sign * normal(key.seed, stream, ((row % case.batch) * case.c + ch) as u64);
+                    let at = row * case.c + ch;
+                    want.push(data[3][at] + data[4][at].sqrt() * eps);
+                }
+            }
+        }
+        for device in devices() {
+            // As in single_key_output_is_the_value_sample: exact on the CPU, 1 ulp (FMA) on a GPU.
+            let atol = if device.is_cuda() { 1e-6 } else { 0.0 };
+            let got = fused_forward(case, &data, key, &device);
+            assert_close(
+                &format!("antithetic, one key, {samples} from draw {first_draw} on {}", device.name()),
+                &got,
+                &want,
+                atol,
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn antithetic_outputs_of_a_pair_are_exact_negations_when_v_mu_is_zero() {
+    // V_s = +-sqrt(V_var) eps and the same weights A for both samples of a pair, so O_1 = -O_0
+    // bit for bit (rounding is symmetric under negation), on every backend, with many keys.
+    let case = Case { samples: 3, batch: 2, tq: 37, tk: 21, c: 40 };
+    let mut data = same_inputs_per_sample(case, case_data(case, 51));
+    data[3].iter_mut().for_each(|v| *v = 0.0);
+    let row_len = case.batch * case.tq * case.c;
+    for device in devices() {
+        let out = fused_forward(case, &data, antithetic(3, 0), &device);
+        let negated: Vec<f32> = out[..row_len].iter().map(|v| -v).collect();
+        assert_eq!(&out[row_len..2 * row_len], &negated[..], "sample 1 is not -sample 0 on {}", device.name());
+        // The unpaired sample 2 is plain draw 2, not a copy of either.
+        let plain = fused_forward(case, &data, noise(3, 0), &device);
+        assert_eq!(&out[2 * row_len..], &plain[2 * row_len..], "unpaired sample on {}", device.name());
+        assert_ne!(&out[2 * row_len..], &out[..row_len]);
+    }
+}
+
+#[test]
+fn antithetic_mode_is_reproducible_and_keeps_even_draws_plain() {
+    let case = Case { samples: 4, batch: 2, tq: 5, tk: 6, c: 9 };
+    let data = case_data(case, 61);
+    let row_len = case.batch * case.tq * case.c;
+    for device in devices() {
+        let first = fused_forward(case, &data, antithetic(4, 0), &device);
+        assert_eq!(first, fused_forward(case, &data, antithetic(4, 0), &device), "antithetic must repeat bit for bit");
+        let plain = fused_forward(case, &data, noise(4, 0), &device);
+        // Even draws read their own stream in both modes; odd draws differ.
+        for s in 0..case.samples {
+            let (a, p) = (&first[s * row_len..][..row_len], &plain[s * row_len..][..row_len]);
+            if s % 2 == 0 {
+                assert_eq!(a, p, "even sample {s} differs from plain on {}", device.name());
+            } else {
+                assert_ne!(a, p, "odd sample {s} equals plain on {}", device.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_matches_composed_in_antithetic_mode() {
+    // As fused_matches_composed_forward_and_gradients (same tolerances, same reasons), with pairs
+    // and an unpaired sample, so that the backward's regenerated noise is negated too (dV_var).
+    let case = Case { samples: 3, batch: 2, tq: 9, tk: 17, c: 33 };
+    let data = case_data(case, 71);
+    let d_out = random_vec(72, case.rows() * case.tq * case.c, -1.0, 1.0);
+    let key = antithetic(3, 1);
+    for device in devices() {
+        let (fused_out, fused_grads) = forward_backward(prob_attention, case, &data, &d_out, key, &device);
+        let (composed_out, composed_grads) =
+            forward_backward(prob_attention_composed, case, &data, &d_out, key, &device);
+        let at = format!("antithetic on {}", device.name());
+        assert_close(&format!("output, {at}"), &fused_out, &composed_out, FORWARD_ATOL, FORWARD_RTOL);
+        for (name, (f, c)) in
+            ["q", "k_mu", "k_var", "v_mu", "v_var"].iter().zip(fused_grads.iter().zip(&composed_grads))
+        {
+            assert_close(&format!("d{name}, {at}"), f, c, 1e-4, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_in_antithetic_mode() {
+    let Some(gpu) = gpu() else { return };
+    // Tolerances and reasons as in gpu_matches_cpu_with_the_same_noise.
+    let case = Case { samples: 3, batch: 2, tq: 45, tk: 33, c: 100 };
+    let data = case_data(case, 81);
+    let d_out = random_vec(82, case.rows() * case.tq * case.c, -1.0, 1.0);
+    let key = antithetic(3, 7);
+    let (gpu_out, gpu_grads) = forward_backward(prob_attention, case, &data, &d_out, key, &gpu);
+    let (cpu_out, cpu_grads) = forward_backward(prob_attention, case, &data, &d_out, key, &Device::Cpu);
+    assert_close("antithetic output gpu vs cpu", &gpu_out, &cpu_out, FORWARD_ATOL, FORWARD_RTOL);
+    for (name, (g, c)) in ["q", "k_mu", "k_var", "v_mu", "v_var"].iter().zip(gpu_grads.iter().zip(&cpu_grads)) {
+        assert_close(&format!("antithetic d{name} gpu vs cpu"), g, c, 1e-4, 1e-3);
     }
 }
 

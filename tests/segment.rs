@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use mcs_engine::data::{self, Image8};
 use mcs_engine::model::ModelConfig;
-use mcs_engine::segment::{binary_entropy, full_resolution_maps, Options, Segmentation, Segmenter};
+use mcs_engine::segment::{binary_entropy, full_resolution_maps, NoiseMode, Options, Segmentation, Segmenter};
 use mcs_engine::tokenizer::preset_tokenizer_json;
 use mcs_engine::train::{self, DataSpec, Silent, TrainOptions};
 use mcs_engine::{Device, Error, Tensor};
@@ -99,7 +99,7 @@ fn segmenter_is_send_and_sync_and_threads_get_the_sequential_results() {
 #[test]
 fn maps_are_at_the_input_size_and_consistent() {
     let (image, prompt) = picture(1, 75, 50);
-    let opts = Options { samples: 6, seed: 3, threshold: 0.4 };
+    let opts = Options { samples: 6, seed: 3, threshold: 0.4, noise: NoiseMode::Plain };
     let r = segmenter().segment(&image, &prompt, &opts).unwrap();
     assert_eq!((r.width, r.height), (75, 50));
     for map in [r.probability.len(), r.uncertainty.len(), r.mask.len()] {
@@ -118,6 +118,19 @@ fn maps_are_at_the_input_size_and_consistent() {
     assert!(segmenter().segment(&image, &prompt, &opts).unwrap() == r);
     let other = segmenter().segment(&image, &prompt, &Options { seed: 4, ..opts.clone() }).unwrap();
     assert!(other.probability != r.probability, "the seed did not change the draws");
+}
+
+#[test]
+fn antithetic_noise_is_reproducible_and_differs_from_plain_only_in_paired_draws() {
+    let (image, prompt) = picture(3, 40, 40);
+    let with = |samples, noise| {
+        segmenter().segment(&image, &prompt, &Options { samples, noise, ..Options::default() }).unwrap()
+    };
+    let antithetic = with(4, NoiseMode::Antithetic);
+    assert!(with(4, NoiseMode::Antithetic) == antithetic, "antithetic maps must repeat bit for bit");
+    assert!(with(4, NoiseMode::Plain).probability != antithetic.probability, "the mode did not change the draws");
+    // One sample has no partner: draw 0 is the same noise in both modes.
+    assert!(with(1, NoiseMode::Antithetic) == with(1, NoiseMode::Plain));
 }
 
 #[test]

@@ -18,7 +18,14 @@ fn tape_bytes(config: &ModelConfig) -> usize {
     let tape = Tape::new();
     let before = live_tensor_bytes();
     let out = model
-        .forward(&tape, &pixels, &ids, Sampling { seed: 1, first_draw: 0, samples: 1 }, None, &mut Trace::disabled())
+        .forward(
+            &tape,
+            &pixels,
+            &ids,
+            Sampling { seed: 1, first_draw: 0, samples: 1, mode: mcs_engine::model::NoiseMode::Plain },
+            None,
+            &mut Trace::disabled(),
+        )
         .unwrap();
     let loss = ops::mean_all(&tape, &out.logits).unwrap();
     let kept = live_tensor_bytes() - before;

@@ -37,6 +37,11 @@ pub struct EvalArgs {
     /// Seed of the sampling noise (train's --seed reproduces its validation draws).
     #[arg(long, default_value_t = 666)]
     seed: u64,
+    /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
+    /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
+    /// draw unpaired). Training is not affected.
+    #[arg(long, default_value = "plain", value_parser = ["plain", "antithetic"])]
+    noise: String,
     /// Mask threshold on the mean probability.
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
@@ -68,7 +73,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let model = super::model_or_demo(args.model.as_deref())?;
     let segmenter = Segmenter::load_on(&model, &select_device(&args.device)?)?;
     let options = EvalOptions {
-        segment: Options { samples: args.samples, seed: args.seed, threshold: args.threshold },
+        segment: Options {
+            samples: args.samples,
+            seed: args.seed,
+            threshold: args.threshold,
+            noise: args.noise.parse()?,
+        },
         batch_size: args.batch_size.unwrap_or(segmenter.config().training.batch_size),
         tolerance: args.tolerance,
     };

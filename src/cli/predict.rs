@@ -56,6 +56,11 @@ pub struct PredictArgs {
     /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
     #[arg(long, default_value_t = 666)]
     seed: u64,
+    /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
+    /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
+    /// draw unpaired). Training is not affected.
+    #[arg(long, default_value = "plain", value_parser = ["plain", "antithetic"])]
+    noise: String,
     /// A pixel is in the mask when its mean probability is above this.
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
@@ -68,7 +73,8 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
-    let options = Options { samples: args.samples, seed: args.seed, threshold: args.threshold };
+    let options =
+        Options { samples: args.samples, seed: args.seed, threshold: args.threshold, noise: args.noise.parse()? };
     options.check()?;
     let started = Instant::now();
     let segmenter = load_segmenter(args)?;

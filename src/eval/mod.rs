@@ -87,6 +87,8 @@ pub struct Summary {
     pub samples: usize,
     /// Seed of the noise.
     pub seed: u64,
+    /// Noise mode of the draws (`plain` or `antithetic`).
+    pub noise: String,
     /// Images per forward pass.
     pub batch_size: usize,
     /// Mean Dice over images.
@@ -239,6 +241,7 @@ fn summarise(
         images: records.len(),
         samples: options.segment.samples,
         seed: options.segment.seed,
+        noise: options.segment.noise.name().to_string(),
         batch_size: options.batch_size,
         dice: mean(&|r| r.dice),
         nsd: mean(&|r| r.nsd),

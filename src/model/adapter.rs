@@ -4,17 +4,19 @@
 use super::config::ModelConfig;
 use super::layers::{Linear, Loader, Norm, Param};
 use crate::error::Result;
-use crate::ops::{self, NoiseKey};
+use crate::ops::{self, NoiseKey, NoiseMode};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 
 /// Which Monte-Carlo draws a forward pass makes: the batch is stacked `samples` times and copy `s`
-/// draws its noise as draw `first_draw + s` (spec §5; the training step number during training).
+/// draws its noise as draw `first_draw + s` (spec §5; the training step number during training),
+/// related to the other draws as `mode` says (training: always plain).
 #[derive(Clone, Copy, Debug)]
 pub struct Sampling {
     pub seed: u64,
     pub first_draw: u64,
     pub samples: usize,
+    pub mode: NoiseMode,
 }
 
 /// Image queries attend to text (direction 0), then text queries attend to the updated image
@@ -77,6 +79,7 @@ impl PvlAdapter {
             samples: sampling.samples,
             adapter: self.index,
             direction,
+            mode: sampling.mode,
         };
         let v = self.vis_down.forward(tape, image)?;
         let t = self.txt_down.forward(tape, text)?;

@@ -12,6 +12,7 @@ pub mod weights;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use crate::philox::NoiseMode;
 pub use adapter::Sampling;
 pub use config::{DiceModeName, ModelConfig, TrainRecipe};
 use layers::{repeat_batch, Loader, Param};
@@ -239,10 +240,16 @@ impl MedClipSeg {
     }
 
     /// `samples` stochastic passes (draws `0..samples`, all in one batched pass), their mean
-    /// probability and its binary entropy (spec §5).
+    /// probability and its binary entropy (spec §5), with independent (plain) noise.
     pub fn predict(&self, pixels: &Tensor, ids: &[u32], seed: u64, samples: usize) -> Result<Prediction> {
+        self.predict_sampled(pixels, ids, Sampling { seed, first_draw: 0, samples, mode: NoiseMode::Plain })
+    }
+
+    /// [`MedClipSeg::predict`] with any draws and noise mode (`sampling.samples` passes, draws
+    /// `sampling.first_draw ..`).
+    pub fn predict_sampled(&self, pixels: &Tensor, ids: &[u32], sampling: Sampling) -> Result<Prediction> {
+        let samples = sampling.samples;
         let tape = Tape::inference();
-        let sampling = Sampling { seed, first_draw: 0, samples };
         let out = self.forward(&tape, pixels, ids, sampling, None, &mut Trace::disabled())?;
         let (b, h, w) = (pixels.dim(0), self.config.image_size, self.config.image_size);
         let logits = ops::reshape(&tape, &out.logits, &[samples, b, h, w])?;

@@ -10,8 +10,9 @@
 //! key/value tensors `[S*B, Tk, C]`, and row `r` belongs to sample `r / B`. The noise of sample
 //! `s` is `philox::normal(seed, stream(s), (b * Tk + k) * C + c)` with
 //! `stream(s) = stream_id(first_draw + s, adapter, direction)` (see [`NoiseKey`]), bit-identical on
-//! every backend. It is never stored: the backward regenerates it. The forward saves only its
-//! output and one log-sum-exp per query, from which the backward recomputes the attention weights.
+//! every backend; in [`NoiseMode::Antithetic`] an odd draw reads its even partner's stream,
+//! negated. It is never stored: the backward regenerates it. The forward saves only its output
+//! and one log-sum-exp per query, from which the backward recomputes the attention weights.
 //!
 //! [`prob_attention`] is the fused op (CPU reference below, CUDA kernels in
 //! `kernels/prob_attention.cu`); [`prob_attention_composed`] builds the same function from the
@@ -27,6 +28,7 @@ use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
+pub use crate::philox::NoiseMode;
 use crate::philox::{fill_normal_from, stream_id};
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, host_zeros, Tensor};
@@ -45,12 +47,20 @@ pub struct NoiseKey {
     pub adapter: u32,
     /// 0: image->text attention, 1: text->image.
     pub direction: u32,
+    /// How the draws share noise (plain: independent; antithetic: negated pairs).
+    pub mode: NoiseMode,
 }
 
 impl NoiseKey {
-    /// The Philox stream of sample `sample`.
+    /// The nominal Philox stream of sample `sample` (its own draw's), whatever the mode.
     pub fn stream(&self, sample: usize) -> u64 {
         stream_id(self.first_draw + sample as u64, self.adapter, self.direction)
+    }
+
+    /// The stream sample `sample` actually reads and whether it negates it (see [`NoiseMode`]).
+    pub fn source(&self, sample: usize) -> (u64, bool) {
+        let (draw, negate) = self.mode.source(self.first_draw + sample as u64);
+        (stream_id(draw, self.adapter, self.direction), negate)
     }
 }
 
@@ -293,7 +303,13 @@ impl<'a> CpuInputs<'a> {
 
 /// The noise `eps` of one row, `[Tk, C]`.
 fn row_noise(d: Dims, noise: &NoiseKey, row: usize) -> Vec<f32> {
-    noise_range(noise.seed, noise.stream(row / d.batch), d.noise_first(row), d.tk * d.c)
+    let (stream, negate) = noise.source(row / d.batch);
+    let mut eps = noise_range(noise.seed, stream, d.noise_first(row), d.tk * d.c);
+    if negate {
+        // Exact in floating point, so the pair is `eps` and `-eps` bit for bit.
+        map_in_place(&mut eps, |e| -e);
+    }
+    eps
 }
 
 /// `V_s = V_mu + sqrt(V_var) * eps` of one row.
@@ -564,6 +580,8 @@ struct ScalarArgs {
     seed: u64,
     stream_first: u64,
     stream_stride: u64,
+    /// [`NoiseMode::negate_bit`]: the kernels map a nominal stream to the one it reads with it.
+    negate_bit: u64,
 }
 
 impl ScalarArgs {
@@ -574,6 +592,11 @@ impl ScalarArgs {
         // Elements of one row are indexed with 32-bit ints inside the kernels.
         int(d.tq.max(d.tk) * (d.c + 1))?;
         let (stream_first, stream_stride) = stream_first_and_stride(noise);
+        let negate_bit = noise.mode.negate_bit();
+        debug_assert!((0..noise.samples).all(|s| {
+            let nominal = noise.stream(s);
+            noise.source(s) == (nominal & !negate_bit, nominal & negate_bit != 0)
+        }));
         Ok(ScalarArgs {
             batch: int(d.batch)?,
             tq: int(d.tq)?,
@@ -583,12 +606,13 @@ impl ScalarArgs {
             seed: noise.seed,
             stream_first,
             stream_stride,
+            negate_bit,
         })
     }
 
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
         b.arg(&self.batch).arg(&self.tq).arg(&self.tk).arg(&self.c).arg(&self.beta);
-        b.arg(&self.seed).arg(&self.stream_first).arg(&self.stream_stride);
+        b.arg(&self.seed).arg(&self.stream_first).arg(&self.stream_stride).arg(&self.negate_bit);
     }
 }
 
@@ -613,7 +637,7 @@ fn cuda_forward(
     scalars.push(&mut b);
     // SAFETY: arguments match `prob_attention_forward_cN(float* out, float* lse, const float* q,
     // k_mu, k_var, v_mu, v_var, int batch, int Tq, int Tk, int C, float beta, u64 seed, u64
-    // stream_first, u64 stream_stride)`; `dims` checked q is [rows, Tq, C] and the others
+    // stream_first, u64 stream_stride, u64 negate_bit)`; `dims` checked q is [rows, Tq, C] and the others
     // [rows, Tk, C]; out holds rows*Tq*C and lse rows*Tq floats, every element written once.
     // The grid covers every (row, query tile); the shared memory size is the kernel's formula.
     launch(kernel.name(), unsafe { b.launch(cfg) })?;
@@ -724,7 +748,7 @@ pub fn prob_attention_composed(
     noise: NoiseKey,
 ) -> Result<Tensor> {
     use super::{
-        add, concat_forward, matmul, matmul_with, mul, normal_noise, scale, softmax_last, sqrt, sub, MatmulOpts,
+        add, concat_forward, matmul, matmul_with, mul, neg, normal_noise, scale, softmax_last, sqrt, sub, MatmulOpts,
     };
     let x = ProbAttentionInputs { q, k_mu, k_var, v_mu, v_var };
     let d = dims(&x, &noise)?;
@@ -737,7 +761,15 @@ pub fn prob_attention_composed(
     let weights = softmax_last(tape, &sub(tape, &s_mu, &scale(tape, &s_sigma, beta)?)?, None)?;
 
     let per_sample: Vec<Tensor> = (0..noise.samples)
-        .map(|s| normal_noise(&device, &[d.batch, d.tk, d.c], noise.seed, noise.stream(s)))
+        .map(|s| {
+            let (stream, negate) = noise.source(s);
+            let eps = normal_noise(&device, &[d.batch, d.tk, d.c], noise.seed, stream)?;
+            if negate {
+                neg(tape, &eps)
+            } else {
+                Ok(eps)
+            }
+        })
         .collect::<Result<_>>()?;
     let eps = concat_forward(&per_sample.iter().collect::<Vec<_>>(), 0)?;
     let v_sample = add(tape, v_mu, &mul(tape, &sqrt(tape, v_var)?, &eps)?)?;

@@ -20,6 +20,10 @@
 //!
 //! Reproducibility: the noise is counter-based and keyed by `(seed, draw, adapter, batch row)`,
 //! so the same image, prompt and options give the same maps bit for bit, on any thread count.
+//!
+//! [`Options::noise`] chooses how the draws relate: independent ([`NoiseMode::Plain`], the
+//! official sampling and the default) or antithetic pairs ([`NoiseMode::Antithetic`]: draw
+//! `2j + 1` uses the negated noise of draw `2j`), a variance-reduction option for few samples.
 
 #![warn(missing_docs)]
 
@@ -32,11 +36,12 @@ use crate::cuda::gpu_available;
 use crate::data::{self, Image8};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::model::{MedClipSeg, ModelConfig};
+use crate::model::{MedClipSeg, ModelConfig, Sampling};
 use crate::tensor::Tensor;
 use crate::tokenizer::PromptTokenizer;
 use crate::train::checkpoint::{load_model_folder, CONFIG_FILE};
 
+pub use crate::philox::NoiseMode;
 pub use maps::{binary_entropy, full_resolution_maps};
 pub use output::{write_npy, write_outputs, OutputFiles};
 
@@ -72,12 +77,18 @@ pub struct Options {
     pub seed: u64,
     /// A pixel is foreground when its mean probability is above this (the paper: 0.5).
     pub threshold: f32,
+    /// How the Monte-Carlo draws share noise: [`NoiseMode::Plain`] (independent, as the
+    /// official code) or [`NoiseMode::Antithetic`] (draw `2j + 1` negates the noise of draw `2j`;
+    /// with an odd `samples` the last draw is unpaired). Both are unbiased estimates of the same
+    /// maps; antithetic pairs can have less Monte-Carlo error at the same number of samples (see
+    /// BENCHMARKS.md for what it buys on the demo checkpoint).
+    pub noise: NoiseMode,
 }
 
 impl Default for Options {
-    /// 30 samples, seed 666 (the official scripts' seed), threshold 0.5.
+    /// 30 samples, seed 666 (the official scripts' seed), threshold 0.5, plain noise.
     fn default() -> Options {
-        Options { samples: 30, seed: 666, threshold: 0.5 }
+        Options { samples: 30, seed: 666, threshold: 0.5, noise: NoiseMode::Plain }
     }
 }
 
@@ -235,7 +246,8 @@ impl Segmenter {
             ids.extend(self.tokenizer.encode(prompt).map_err(at)?);
         }
         let pixels = Tensor::from_slice(&pixels, &[items.len(), 3, size, size], self.device())?;
-        let prediction = self.model.predict(&pixels, &ids, options.seed, options.samples)?;
+        let sampling = Sampling { seed: options.seed, first_draw: 0, samples: options.samples, mode: options.noise };
+        let prediction = self.model.predict_sampled(&pixels, &ids, sampling)?;
         let model_probability = prediction.probability.to_vec()?;
         let plane = size * size;
         items

@@ -4,7 +4,7 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::{DiceModeName, MedClipSeg, Sampling, TextDropout, Trace, TrainRecipe};
-use crate::ops::{self, AdamConfig, AdamState, DiceMode};
+use crate::ops::{self, AdamConfig, AdamState, DiceMode, NoiseMode};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 
@@ -80,7 +80,8 @@ pub fn losses(
     recipe: &TrainRecipe,
     noise: StepNoise,
 ) -> Result<(Tensor, LossValues)> {
-    let sampling = Sampling { seed: noise.seed, first_draw: noise.draw, samples: 1 };
+    // Training draws independent noise: one sample per step, nothing to pair.
+    let sampling = Sampling { seed: noise.seed, first_draw: noise.draw, samples: 1, mode: NoiseMode::Plain };
     let dropout =
         (noise.text_dropout > 0.0).then_some(TextDropout { p: noise.text_dropout, seed: noise.seed, step: noise.draw });
     let out = model.forward(tape, &batch.pixels, &batch.ids, sampling, dropout.as_ref(), &mut Trace::disabled())?;
