@@ -326,6 +326,7 @@ def main():
     if not os.path.isfile(args.engine):
         raise SystemExit(f"no engine binary at {args.engine}: `cargo build --release` or pass --engine")
 
+    load_before = os.getloadavg()
     sides = ["engine"] + [f"torch {v}" for v in TORCH_VARIANTS[args.case]]
     times = {side: {} for side in sides}
     rss = {side: 0.0 for side in sides}
@@ -345,7 +346,10 @@ def main():
 
     what = {"train": "train step", "predict": f"predict, {args.samples} samples", "forward": "forward, one sample",
             "attention": f"probabilistic attention, {args.samples} samples"}[args.case]
-    print(f"\n{header}")
+    # Other processes on the cores stall torch's OpenMP barriers far more than the engine's rayon
+    # tasks (a stalled thread holds up every op): the load says how much of that a run saw.
+    load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(load_before, os.getloadavg()))
+    print(f"\n{header}; load average (1, 5, 15 min) before/after: {load} on {os.cpu_count()} CPUs")
     print(f"{what}, config {args.config}, batch {args.batch}, {args.threads} threads, FP32, {args.rounds} rounds x "
           f"{args.steps} steps after {args.warmup} warm-up (median over all timed steps; range min-max)")
     per_image = None if args.case == "attention" else args.batch
