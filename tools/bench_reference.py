@@ -49,7 +49,7 @@ from reference import losses, model as ref  # noqa: E402
 
 ALIASES = {"paper": "unimedclip-vit-b16"}
 # Defaults per case: a paper-size predict step at 30 samples takes tens of seconds on a 2-core CPU.
-DEFAULTS = {"train": (16, 10, 2), "predict": (1, 2, 1), "forward": (1, 5, 1), "attention": (1, 5, 1)}  # batch, steps, warmup
+DEFAULTS = {"train": (16, 10, 2), "predict": (1, 1, 1), "forward": (1, 5, 1), "attention": (1, 5, 1)}  # batch, steps, warmup
 TORCH_VARIANTS = {"train": ["train"], "predict": ["loop", "batched"], "forward": ["forward"],
                   "attention": ["attention"]}
 
@@ -307,7 +307,7 @@ def main():
     parser.add_argument("--batch", type=int, help="images per step (default: 16 for train, else 1)")
     parser.add_argument("--samples", type=int, default=30, help="Monte-Carlo samples (predict, attention)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, help="timed steps per round (default: 10 train, 2 predict, 5 others)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default: 10 train, 1 predict, 5 others)")
     parser.add_argument("--warmup", type=int, help="untimed steps per round (default: 2 train, else 1)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine", default=os.path.join(ROOT, "target", "release", "mcs-engine"))
