@@ -297,7 +297,7 @@ def series(report):
 def describe(times, batch=None):
     med = statistics.median(times)
     line = f"{med * 1e3:9.1f} ms ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
-    return med, line + (f", {batch / med:7.2f} images/s" if batch else "")
+    return med, line + (f", {batch / med:7.3g} images/s" if batch else "")
 
 
 def main():
