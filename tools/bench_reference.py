@@ -296,7 +296,7 @@ def series(report):
 
 def describe(times, batch=None):
     med = statistics.median(times)
-    line = f"{med * 1e3:9.1f} ms ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
+    line = f"{med * 1e3:.1f} ms ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
     return med, line + (f", {batch / med:7.3g} images/s" if batch else "")
 
 
@@ -331,6 +331,7 @@ def main():
     times = {side: {} for side in sides}
     rss = {side: 0.0 for side in sides}
     header = None
+    shapes = {}  # attention: direction -> its shapes
     for r in range(args.rounds):
         line = []
         for side in sides:
@@ -341,6 +342,8 @@ def main():
             for label, values in series(report).items():
                 times[side].setdefault(label, []).extend(values)
             rss[side] = max(rss[side], report["peak_rss_mib"] or 0.0)
+            for d in report.get("directions", []):
+                shapes[d["direction"]] = f"q {d['q_shape']}, k/v {d['kv_shape']}"
             line.append(f"{side} " + ", ".join(f"{statistics.median(v) * 1e3:.1f}" for v in series(report).values()))
         print(f"round {r + 1}: " + "; ".join(line) + " ms", flush=True)
 
@@ -352,21 +355,28 @@ def main():
     print(f"\n{header}; load average (1, 5, 15 min) before/after: {load} on {os.cpu_count()} CPUs")
     print(f"{what}, config {args.config}, batch {args.batch}, {args.threads} threads, FP32, {args.rounds} rounds x "
           f"{args.steps} steps after {args.warmup} warm-up (median over all timed steps; range min-max)")
-    per_image = None if args.case == "attention" else args.batch
+    if args.case == "attention":
+        return attention_summary(times, rss, shapes)
     medians = {}
-    for label in times["engine"]:
-        for side in sides:
-            medians[(side, label)], text = describe(times[side][label], per_image)
-            name = side if label == "step" else f"{side}, {label}"
-            print(f"  {name:>40}: {text}")
     for side in sides:
-        print(f"  {side:>40}: peak RSS {rss[side]:.0f} MiB")
+        medians[side], text = describe(times[side]["step"], args.batch)
+        print(f"  {side:>14}: {text}, peak RSS {rss[side]:.0f} MiB")
     for side in sides[1:]:
-        for label in times["engine"]:
-            ratio = medians[(side, label)] / medians[("engine", label)]
-            tag = "" if label == "step" else f" ({label})"
-            print(f"  ratio{tag}: the engine is {ratio:.2f}x as fast as {side}")
+        print(f"  ratio: the engine is {medians[side] / medians['engine']:.2f}x as fast as {side}")
 
+
+def attention_summary(times, rss, shapes):
+    """Per direction, forward and forward+backward of both sides side by side, and the ratios."""
+    engine, torch_side = times["engine"], times["torch attention"]
+    print(f"  {'':28} {'engine':>28}  {'torch (unfused)':>28}  engine speed-up")
+    for direction, shape in shapes.items():
+        print(f"  {direction}: {shape}")
+        for part, name in (("forward", "forward"), ("forward_backward", "forward+backward")):
+            label = f"{direction} {part}"
+            e_med, e_text = describe(engine[label])
+            t_med, t_text = describe(torch_side[label])
+            print(f"    {name:<26} {e_text:>28}  {t_text:>28}  {t_med / e_med:.2f}x")
+    print(f"  peak RSS: engine {rss['engine']:.0f} MiB, torch {rss['torch attention']:.0f} MiB")
 
 if __name__ == "__main__":
     main()
