@@ -27,7 +27,9 @@ enum Command {
     /// the built-in synthetic ultrasound task. Writes best/ and latest/ checkpoints (folders that
     /// `predict --model` reads), metrics.csv and curves.png.
     Train(cli::train::TrainArgs),
-    /// Time one case end to end with random weights (now: `train`, one optimisation step).
+    /// Time one case with random weights and report median, spread, images/s and peak RSS:
+    /// `train` (one optimisation step), `predict` (Monte-Carlo inference), `forward` (one pass),
+    /// `attention` (the probabilistic attention op alone, forward and backward).
     Bench(cli::bench::BenchArgs),
     /// Write the built-in synthetic dataset in the official layout (images, masks, xlsx prompts).
     Synth(cli::synth::SynthArgs),

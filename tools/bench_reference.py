@@ -1,41 +1,147 @@
 """Side-by-side timings of the engine and the PyTorch reference (tools/reference/) on the same
-config, batch, thread count and precision, run alternately (engine, torch, engine, torch, ...)
+config, shapes, thread count and FP32 precision, run alternately (engine, torch, engine, torch, ...)
 in one invocation so that the machine's noise hits both sides alike.
 
-    python tools/bench_reference.py train [--config small] [--batch 16] [--threads 2]
-                                          [--steps 10] [--warmup 2] [--rounds 3] [--engine PATH]
+    python tools/bench_reference.py CASE [--config small|tiny|paper|PATH] [--batch N] [--samples 30]
+                                         [--threads 2] [--steps S] [--warmup W] [--rounds 3] [--engine PATH]
+
+Cases (random weights; the engine side is `mcs-engine bench CASE --json`):
 
 `train`: one optimisation step (forward with one Monte-Carlo sample, 0.5 Dice(rows) + 0.5 BCE +
-0.1 SoftCon, backward, Adam) with random weights, on a batch of the engine's synthetic task
-(`mcs-engine synth` writes the same images). The torch side is the plain reference model in FP32
-eager mode; its V noise comes from torch.randn (as in the official code) rather than the NumPy
-Philox used for parity, so the reference is not slowed by NumPy. Dropout follows the config's
-recipe (off for `small`). Prints each side's median step time and images/s with their spread over
-the rounds, and the ratio.
+  0.1 SoftCon, backward, Adam) on a batch of the engine's synthetic task (`mcs-engine synth` writes
+  the same images). Dropout follows the config's recipe (off for `small`). Default batch 16.
+`predict`: `--samples` Monte-Carlo draws for a batch (default 1), to the mean probability and its
+  entropy, under torch.no_grad(). Two torch variants: `loop`, the official order (one whole forward
+  per sample, `reference.model.MedCLIPSeg.predict`), and `batched`, the engine's order (the part
+  before the first adapter once, then the samples stacked in the batch dimension; written here
+  from the reference's own modules, `batched_predict`).
+`forward`: one inference forward pass with one sample (one iteration of the official loop).
+`attention`: the probabilistic attention alone at the config's adapter shapes, image->text
+  (queries the 1 + grid^2 image tokens, keys the text context) and text->image, `--samples` draws
+  stacked in the batch: PyTorch's unfused composition of the reference's maths (q k^T, the sigma
+  term, softmax, sampled V, A V; `prob_attention` below) against the engine's fused op, forward
+  under no_grad and forward + autograd backward to all five inputs.
+
+Both sides draw the V noise at run time (torch.randn, as the official code; the engine's Philox in
+its kernels), not the NumPy Philox of the parity fixtures, so the reference is not slowed by NumPy.
+Every torch round runs in its own child process (`--worker`), so its peak resident set
+(ru_maxrss) belongs to that case alone, as the engine's VmHWM does. Prints each side's median
+with its range over all timed steps of all rounds, images/s, peak RSS, and the ratios.
 """
 
 import argparse
 import json
+import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from reference import losses, model as ref  # noqa: E402
 
+ALIASES = {"paper": "unimedclip-vit-b16"}
+# Defaults per case: a paper-size predict step at 30 samples takes tens of seconds on a 2-core CPU.
+DEFAULTS = {"train": (16, 10, 2), "predict": (1, 1, 1), "forward": (1, 5, 1), "attention": (1, 5, 1)}  # batch, steps, warmup
+TORCH_VARIANTS = {"train": ["train"], "predict": ["loop", "batched"], "forward": ["forward"],
+                  "attention": ["attention"]}
 
-def engine_round(args):
-    cmd = [args.engine, "bench", "train", "--config", args.config, "--batch-size", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--device", "cpu", "--json"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["median_s"]
+
+# ---------------------------------------------------------------------------------------------------
+# What the torch side computes
+
+
+def load_config(spec):
+    path = spec if os.path.isfile(spec) else os.path.join(ROOT, "weights", "configs",
+                                                          f"{ALIASES.get(spec, spec)}.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"unknown config `{spec}`: neither a file nor weights/configs/{spec}.json")
+    with open(path) as f:
+        raw = json.load(f)
+    return raw, ref.Config.from_dict(raw)
+
+
+def prompt_ids(cfg, batch):
+    """14 random token ids per prompt, then padding (the engine's layout for a config without a
+    shipped tokenizer; the text tower attends over the whole padded context either way)."""
+    ids = torch.randint(1, cfg.text_vocab_size, (batch, cfg.text_context_length))
+    ids[:, 14:] = cfg.text_pad_id
+    return ids
+
+
+def randn_noise(k, direction, shape):
+    """Stacked V noise of adapter k for all samples at once (one torch.randn per attention)."""
+    return torch.randn(shape)
+
+
+def batched_predict(model, pixels, ids, samples, noise=randn_noise):
+    """The engine's order of Monte-Carlo inference on the reference's modules: embeddings and the
+    blocks before the first adapter once, then image tokens, text tokens and the text mask
+    repeated `samples` times sample-major (row s*B + b is sample s of image b) and every later
+    layer run once on the stacked batch. `noise(k, direction, (S*B, T, C))` gives adapter k's
+    noise; with per-draw Philox noise this equals `model.predict` (tools/tests/test_bench_reference.py).
+    Returns (logits [S, B, H, W], mean probability, entropy) as `MedCLIPSeg.predict` does."""
+    cfg = model.cfg
+    vision, bert = model.vision_model, model.text_model.transformer
+    b = pixels.shape[0]
+    mask = model.text_model.additive_mask(ids)
+    x_img, x_txt = vision.embed(pixels), bert.embeddings(ids)
+    stacked = samples == 1
+
+    def stack():
+        return x_img.repeat(samples, 1, 1), x_txt.repeat(samples, 1, 1), mask.repeat(samples, 1, 1, 1)
+
+    for i, (block, layer) in enumerate(zip(vision.transformer.resblocks, bert.encoder.layer)):
+        if i in cfg.adapter_layers:
+            if not stacked:
+                x_img, x_txt, mask = stack()
+                stacked = True
+            k, c = cfg.adapter_layers.index(i), cfg.adapter_dim
+            n_i2t = noise(k, 0, (samples * b, x_txt.shape[1], c))
+            n_t2i = noise(k, 1, (samples * b, x_img.shape[1], c))
+            dv, dt, _, _ = model.pvl_adapters[k](x_img, x_txt, n_i2t, n_t2i)
+            x_img, x_txt = x_img + dv, x_txt + dt
+        x_img = block(x_img)
+        x_txt = layer(x_txt, mask)
+    if not stacked:
+        x_img, x_txt, mask = stack()
+    logits = model.segment(vision.output_tokens(x_img), model.text_model.pooled_embedding(x_txt))
+    logits = logits.reshape(samples, b, *logits.shape[1:])
+    p = torch.sigmoid(logits).mean(dim=0)
+    entropy = -(p * torch.log(p + ref.ENTROPY_EPS) + (1 - p) * torch.log(1 - p + ref.ENTROPY_EPS))
+    return logits, p, entropy
+
+
+def prob_attention(q, k_mu, k_var, v_mu, v_var, beta, noise):
+    """The probabilistic attention of `reference.model.ProbCrossAttention.forward` between its
+    projections and out_proj, op for op (unfused: every intermediate is materialised)."""
+    c = q.shape[-1]
+    s_mu = (q @ k_mu.transpose(1, 2)) / math.sqrt(c)
+    s_sigma = torch.sqrt((q * q) @ k_var.transpose(1, 2) / c)
+    attn = torch.softmax(s_mu - beta * s_sigma, dim=-1)
+    v_sample = v_mu + torch.sqrt(v_var) * noise
+    return attn @ v_sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers: one torch case in its own process, one JSON line on stdout
+
+
+def timed(warmup, steps, step):
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step(i)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def synthetic_batch(cfg, batch, engine):
@@ -59,13 +165,9 @@ def synthetic_batch(cfg, batch, engine):
     return torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(masks))
 
 
-def torch_setup(args):
-    with open(os.path.join(ROOT, "weights", "configs", f"{args.config}.json")) as f:
-        raw = json.load(f)
-    cfg = ref.Config.from_dict(raw)
+def worker_train(args, raw, cfg):
     trainable_parts = raw.get("trainable", list(ref.TRAINABLE_PARTS))
     recipe = raw.get("training", {})
-    torch.manual_seed(0)
     model = ref.MedCLIPSeg(cfg)
     params = []
     for name, p in model.named_parameters():
@@ -76,65 +178,205 @@ def torch_setup(args):
     model.train(recipe.get("text_dropout", 0.1) > 0)
     optimizer = torch.optim.Adam(params, lr=1e-4)
     pixels, masks = synthetic_batch(cfg, args.batch, args.engine)
-    ids = torch.randint(1, cfg.text_vocab_size, (args.batch, cfg.text_context_length))
-    ids[:, 14:] = cfg.text_pad_id
-    return model, optimizer, pixels, ids, masks
+    ids = prompt_ids(cfg, args.batch)
 
-
-def torch_round(state, args):
-    model, optimizer, pixels, ids, masks = state
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    def step(i):
         optimizer.zero_grad(set_to_none=True)
-        logits, acts = model(pixels, ids, 0, step)
+        logits, acts = model(pixels, ids, 0, i)
         terms = losses.all_terms(logits, masks, acts["act.vision.tokens"][:, 1:, :], acts["act.text.embedding"])
         terms["total"].backward()
         optimizer.step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return {"times_s": timed(args.warmup, args.steps, step)}
+
+
+def inference_inputs(args, cfg):
+    model = ref.MedCLIPSeg(cfg).eval()
+    pixels = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size)
+    return model, pixels, prompt_ids(cfg, args.batch)
+
+
+def worker_inference(args, raw, cfg):
+    model, pixels, ids = inference_inputs(args, cfg)
+    if args.worker == "loop":
+        def step(i):
+            model.predict(pixels, ids, 0, args.samples)
+    elif args.worker == "batched":
+        def step(i):
+            batched_predict(model, pixels, ids, args.samples)
+    else:  # forward: one iteration of the official loop
+        def step(i):
+            model.segment(*model.encode(pixels, ids, 0, 0))
+    with torch.no_grad():
+        return {"times_s": timed(args.warmup, args.steps, step)}
+
+
+def worker_attention(args, raw, cfg):
+    rows, c = args.samples * args.batch, cfg.adapter_dim
+    directions = []
+    for name, tq, tk in (("image_to_text", cfg.vision_tokens, cfg.text_context_length),
+                         ("text_to_image", cfg.text_context_length, cfg.vision_tokens)):
+        q = torch.randn(rows, tq, c)
+        k_mu, v_mu = torch.randn(rows, tk, c), torch.randn(rows, tk, c)
+        k_var, v_var = (F.softplus(torch.randn(rows, tk, c)) + ref.VARIANCE_EPS for _ in range(2))
+        d_out = torch.randn(rows, tq, c)
+        inputs = [q, k_mu, k_var, v_mu, v_var]
+
+        def forward(i):
+            with torch.no_grad():
+                prob_attention(*inputs, cfg.beta, torch.randn(rows, tk, c))
+
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+
+        def forward_backward(i):
+            for t in leaves:
+                t.grad = None
+            out = prob_attention(*leaves, cfg.beta, torch.randn(rows, tk, c))
+            out.backward(d_out)
+
+        directions.append({"direction": name, "q_shape": [rows, tq, c], "kv_shape": [rows, tk, c],
+                           "forward_times_s": timed(args.warmup, args.steps, forward),
+                           "forward_backward_times_s": timed(args.warmup, args.steps, forward_backward)})
+    return {"directions": directions}
+
+
+def worker(args):
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    ref.adapter_noise = lambda seed, draw, adapter, direction, shape, device=None: torch.randn(shape)
+    raw, cfg = load_config(args.config)
+    run = {"train": worker_train, "attention": worker_attention}.get(args.worker, worker_inference)
+    report = run(args, raw, cfg)
+    # ru_maxrss is in KiB on Linux.
+    report.update(torch=torch.__version__, threads=torch.get_num_threads(),
+                  matmul_precision=torch.get_float32_matmul_precision(),
+                  peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(report))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver: alternate the sides round by round and summarise
+
+
+def child_json(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def engine_report(args):
+    cmd = [args.engine, "bench", args.case, "--config", args.config, "--batch-size", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--device", "cpu", "--json"]
+    if args.case in ("predict", "attention"):
+        cmd += ["--samples", str(args.samples)]
+    return child_json(cmd)
+
+
+def torch_report(args, variant):
+    cmd = [sys.executable, os.path.abspath(__file__), args.case, "--worker", variant]
+    for flag in ("config", "batch", "samples", "threads", "steps", "warmup", "engine"):
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    return child_json(cmd)
+
+
+def series(report):
+    """{label: [seconds per timed step]} of one report, engine or torch."""
+    if "directions" in report:
+        out = {}
+        for d in report["directions"]:
+            for part in ("forward", "forward_backward"):
+                out[f"{d['direction']} {part}"] = d[f"{part}_times_s"]
+        return out
+    return {"step": report["times_s"]}
+
+
+def describe(times, batch=None):
+    med = statistics.median(times)
+    line = f"{med * 1e3:.1f} ms ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})"
+    return med, line + (f", {batch / med:7.3g} images/s" if batch else "")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case", choices=["train"])
-    parser.add_argument("--config", default="small")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("case", choices=sorted(DEFAULTS))
+    parser.add_argument("--config", default="small", help="tiny, small, paper or a config.json path")
+    parser.add_argument("--batch", type=int, help="images per step (default: 16 for train, else 1)")
+    parser.add_argument("--samples", type=int, default=30, help="Monte-Carlo samples (predict, attention)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="timed steps per round (default: 10 train, 1 predict, 5 others)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per round (default: 2 train, else 1)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine", default=os.path.join(ROOT, "target", "release", "mcs-engine"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one torch variant, print JSON
     args = parser.parse_args()
+    batch, steps, warmup = DEFAULTS[args.case]
+    args.batch = batch if args.batch is None else args.batch
+    args.steps = steps if args.steps is None else args.steps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    if min(args.batch, args.samples, args.steps, args.rounds, args.threads) < 1 or args.warmup < 0:
+        raise SystemExit("--batch, --samples, --steps, --rounds and --threads must be at least 1, --warmup at least 0")
+    if args.case == "forward":
+        args.samples = 1
+    if args.worker:
+        return worker(args)
+    if not os.path.isfile(args.engine):
+        raise SystemExit(f"no engine binary at {args.engine}: `cargo build --release` or pass --engine")
 
-    torch.set_num_threads(args.threads)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    # The V noise of the official code: torch.randn, not the NumPy Philox of the parity fixtures.
-    ref.adapter_noise = lambda seed, draw, adapter, direction, shape, device=None: torch.randn(shape)
-    state = torch_setup(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32 matmul precision '{torch.get_float32_matmul_precision()}'; engine {args.engine}")
-    engine_s, torch_s = [], []
+    load_before = os.getloadavg()
+    sides = ["engine"] + [f"torch {v}" for v in TORCH_VARIANTS[args.case]]
+    times = {side: {} for side in sides}
+    rss = {side: 0.0 for side in sides}
+    header = None
+    shapes = {}  # attention: direction -> its shapes
     for r in range(args.rounds):
-        engine_s.append(engine_round(args))
-        torch_s.append(torch_round(state, args))
-        print(f"round {r + 1}: engine {engine_s[-1] * 1e3:.1f} ms/step, torch {torch_s[-1] * 1e3:.1f} ms/step")
+        line = []
+        for side in sides:
+            report = engine_report(args) if side == "engine" else torch_report(args, side.split()[1])
+            if side != "engine" and header is None:
+                header = (f"torch {report['torch']}, {report['threads']} threads, float32 matmul precision "
+                          f"'{report['matmul_precision']}'; engine {args.engine} ({report['threads']} threads)")
+            for label, values in series(report).items():
+                times[side].setdefault(label, []).extend(values)
+            rss[side] = max(rss[side], report["peak_rss_mib"] or 0.0)
+            for d in report.get("directions", []):
+                shapes[d["direction"]] = f"q {d['q_shape']}, k/v {d['kv_shape']}"
+            line.append(f"{side} " + ", ".join(f"{statistics.median(v) * 1e3:.1f}" for v in series(report).values()))
+        print(f"round {r + 1}: " + "; ".join(line) + " ms", flush=True)
 
-    def summary(name, times):
-        med = statistics.median(times)
-        return med, f"{name:>7}: {med * 1e3:8.1f} ms/step ({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f}), " \
-                    f"{args.batch / med:6.1f} images/s"
+    what = {"train": "train step", "predict": f"predict, {args.samples} samples", "forward": "forward, one sample",
+            "attention": f"probabilistic attention, {args.samples} samples"}[args.case]
+    # Other processes on the cores stall torch's OpenMP barriers far more than the engine's rayon
+    # tasks (a stalled thread holds up every op): the load says how much of that a run saw.
+    load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(load_before, os.getloadavg()))
+    print(f"\n{header}; load average (1, 5, 15 min) before/after: {load} on {os.cpu_count()} CPUs")
+    print(f"{what}, config {args.config}, batch {args.batch}, {args.threads} threads, FP32, {args.rounds} rounds x "
+          f"{args.steps} steps after {args.warmup} warm-up (median over all timed steps; range min-max)")
+    if args.case == "attention":
+        return attention_summary(times, rss, shapes)
+    medians = {}
+    for side in sides:
+        medians[side], text = describe(times[side]["step"], args.batch)
+        print(f"  {side:>14}: {text}, peak RSS {rss[side]:.0f} MiB")
+    for side in sides[1:]:
+        print(f"  ratio: the engine is {medians[side] / medians['engine']:.2f}x as fast as {side}")
 
-    e_med, e_line = summary("engine", engine_s)
-    t_med, t_line = summary("torch", torch_s)
-    print(f"\ntrain step, config {args.config}, batch {args.batch}, {args.threads} threads, FP32, "
-          f"{args.rounds} rounds x {args.steps} steps (median per round; range over rounds)")
-    print(e_line)
-    print(t_line)
-    print(f"  ratio: the engine trains {t_med / e_med:.2f}x as many images/s as PyTorch")
 
+def attention_summary(times, rss, shapes):
+    """Per direction, forward and forward+backward of both sides side by side, and the ratios."""
+    engine, torch_side = times["engine"], times["torch attention"]
+    print(f"  {'':28} {'engine':>28}  {'torch (unfused)':>28}  engine speed-up")
+    for direction, shape in shapes.items():
+        print(f"  {direction}: {shape}")
+        for part, name in (("forward", "forward"), ("forward_backward", "forward+backward")):
+            label = f"{direction} {part}"
+            e_med, e_text = describe(engine[label])
+            t_med, t_text = describe(torch_side[label])
+            print(f"    {name:<26} {e_text:>28}  {t_text:>28}  {t_med / e_med:.2f}x")
+    print(f"  peak RSS: engine {rss['engine']:.0f} MiB, torch {rss['torch attention']:.0f} MiB")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,272 @@
+//! `mcs-engine bench CASE`: end-to-end timings with random weights (`WeightStore::synthetic`),
+//! one case per process so that the reported peak resident set (`VmHWM`) is that case's own.
+//! `tools/bench_reference.py` runs the same cases on the PyTorch reference and prints the ratios.
+//!
+//! | case | file | what one timed step is |
+//! |---|---|---|
+//! | `train` | `train.rs` | one optimisation step: forward, losses, backward, Adam |
+//! | `predict` | `predict.rs` | `--samples` Monte-Carlo draws of a batch, batched as the library does |
+//! | `forward` | `predict.rs` | one inference forward pass, one sample |
+//! | `attention` | `attention.rs` | the fused probabilistic attention alone, forward and forward+backward, both directions |
+//!
+//! Every case warms up for `--warmup` steps, then reports the median, min and max of `--steps`
+//! timed steps. On a GPU the clock is read after `Device::synchronize` on both sides of a step:
+//! the device layer has no CUDA event API (src/cuda/ wraps no events; cudarc's per-buffer event
+//! tracking is switched off), and a step here is tens of milliseconds or more, so a host clock
+//! around a drained stream loses nothing measurable to launch latency.
+
+mod attention;
+mod predict;
+mod train;
+
+use std::time::Instant;
+
+use mcs_engine::model::ModelConfig;
+use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
+use mcs_engine::{Device, Error, Result};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// What to time: `train` (one optimisation step: forward, losses, backward, Adam);
+    /// `predict` (--samples Monte-Carlo draws through the library's batched inference path:
+    /// pre-processing, the deterministic prefix once, the samples stacked in the batch, mean
+    /// probability and uncertainty maps; no file output); `forward` (one inference forward pass,
+    /// one sample); `attention` (the fused probabilistic attention alone, forward and
+    /// forward+backward, image->text and text->image at the config's shapes).
+    #[arg(value_parser = ["train", "predict", "forward", "attention"])]
+    case: String,
+    /// Model config: a preset (`tiny`, `small`, `paper` = `unimedclip-vit-b16`) or a config.json path.
+    #[arg(long, default_value = "small")]
+    config: String,
+    /// Images per step (default: the config's recipe for `train`, 1 for the other cases).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Monte-Carlo samples for `predict` and `attention` (default 30, the paper's); `forward` is
+    /// one sample and `train` follows the recipe, so neither takes it.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Timed steps (the median and spread are over these).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (allocator and caches warm up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// CPU threads (rayon pool; 0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What every case is given: the checked arguments, the model config and the device.
+pub struct Setup<'a> {
+    pub args: &'a BenchArgs,
+    pub config: ModelConfig,
+    pub device: Device,
+}
+
+impl Setup<'_> {
+    /// `--batch-size`, or `default` when it is not given.
+    fn batch(&self, default: usize) -> usize {
+        self.args.batch_size.unwrap_or(default)
+    }
+
+    /// `--samples`, or the paper's 30.
+    fn samples(&self) -> usize {
+        self.args.samples.unwrap_or(30)
+    }
+}
+
+/// What a case reports: its own JSON fields and its text line(s), both without the common parts.
+pub struct Report {
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    pub text: String,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    check(args)?;
+    if args.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(args.threads)
+            .build_global()
+            .map_err(|e| Error::Invalid(format!("cannot size the thread pool to {}: {e}", args.threads)))?;
+    }
+    let config = super::load_config(preset_alias(&args.config))?;
+    let device = super::parse_device(&args.device)?;
+    let setup = Setup { args, config, device };
+    let report = match args.case.as_str() {
+        "train" => train::run(&setup)?,
+        "predict" => predict::run_predict(&setup)?,
+        "forward" => predict::run_forward(&setup)?,
+        "attention" => attention::run(&setup)?,
+        other => return Err(Error::Invalid(format!("unknown bench case `{other}`"))),
+    };
+    // Read last: the high-water mark then covers set-up and every step of this case.
+    let rss = peak_rss_mib();
+    let threads = rayon::current_num_threads();
+    if args.json {
+        let mut object = serde_json::Map::new();
+        object.insert("case".into(), args.case.clone().into());
+        object.insert("config".into(), setup.config.name.clone().into());
+        object.insert("device".into(), setup.device.name().into());
+        object.insert("threads".into(), threads.into());
+        object.insert("steps".into(), args.steps.into());
+        object.insert("warmup".into(), args.warmup.into());
+        object.extend(report.fields);
+        // null where /proc is missing (not Linux): a reader must not mistake it for zero.
+        object.insert("peak_rss_mib".into(), rss.map_or(serde_json::Value::Null, Into::into));
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        let rss = rss.map_or_else(|| "n/a".to_string(), |mib| format!("{mib:.0} MiB"));
+        println!(
+            "{}, config {} on {} ({threads} threads), {} timed steps after {} warm-up:\n{}\npeak RSS of the process: {rss}",
+            args.case,
+            setup.config.name,
+            setup.device.name(),
+            args.steps,
+            args.warmup,
+            report.text
+        );
+    }
+    Ok(())
+}
+
+/// Argument errors, as sentences, before anything is built.
+fn check(args: &BenchArgs) -> Result<()> {
+    if args.steps == 0 {
+        return Err(Error::Invalid("--steps must be at least 1 (the median is over the timed steps)".into()));
+    }
+    if args.batch_size == Some(0) {
+        return Err(Error::Invalid("--batch-size must be at least 1".into()));
+    }
+    match (args.case.as_str(), args.samples) {
+        (_, Some(0)) => Err(Error::Invalid("--samples must be at least 1".into())),
+        ("forward", Some(n)) if n != 1 => {
+            Err(Error::Invalid(format!("`bench forward` is one sample; use `bench predict --samples {n}`")))
+        }
+        ("train", Some(_)) => Err(Error::Invalid(
+            "`bench train` draws one sample per image, as training does; --samples is for predict and attention".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `paper` names the paper's preset (the and the reference script's short name).
+fn preset_alias(spec: &str) -> &str {
+    if spec == "paper" {
+        "unimedclip-vit-b16"
+    } else {
+        spec
+    }
+}
+
+/// The median, fastest and slowest of a case's timed steps, and every step in order, in seconds.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Each timed step: `tools/bench_reference.py` pools them over its rounds.
+    pub times: Vec<f64>,
+}
+
+impl Timing {
+    /// Runs `step(i)` for `warmup` untimed then `steps` timed iterations (`i` counts all of them),
+    /// draining the device queue on both sides of each timed step.
+    pub fn measure(
+        device: &Device,
+        warmup: usize,
+        steps: usize,
+        mut step: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Timing> {
+        let mut times: Vec<f64> = Vec::with_capacity(steps);
+        for i in 0..warmup + steps {
+            device.synchronize()?;
+            let started = Instant::now();
+            step(i)?;
+            device.synchronize()?;
+            if i >= warmup {
+                times.push(started.elapsed().as_secs_f64());
+            }
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        // The upper median for an even count, as the train case always reported.
+        Ok(Timing { median: sorted[sorted.len() / 2], min: sorted[0], max: sorted[sorted.len() - 1], times })
+    }
+
+    /// `{prefix}median_s`, `{prefix}min_s`, `{prefix}max_s`, `{prefix}times_s`.
+    pub fn insert(&self, fields: &mut serde_json::Map<String, serde_json::Value>, prefix: &str) {
+        fields.insert(format!("{prefix}times_s"), self.times.clone().into());
+        fields.insert(format!("{prefix}median_s"), self.median.into());
+        fields.insert(format!("{prefix}min_s"), self.min.into());
+        fields.insert(format!("{prefix}max_s"), self.max.into());
+    }
+
+    /// `median 12.3 ms (min 11.9, max 13.0)`.
+    pub fn text(&self) -> String {
+        format!("median {:.1} ms (min {:.1}, max {:.1})", self.median * 1e3, self.min * 1e3, self.max * 1e3)
+    }
+}
+
+/// The process's peak resident set in MiB (`VmHWM` of /proc/self/status), `None` where there is
+/// no /proc (not Linux) or the line is missing.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm_kib(&status).map(|kib| kib as f64 / 1024.0)
+}
+
+/// The `VmHWM:   123456 kB` line's number.
+fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let mut words = line["VmHWM:".len()..].split_whitespace();
+    let value = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(value)
+}
+
+/// Token ids of `batch` prompts, padded to the context: the preset's tokenizer on `prompts` (or a
+/// fixed ten-word prompt) where one ships, else 14 arbitrary ids (the paper's BiomedBERT
+/// vocabulary does not ship here; the text tower attends over the whole padded context, so which
+/// ids, and how many before the padding, does not change the cost). `tools/bench_reference.py`
+/// pads 14 random ids the same way.
+pub fn prompt_ids(config: &ModelConfig, batch: usize, prompts: Option<&[String]>) -> Result<Vec<u32>> {
+    let length = config.text_context_length;
+    if let Some(json) = preset_tokenizer_json(&config.name) {
+        let tokenizer = PromptTokenizer::from_bytes(json, length, config.text_pad_id)?;
+        let fixed = vec!["one small round lesion in the upper left of the image".to_string(); batch];
+        let prompts = prompts.unwrap_or(&fixed);
+        return tokenizer.encode_batch(&prompts.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    Ok((0..batch * length)
+        .map(
+            |i| if i % length < 14 { (i * 7919 % (config.text_vocab_size - 1)) as u32 + 1 } else { config.text_pad_id },
+        )
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm_is_read_in_kib_and_absent_lines_give_none() {
+        let status = "Name:\tmcs-engine\nVmPeak:\t  900 kB\nVmHWM:\t   20480 kB\nVmRSS:\t 100 kB\n";
+        assert_eq!(parse_vm_hwm_kib(status), Some(20480));
+        assert_eq!(parse_vm_hwm_kib("Name:\tx\n"), None);
+        assert_eq!(parse_vm_hwm_kib("VmHWM:\t12 MB\n"), None);
+        // This test runs on Linux in CI: the real file has the line.
+        if std::path::Path::new("/proc/self/status").exists() {
+            assert!(peak_rss_mib().is_some_and(|mib| mib > 0.0));
+        }
+    }
+
+    #[test]
+    fn paper_is_the_paper_preset() {
+        assert_eq!(preset_alias("paper"), "unimedclip-vit-b16");
+        assert_eq!(preset_alias("tiny"), "tiny");
+    }
+}
