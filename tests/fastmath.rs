@@ -1,7 +1,7 @@
 //! The CPU kernels' vectorisable maths (`ops::fastmath`) against f64 over dense grids, at the
 //! special values, and vector path against scalar path.
 
-use mcs_engine::ops::fastmath::{erf, exp, map_into, sigmoid};
+use mcs_engine::ops::fastmath::{erf, erf_and_gaussian, exp, map_into, sigmoid};
 
 /// f32 spacing at `v` (the size of one ulp there).
 fn ulp(v: f32) -> f64 {
@@ -64,6 +64,22 @@ fn erf_is_within_three_tenths_of_a_micro_over_its_range() {
     assert_eq!(erf(f32::INFINITY), 1.0);
     assert_eq!(erf(f32::NEG_INFINITY), -1.0);
     assert!(erf(f32::NAN).is_nan());
+}
+
+#[test]
+fn erf_and_gaussian_give_erf_and_the_gaussian_of_the_rounded_square() {
+    // The Gaussian is exp(-x*x) with x*x rounded to f32 (GELU's backward uses it as the normal
+    // density): the exp bound of two ulp applies to it; erf is erf() bit for bit.
+    let mut worst = 0.0f64;
+    for x in grid(-12.0, 12.0, 200_001) {
+        let (e, g) = erf_and_gaussian(x);
+        assert_eq!(e.to_bits(), erf(x).to_bits(), "x = {x}");
+        let want = (-((x * x) as f64)).exp();
+        if want > f32::MIN_POSITIVE as f64 {
+            worst = worst.max((g as f64 - want).abs() / ulp(want as f32));
+        }
+    }
+    assert!(worst <= 2.0, "the Gaussian is {worst:.2} ulp off");
 }
 
 #[test]

@@ -15,7 +15,7 @@
 
 use mcs_engine::data::{self, Image8};
 use mcs_engine::model::weights::WeightStore;
-use mcs_engine::model::{MedClipSeg, Sampling, Trace};
+use mcs_engine::model::{MedClipSeg, NoiseMode, Sampling, Trace};
 use mcs_engine::segment::full_resolution_maps;
 use mcs_engine::tensor::{live_tensor_bytes, peak_tensor_bytes, reset_peak_tensor_bytes};
 use mcs_engine::{Result, Tape, Tensor};
@@ -81,7 +81,7 @@ pub fn run_forward(setup: &Setup) -> Result<Report> {
     let (timing, peak_mib) = with_tensor_peak(|| {
         Timing::measure(device, args.warmup, args.steps, |_| {
             let tape = Tape::inference();
-            let sampling = Sampling { seed: SEED, first_draw: 0, samples: 1 };
+            let sampling = Sampling { seed: SEED, first_draw: 0, samples: 1, mode: NoiseMode::Plain };
             let out = model.forward(&tape, &pixels, &ids, sampling, None, &mut Trace::disabled())?;
             std::hint::black_box(out.logits);
             Ok(())
