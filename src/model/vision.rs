@@ -114,9 +114,11 @@ impl VisionBlock {
         let attn = multi_head_attention(tape, &q, &k, &v, self.heads, None, None)?;
         let attn = self.out_proj.forward(tape, &attn)?;
         let (x, h) = self.ln_2.add_forward(tape, x, &attn)?;
-        let m = self.c_fc.forward(tape, &h)?;
-        let m = ops::quick_gelu(tape, &m)?;
-        let m = self.c_proj.forward(tape, &m)?;
+        // The MLP's hidden activations are moved into each next op (dropped as soon as it is
+        // done, see decoder::ScaleBlock::forward): the largest tensors of an inference block.
+        let m = self.c_fc.forward(tape, &{ h })?;
+        let m = ops::quick_gelu(tape, &{ m })?;
+        let m = self.c_proj.forward(tape, &{ m })?;
         ops::add(tape, &x, &m)
     }
 
