@@ -21,7 +21,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
-use super::fastmath::{self, map_in_place, zip_map_in_place};
+use super::fastmath::{self, map_in_place, zip_map_in_place, zip_map_into};
 use super::matmul::cpu_gemm_serial;
 use super::softmax::softmax_row_in_place;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
@@ -314,7 +314,9 @@ fn row_noise(d: Dims, noise: &NoiseKey, row: usize) -> Vec<f32> {
 
 /// `V_s = V_mu + sqrt(V_var) * eps` of one row.
 fn v_sample(x: &RowData, eps: &[f32]) -> Vec<f32> {
-    x.v_mu.iter().zip(x.v_var).zip(eps).map(|((m, v), e)| m + v.sqrt() * e).collect()
+    let mut v = eps.to_vec();
+    zip_map_in_place(&mut v, x.v_mu, x.v_var, |e, m, var| m + var.sqrt() * e);
+    v
 }
 
 /// For the queries `q` (`[n, C]`, their squares `q_sq`) against every key of the row:
@@ -413,7 +415,8 @@ fn cpu_row_backward(
         let delta = fastmath::zip_sum(&d_out[i * c..][..c], &out[i * c..][..c], |p, q| p * q);
         zip_map_in_place(g_row, a_row, a_row, move |da, a, _| a * (da - delta));
     }
-    let h: Vec<f32> = g.iter().zip(&sigma).map(|(&g, &s)| if s > 0.0 { g / s } else { 0.0 }).collect();
+    let mut h = vec![0.0f32; tq * tk];
+    zip_map_into(&mut h, &g, &sigma, |g, s| if s > 0.0 { g / s } else { 0.0 });
 
     let mut grads =
         RowGrads { q: Vec::new(), k_mu: Vec::new(), k_var: Vec::new(), v_mu: Vec::new(), v_var: Vec::new() };
@@ -422,7 +425,8 @@ fn cpu_row_backward(
         let mut from_var = vec![0.0f32; tq * c];
         cpu_gemm_serial((tq, tk, c), &g, false, x.k_mu, false, &mut from_mu, d.inv_sqrt_c(), false);
         cpu_gemm_serial((tq, tk, c), &h, false, x.k_var, false, &mut from_var, beta * d.inv_c(), false);
-        grads.q = from_mu.iter().zip(&from_var).zip(x.q).map(|((&m, &v), &q)| m - q * v).collect();
+        zip_map_in_place(&mut from_mu, &from_var, x.q, |m, v, q| m - q * v);
+        grads.q = from_mu;
     }
     if wanted[1] {
         grads.k_mu = vec![0.0f32; tk * c];
@@ -436,7 +440,9 @@ fn cpu_row_backward(
         let mut dv = vec![0.0f32; tk * c];
         cpu_gemm_serial((tk, tq, c), &a, true, d_out, false, &mut dv, 1.0, false);
         if wanted[4] {
-            grads.v_var = dv.iter().zip(eps).zip(x.v_var).map(|((dv, e), var)| dv * e / (2.0 * var.sqrt())).collect();
+            let mut v_var = eps.to_vec();
+            zip_map_in_place(&mut v_var, &dv, x.v_var, |e, dv, var| dv * e / (2.0 * var.sqrt()));
+            grads.v_var = v_var;
         }
         if wanted[3] {
             grads.v_mu = dv;
