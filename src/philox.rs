@@ -198,6 +198,8 @@ pub fn fill_normal_from(seed: u64, stream: u64, first: u64, out: &mut [f32]) {
 
 /// The normals of blocks `first_block .. first_block + GROUP` (elements in order), as
 /// [`normal_block`] computes them, written lane-parallel so that the loops vectorise.
+// Lane-indexed loops over parallel arrays are the form that vectorises here.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn normal_group(seed: u64, stream: u64, first_block: u64) -> [f32; 4 * GROUP] {
     let mut words = [[0u32; GROUP]; 4];
