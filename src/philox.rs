@@ -65,20 +65,27 @@ const COS_COEFFS: [f32; 5] = [
 
 /// Philox4x32 with 10 rounds: the 128-bit `counter` encrypted under the 64-bit `key`.
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
-    let [mut c0, mut c1, mut c2, mut c3] = counter;
-    let [mut k0, mut k1] = key;
+    let mut words = counter;
     for round in 0..10 {
-        if round > 0 {
-            k0 = k0.wrapping_add(WEYL_0);
-            k1 = k1.wrapping_add(WEYL_1);
-        }
-        let p0 = u64::from(MUL_0) * u64::from(c0);
-        let p1 = u64::from(MUL_1) * u64::from(c2);
-        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
-        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
-        (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0);
+        words = philox_round(words, round_key(key, round));
     }
-    [c0, c1, c2, c3]
+    words
+}
+
+/// The key of round `round` (0-based): the seed plus `round` Weyl increments.
+#[inline(always)]
+fn round_key([k0, k1]: [u32; 2], round: u32) -> [u32; 2] {
+    [k0.wrapping_add(WEYL_0.wrapping_mul(round)), k1.wrapping_add(WEYL_1.wrapping_mul(round))]
+}
+
+/// One Philox4x32 round of the counter words under a round key.
+#[inline(always)]
+fn philox_round([c0, c1, c2, c3]: [u32; 4], [k0, k1]: [u32; 2]) -> [u32; 4] {
+    let p0 = u64::from(MUL_0) * u64::from(c0);
+    let p1 = u64::from(MUL_1) * u64::from(c2);
+    let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+    let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+    [hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0]
 }
 
 /// `(2 * (bits >> 9) + 1) * 2^-24`: an odd multiple of 2^-24 in (0, 1), exact in f32 (never 0,
@@ -210,22 +217,13 @@ fn normal_group(seed: u64, stream: u64, first_block: u64) -> [f32; 4 * GROUP] {
         words[2][lane] = stream as u32;
         words[3][lane] = (stream >> 32) as u32;
     }
-    let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
+    let key = [seed as u32, (seed >> 32) as u32];
     for round in 0..10 {
-        if round > 0 {
-            k0 = k0.wrapping_add(WEYL_0);
-            k1 = k1.wrapping_add(WEYL_1);
-        }
+        let round_key = round_key(key, round);
         for lane in 0..GROUP {
-            let [c0, c1, c2, c3] = [words[0][lane], words[1][lane], words[2][lane], words[3][lane]];
-            let p0 = u64::from(MUL_0) * u64::from(c0);
-            let p1 = u64::from(MUL_1) * u64::from(c2);
-            let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
-            let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
-            words[0][lane] = hi1 ^ c1 ^ k0;
-            words[1][lane] = lo1;
-            words[2][lane] = hi0 ^ c3 ^ k1;
-            words[3][lane] = lo0;
+            let lane_words = [words[0][lane], words[1][lane], words[2][lane], words[3][lane]];
+            let [c0, c1, c2, c3] = philox_round(lane_words, round_key);
+            (words[0][lane], words[1][lane], words[2][lane], words[3][lane]) = (c0, c1, c2, c3);
         }
     }
     let mut normals = [[0.0f32; GROUP]; 4];
