@@ -75,8 +75,8 @@ pub fn erf_and_gaussian(x: f32) -> (f32, f32) {
     let z = a * a;
     let small = horner(&ERF_SMALL, z) * a;
     let gaussian = exp(-z);
-    // Past ERF_SATURATE the fit is not used (the Gaussian has underflowed below half an ulp of 1
-    // by then); clamping t keeps the polynomial on the range it was fitted on.
+    // Past ERF_SATURATE the Gaussian (below 2e-9) makes the correction smaller than half an ulp
+    // of 1 whatever the fit gives; clamping t keeps the polynomial on the range it was fitted on.
     let clamped = if a > ERF_SATURATE { ERF_SATURATE } else { a };
     let t = 1.0 / (1.0 + 0.5 * clamped);
     let large = 1.0 - horner(&ERF_LARGE, t) * gaussian;

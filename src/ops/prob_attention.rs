@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 pub use crate::philox::NoiseMode;
 use crate::philox::{fill_normal_from, stream_id};
 use crate::tape::Tape;
-use crate::tensor::{host_buffer, host_zeros, Tensor};
+use crate::tensor::{host_buffer, Tensor};
 
 const OP: &str = "prob_attention";
 
@@ -354,9 +354,9 @@ fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) ->
     let chunk = CPU_QUERY_CHUNK.min(d.tq);
     let chunks_per_row = d.tq.div_ceil(chunk);
     let mut out = host_buffer(d.rows * d.tq * d.c);
-    let mut lse = host_zeros(d.rows * d.tq);
-    // Task t covers queries [j * chunk, ..) of row r, with (r, j) = (t / chunks_per_row, t % ..);
-    // out and lse are cut the same way, row by row.
+    let mut lse = host_buffer(d.rows * d.tq); // every element is written (copy_from_slice below)
+                                              // Task t covers queries [j * chunk, ..) of row r, with (r, j) = (t / chunks_per_row, t % ..);
+                                              // out and lse are cut the same way, row by row.
     let out_chunks = out.chunks_mut(d.tq * d.c).flat_map(|row| row.chunks_mut(chunk * d.c));
     let lse_chunks = lse.chunks_mut(d.tq).flat_map(|row| row.chunks_mut(chunk));
     let tasks: Vec<(&mut [f32], &mut [f32])> = out_chunks.zip(lse_chunks).collect();

@@ -23,7 +23,7 @@ use crate::cuda::{launch_elements, launch_rows, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tape::Tape;
-use crate::tensor::{host_zeros, Tensor};
+use crate::tensor::{host_buffer, Tensor};
 
 /// `L_SoftCon` of `patch_tokens` `[B, N, E]` and `text` `[B, E]` at `temperature` (> 0), a
 /// scalar. Gradients flow to both inputs through the logits; the soft targets are constants.
@@ -246,7 +246,7 @@ pub fn soft_contrastive_backward(
                 }
             }
             let (zs, norms) = (patch_tokens.cpu_data(OP)?, saved.patch_norms.cpu_data(OP)?);
-            let mut dz = host_zeros(zs.len());
+            let mut dz = host_buffer(zs.len()); // every element is written below
             dz.par_chunks_mut(width).zip(zs.par_chunks(width)).enumerate().for_each(|(row, (out, zr))| {
                 let norm = norms[row] as f64;
                 let g = &d_mean[(row / tokens) * width..][..width];
