@@ -217,22 +217,26 @@ fn fused_matches_composed_forward_and_gradients() {
         let data = case_data(case, 100 + n as u64);
         let d_out = random_vec(200 + n as u64, case.rows() * case.tq * case.c, -1.0, 1.0);
         let key = noise(case.samples, 7 * n as u64);
-        for device in devices() {
-            let (fused_out, fused_grads) = forward_backward(prob_attention, case, &data, &d_out, key, &device);
-            let (composed_out, composed_grads) =
-                forward_backward(prob_attention_composed, case, &data, &d_out, key, &device);
-            let at = format!("{case:?} on {}", device.name());
-            assert_close(&format!("output, {at}"), &fused_out, &composed_out, FORWARD_ATOL, FORWARD_RTOL);
-            // Gradients are sums of up to Tq * C (or Tk * C) products of O(1) terms computed in
-            // f32 along different paths (the composed one through sqrt's and softmax's own
-            // backward rules, the fused one through delta = dO.O); their relative differences are
-            // ~1e-6 of the terms' magnitude, which reaches ~10 for the largest sums. A wrong
-            // factor (beta, 1/2, 1/C) or index gives differences of the gradients' own size.
-            for (name, (f, c)) in
-                ["q", "k_mu", "k_var", "v_mu", "v_var"].iter().zip(fused_grads.iter().zip(&composed_grads))
-            {
-                assert_close(&format!("d{name}, {at}"), f, c, 1e-4, 1e-3);
-            }
+        assert_fused_matches_composed(case, &data, &d_out, key, &format!("{case:?}"));
+    }
+}
+
+/// The fused op against the composed one on every device: output and all five gradients.
+fn assert_fused_matches_composed(case: Case, data: &[Vec<f32>; 5], d_out: &[f32], key: NoiseKey, label: &str) {
+    for device in devices() {
+        let (fused_out, fused_grads) = forward_backward(prob_attention, case, data, d_out, key, &device);
+        let (composed_out, composed_grads) = forward_backward(prob_attention_composed, case, data, d_out, key, &device);
+        let at = format!("{label} on {}", device.name());
+        assert_close(&format!("output, {at}"), &fused_out, &composed_out, FORWARD_ATOL, FORWARD_RTOL);
+        // Gradients are sums of up to Tq * C (or Tk * C) products of O(1) terms computed in
+        // f32 along different paths (the composed one through sqrt's and softmax's own
+        // backward rules, the fused one through delta = dO.O); their relative differences are
+        // ~1e-6 of the terms' magnitude, which reaches ~10 for the largest sums. A wrong
+        // factor (beta, 1/2, 1/C) or index gives differences of the gradients' own size.
+        for (name, (f, c)) in
+            ["q", "k_mu", "k_var", "v_mu", "v_var"].iter().zip(fused_grads.iter().zip(&composed_grads))
+        {
+            assert_close(&format!("d{name}, {at}"), f, c, 1e-4, 1e-3);
         }
     }
 }
@@ -436,19 +440,7 @@ fn fused_matches_composed_in_antithetic_mode() {
     let case = Case { samples: 3, batch: 2, tq: 9, tk: 17, c: 33 };
     let data = case_data(case, 71);
     let d_out = random_vec(72, case.rows() * case.tq * case.c, -1.0, 1.0);
-    let key = antithetic(3, 1);
-    for device in devices() {
-        let (fused_out, fused_grads) = forward_backward(prob_attention, case, &data, &d_out, key, &device);
-        let (composed_out, composed_grads) =
-            forward_backward(prob_attention_composed, case, &data, &d_out, key, &device);
-        let at = format!("antithetic on {}", device.name());
-        assert_close(&format!("output, {at}"), &fused_out, &composed_out, FORWARD_ATOL, FORWARD_RTOL);
-        for (name, (f, c)) in
-            ["q", "k_mu", "k_var", "v_mu", "v_var"].iter().zip(fused_grads.iter().zip(&composed_grads))
-        {
-            assert_close(&format!("d{name}, {at}"), f, c, 1e-4, 1e-3);
-        }
-    }
+    assert_fused_matches_composed(case, &data, &d_out, antithetic(3, 1), "antithetic");
 }
 
 #[test]
