@@ -101,6 +101,51 @@ fn matmul_matches_f64_for_every_transpose_and_odd_sizes() {
     }
 }
 
+/// The CPU splits a product with few rows into one block of output columns per thread
+/// (src/ops/matmul.rs, `gemm_threaded`); that must give the f64 result, and the same bits in a
+/// pool of 1, 2 or 3 threads (3 leaves a ragged last block), whatever the transposes, with a
+/// bias (linear) and when weight gradients sum over batches. Shapes: 197 rows (one image's
+/// tokens) are split; 1030 rows are not (they check the crate's own threading gives the same bits).
+#[test]
+fn cpu_products_are_bit_identical_across_thread_counts() {
+    let run_in = |threads: usize, f: &(dyn Fn() -> Vec<Vec<f32>> + Sync)| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    };
+    let cpu = Device::Cpu;
+    let products = || {
+        let mut outs = Vec::new();
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for &(m, k, n) in &[(197, 96, 700), (1030, 40, 300)] {
+                let a = random_tensor(11, &stored(&[], m, k, ta), -1.0, 1.0, &cpu);
+                let b = random_tensor(12, &stored(&[], k, n, tb), -1.0, 1.0, &cpu);
+                let opts = MatmulOpts { transpose_a: ta, transpose_b: tb, alpha: 0.5 };
+                let y = matmul_with(&Tape::inference(), &a, &b, opts).unwrap().to_vec().unwrap();
+                let want = matmul_f64(&a.to_vec().unwrap(), &b.to_vec().unwrap(), 1, m, k, n, ta, tb, true, 0.5);
+                assert_close(&format!("{m}x{k}x{n} ta={ta} tb={tb}"), &y, &want, product_atol(k), 1e-5);
+                outs.push(y);
+            }
+        }
+        // linear (bias rows read as C's start) and its weight gradient (a sum over the batch).
+        let tape = Tape::new();
+        let x = random_tensor(13, &[2, 197, 64], -1.0, 1.0, &cpu).into_trainable();
+        let w = random_tensor(14, &[520, 64], -1.0, 1.0, &cpu).into_trainable();
+        let bias = random_tensor(15, &[520], -1.0, 1.0, &cpu).into_trainable();
+        let y = linear(&tape, &x, &w, Some(&bias)).unwrap();
+        let grads = tape.backward_from(&y, random_tensor(16, &[2, 197, 520], -1.0, 1.0, &cpu)).unwrap();
+        outs.push(y.to_vec().unwrap());
+        outs.push(grads.get(&w).unwrap().to_vec().unwrap());
+        outs.push(grads.get(&x).unwrap().to_vec().unwrap());
+        outs
+    };
+    let one = run_in(1, &products);
+    for threads in [2, 3] {
+        let many = run_in(threads, &products);
+        for (i, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!(a == b, "product {i} differs between 1 and {threads} threads");
+        }
+    }
+}
+
 #[test]
 fn matmul_handles_empty_inner_dimension() {
     for device in devices() {

@@ -440,31 +440,77 @@ fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
     if !g.has_product() {
         return; // c already holds its starting values (zeros or bias rows)
     }
-    let product = |i: usize, c_mat: &mut [f32], read_c: bool, parallelism: gemm::Parallelism| {
-        gemm_one(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, read_c, parallelism);
-    };
     let matrix = g.m * g.n;
     if g.sum_batches {
         for i in 0..g.batch {
-            product(i, c, accumulate || i > 0, gemm::Parallelism::Rayon(0));
+            gemm_threaded(&a[i * g.stride_a..], &b[i * g.stride_b..], c, g, accumulate || i > 0);
         }
     } else if g.batch >= rayon::current_num_threads() {
         // Many small products (attention heads): one thread per product.
-        c.par_chunks_mut(matrix)
-            .enumerate()
-            .for_each(|(i, c_mat)| product(i, c_mat, accumulate, gemm::Parallelism::None));
+        c.par_chunks_mut(matrix).enumerate().for_each(|(i, c_mat)| {
+            gemm_one(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, accumulate, gemm::Parallelism::None)
+        });
     } else {
         for (i, c_mat) in c.chunks_mut(matrix).enumerate() {
-            product(i, c_mat, accumulate, gemm::Parallelism::Rayon(0));
+            gemm_threaded(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, accumulate);
         }
     }
 }
 
+/// Products with fewer rows than this have their columns split between the threads (below).
+const SPLIT_MAX_ROWS: usize = 1024;
+/// Columns a thread gets at least from a split: narrower blocks pay more in packing than the
+/// second thread brings.
+const SPLIT_MIN_COLUMNS: usize = 128;
+
+/// One product on all rayon threads. The `gemm` crate's own threading parallelises a product
+/// with few rows (a layer on one image's ~200 tokens) poorly: on 2 threads a 197x3072x768 layer
+/// ran at 94 GFLOP/s, one thread alone at 89; split into one block of output columns per
+/// thread, each a single-threaded product, it ran at 163 (the 197x768x3072 one 166 -> 233; with
+/// thousands of rows, as 30 stacked samples give, the crate's own threading is as good). Every
+/// element is still one dot product over all of k in the crate's k-blocks, which depend on k
+/// alone, so the split changes no bit (tested in tests/matmul.rs across thread counts).
+fn gemm_threaded(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bool) {
+    let threads = rayon::current_num_threads();
+    if threads < 2 || g.m >= SPLIT_MAX_ROWS || g.n < 2 * SPLIT_MIN_COLUMNS {
+        return gemm_one(a_mat, b_mat, c_mat, g, read_c, gemm::Parallelism::Rayon(0));
+    }
+    // Whole 16-float vectors per block, so that every block starts on a vector boundary.
+    let width = g.n.div_ceil(threads).max(SPLIT_MIN_COLUMNS).next_multiple_of(16);
+    let (b_rs, b_cs) = op_strides(g.k, g.n, g.trans_b);
+    let c_base = SharedOutput(c_mat.as_mut_ptr());
+    assert!(a_mat.len() >= g.m * g.k && b_mat.len() >= g.k * g.n && c_mat.len() >= g.m * g.n);
+    (0..g.n.div_ceil(width)).into_par_iter().for_each(|block| {
+        let first = block * width;
+        let cols = width.min(g.n - first);
+        let c_block = &c_base;
+        // SAFETY: the blocks cover disjoint column ranges [first, first + cols) of the [m, n]
+        // row-major c_mat (checked long enough above), so no two threads write one element and
+        // nothing else touches c_mat while they run; op(B)'s columns from `first` start at
+        // element first * b_cs and stay within b_mat by the same check.
+        unsafe {
+            gemm_raw(
+                (g.m, g.k, cols),
+                c_block.0.add(first),
+                read_c,
+                a_mat,
+                g,
+                b_mat.as_ptr().add(first * b_cs as usize),
+                (b_rs, b_cs),
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// The output pointer shared by the column blocks of [`gemm_threaded`].
+struct SharedOutput(*mut f32);
+// SAFETY: each thread writes its own column block only (see gemm_threaded).
+unsafe impl Sync for SharedOutput {}
+
 /// One product `C = alpha op(A) op(B)` (plus C when `read_c`) of the plan's shape on host
 /// slices; `a_mat` and `b_mat` start at this product's operands.
 fn gemm_one(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bool, parallelism: gemm::Parallelism) {
-    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
-    let (b_rs, b_cs) = op_strides(g.k, g.n, g.trans_b);
     assert!(
         a_mat.len() >= g.m * g.k && b_mat.len() >= g.k * g.n && c_mat.len() >= g.m * g.n,
         "internal GEMM operands too short for {g:?}"
@@ -473,18 +519,51 @@ fn gemm_one(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bo
     // every element op(A)[r][c] = a_mat[r*a_rs + c*a_cs] in bounds, likewise for B; c_mat is an
     // [m, n] row-major block of its own.
     unsafe {
-        gemm::gemm(
-            g.m,
-            g.n,
-            g.k,
+        gemm_raw(
+            (g.m, g.k, g.n),
             c_mat.as_mut_ptr(),
+            read_c,
+            a_mat,
+            g,
+            b_mat.as_ptr(),
+            op_strides(g.k, g.n, g.trans_b),
+            parallelism,
+        )
+    }
+}
+
+/// `C = alpha op(A) op(B)` (plus C when `read_c`) for an `[m, n]` block of C with row stride
+/// `g.n`, op(A) laid out as the plan says, op(B)'s `n` columns from `b` with strides `b_strides`.
+///
+/// # Safety
+/// `c` must be valid for writes of the `m` rows of `n` elements at row stride `g.n`, `b` for
+/// reads of op(B) under `b_strides`, and no other thread may touch that part of C meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    (m, k, n): (usize, usize, usize),
+    c: *mut f32,
+    read_c: bool,
+    a_mat: &[f32],
+    g: Gemm,
+    b: *const f32,
+    (b_rs, b_cs): (isize, isize),
+    parallelism: gemm::Parallelism,
+) {
+    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
+    // SAFETY: the caller's contract; the crate takes (column, row) stride pairs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
             1,
             g.n as isize,
             read_c,
             a_mat.as_ptr(),
             a_cs,
             a_rs,
-            b_mat.as_ptr(),
+            b,
             b_cs,
             b_rs,
             1.0,

@@ -21,7 +21,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
-use super::fastmath::{self, map_in_place, zip_map_in_place, zip_map_into};
+use super::fastmath::{self, map_in_place, zip_map_in_place};
 use super::matmul::cpu_gemm_serial;
 use super::softmax::softmax_row_in_place;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
@@ -319,17 +319,16 @@ fn v_sample(x: &RowData, eps: &[f32]) -> Vec<f32> {
     v
 }
 
-/// For the queries `q` (`[n, C]`, their squares `q_sq`) against every key of the row:
-/// `(logits, S_sigma)`, both `[n, Tk]`.
-fn logits_and_sigma(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) -> (Vec<f32>, Vec<f32>) {
+/// The logits `S_mu - beta S_sigma` (`[n, Tk]`) of the queries `q` (`[n, C]`, their squares
+/// `q_sq`) against every key of the row.
+fn logits(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) -> Vec<f32> {
     let n = q.len() / d.c;
     let mut logits = vec![0.0f32; n * d.tk];
-    let mut sigma = vec![0.0f32; n * d.tk];
+    let mut sigma_sq = vec![0.0f32; n * d.tk];
     cpu_gemm_serial((n, d.c, d.tk), q, false, x.k_mu, true, &mut logits, d.inv_sqrt_c(), false);
-    cpu_gemm_serial((n, d.c, d.tk), q_sq, false, x.k_var, true, &mut sigma, d.inv_c(), false);
-    map_in_place(&mut sigma, f32::sqrt);
-    zip_map_in_place(&mut logits, &sigma, &sigma, move |mu, s, _| mu - beta * s);
-    (logits, sigma)
+    cpu_gemm_serial((n, d.c, d.tk), q_sq, false, x.k_var, true, &mut sigma_sq, d.inv_c(), false);
+    zip_map_in_place(&mut logits, &sigma_sq, &sigma_sq, move |mu, s2, _| mu - beta * s2.sqrt());
+    logits
 }
 
 fn squares(values: &[f32]) -> Vec<f32> {
@@ -364,7 +363,7 @@ fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) ->
         let (r, j) = (t / chunks_per_row, t % chunks_per_row);
         let x = data.row(r);
         let q = &x.q[j * chunk * d.c..][..out_c.len()];
-        let (mut weights, _) = logits_and_sigma(&x, d, q, &squares(q), beta);
+        let mut weights = logits(&x, d, q, &squares(q), beta);
         lse_c.copy_from_slice(&softmax_rows(&mut weights, d.tk));
         cpu_gemm_serial((lse_c.len(), d.tk, d.c), &weights, false, &v_samples[r], false, out_c, 1.0, false);
     });
@@ -374,13 +373,13 @@ fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) ->
     })
 }
 
-/// The gradients of one row's five inputs (empty vectors for those not wanted).
-struct RowGrads {
-    q: Vec<f32>,
-    k_mu: Vec<f32>,
-    k_var: Vec<f32>,
-    v_mu: Vec<f32>,
-    v_var: Vec<f32>,
+/// One row's slices of the five input gradients (empty for those not wanted).
+struct RowGrads<'a> {
+    q: &'a mut [f32],
+    k_mu: &'a mut [f32],
+    k_var: &'a mut [f32],
+    v_mu: &'a mut [f32],
+    v_var: &'a mut [f32],
 }
 
 /// One row's backward. With g = A (dA - delta) the logit gradient, delta_i = dO_i . O_i and
@@ -400,14 +399,19 @@ fn cpu_row_backward(
     out: &[f32],
     lse: &[f32],
     d_out: &[f32],
-    wanted: [bool; 5],
-) -> RowGrads {
+    grads: RowGrads,
+) {
     let (c, tq, tk) = (d.c, d.tq, d.tk);
     let v_s = v_sample(x, eps);
     let q_sq = squares(x.q);
-    let (mut a, sigma) = logits_and_sigma(x, d, x.q, &q_sq, beta);
-    for (row, &l) in a.chunks_mut(tk).zip(lse) {
-        map_in_place(row, move |logit| fastmath::exp(logit - l));
+    let mut a = vec![0.0f32; tq * tk];
+    let mut sigma = vec![0.0f32; tq * tk];
+    cpu_gemm_serial((tq, c, tk), x.q, false, x.k_mu, true, &mut a, d.inv_sqrt_c(), false);
+    cpu_gemm_serial((tq, c, tk), &q_sq, false, x.k_var, true, &mut sigma, d.inv_c(), false);
+    map_in_place(&mut sigma, f32::sqrt);
+    // The forward's weights again, from the saved log-sum-exp: exp(S_mu - beta S_sigma - lse).
+    for ((a_row, s_row), &l) in a.chunks_mut(tk).zip(sigma.chunks(tk)).zip(lse) {
+        zip_map_in_place(a_row, s_row, s_row, move |mu, s, _| fastmath::exp(mu - beta * s - l));
     }
     let mut g = vec![0.0f32; tq * tk];
     cpu_gemm_serial((tq, c, tk), d_out, false, &v_s, true, &mut g, 1.0, false);
@@ -415,40 +419,36 @@ fn cpu_row_backward(
         let delta = fastmath::zip_sum(&d_out[i * c..][..c], &out[i * c..][..c], |p, q| p * q);
         zip_map_in_place(g_row, a_row, a_row, move |da, a, _| a * (da - delta));
     }
-    let mut h = vec![0.0f32; tq * tk];
-    zip_map_into(&mut h, &g, &sigma, |g, s| if s > 0.0 { g / s } else { 0.0 });
+    // h = g / S_sigma, in S_sigma's buffer (S_sigma is not needed after this).
+    let h = &mut sigma;
+    zip_map_in_place(h, &g, &g, |s, g, _| if s > 0.0 { g / s } else { 0.0 });
 
-    let mut grads =
-        RowGrads { q: Vec::new(), k_mu: Vec::new(), k_var: Vec::new(), v_mu: Vec::new(), v_var: Vec::new() };
-    if wanted[0] {
-        let mut from_mu = vec![0.0f32; tq * c];
+    if !grads.q.is_empty() {
         let mut from_var = vec![0.0f32; tq * c];
-        cpu_gemm_serial((tq, tk, c), &g, false, x.k_mu, false, &mut from_mu, d.inv_sqrt_c(), false);
-        cpu_gemm_serial((tq, tk, c), &h, false, x.k_var, false, &mut from_var, beta * d.inv_c(), false);
-        zip_map_in_place(&mut from_mu, &from_var, x.q, |m, v, q| m - q * v);
-        grads.q = from_mu;
+        cpu_gemm_serial((tq, tk, c), &g, false, x.k_mu, false, grads.q, d.inv_sqrt_c(), false);
+        cpu_gemm_serial((tq, tk, c), h, false, x.k_var, false, &mut from_var, beta * d.inv_c(), false);
+        zip_map_in_place(grads.q, &from_var, x.q, |m, v, q| m - q * v);
     }
-    if wanted[1] {
-        grads.k_mu = vec![0.0f32; tk * c];
-        cpu_gemm_serial((tk, tq, c), &g, true, x.q, false, &mut grads.k_mu, d.inv_sqrt_c(), false);
+    if !grads.k_mu.is_empty() {
+        cpu_gemm_serial((tk, tq, c), &g, true, x.q, false, grads.k_mu, d.inv_sqrt_c(), false);
     }
-    if wanted[2] {
-        grads.k_var = vec![0.0f32; tk * c];
-        cpu_gemm_serial((tk, tq, c), &h, true, &q_sq, false, &mut grads.k_var, -0.5 * beta * d.inv_c(), false);
+    if !grads.k_var.is_empty() {
+        cpu_gemm_serial((tk, tq, c), h, true, &q_sq, false, grads.k_var, -0.5 * beta * d.inv_c(), false);
     }
-    if wanted[3] || wanted[4] {
-        let mut dv = vec![0.0f32; tk * c];
-        cpu_gemm_serial((tk, tq, c), &a, true, d_out, false, &mut dv, 1.0, false);
-        if wanted[4] {
-            let mut v_var = eps.to_vec();
-            zip_map_in_place(&mut v_var, &dv, x.v_var, |e, dv, var| dv * e / (2.0 * var.sqrt()));
-            grads.v_var = v_var;
+    if !grads.v_mu.is_empty() || !grads.v_var.is_empty() {
+        let mut scratch = Vec::new();
+        let dv: &mut [f32] = if grads.v_mu.is_empty() {
+            scratch.resize(tk * c, 0.0);
+            &mut scratch
+        } else {
+            grads.v_mu
+        };
+        cpu_gemm_serial((tk, tq, c), &a, true, d_out, false, dv, 1.0, false);
+        if !grads.v_var.is_empty() {
+            grads.v_var.copy_from_slice(eps);
+            zip_map_in_place(grads.v_var, dv, x.v_var, |e, dv, var| dv * e / (2.0 * var.sqrt()));
         }
-        if wanted[3] {
-            grads.v_mu = dv;
-        }
     }
-    grads
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -464,28 +464,47 @@ fn cpu_backward(
 ) -> Result<ProbAttentionGrads> {
     let data = CpuInputs::new(x, d)?;
     let (out, lse, d_out) = (out.cpu_data(OP)?, lse.cpu_data(OP)?, d_out.cpu_data(OP)?);
-    let qn = d.tq * d.c;
-    let rows: Vec<RowGrads> = (0..d.rows)
-        .into_par_iter()
-        .map(|r| {
+    let (qn, kn) = (d.tq * d.c, d.tk * d.c);
+    // Each row's gradients are written straight into the result buffers (every element of a
+    // wanted one: they come from the pool unzeroed); an unwanted one is empty.
+    let row_lengths = [qn, kn, kn, kn, kn];
+    let mut buffers: [Vec<f32>; 5] =
+        std::array::from_fn(|i| if wanted[i] { host_buffer(d.rows * row_lengths[i]) } else { Vec::new() });
+    {
+        let mut per_row = buffers.iter_mut().zip(row_lengths).map(|(buffer, len)| {
+            let mut rows: Vec<&mut [f32]> = buffer.chunks_mut(len).collect();
+            rows.resize_with(d.rows, || &mut []);
+            rows.into_iter()
+        });
+        let mut next = || per_row.next().expect("five gradient buffers");
+        let (q, k_mu, k_var, v_mu, v_var) = (next(), next(), next(), next(), next());
+        let rows: Vec<RowGrads> = q
+            .zip(k_mu)
+            .zip(k_var)
+            .zip(v_mu)
+            .zip(v_var)
+            .map(|((((q, k_mu), k_var), v_mu), v_var)| RowGrads { q, k_mu, k_var, v_mu, v_var })
+            .collect();
+        rows.into_par_iter().enumerate().for_each(|(r, grads)| {
             let eps = row_noise(d, noise, r);
             let (o, l, g) = (&out[r * qn..][..qn], &lse[r * d.tq..][..d.tq], &d_out[r * qn..][..qn]);
-            cpu_row_backward(&data.row(r), d, beta, &eps, o, l, g, wanted)
-        })
-        .collect();
-    let assemble = |wanted: bool, part: fn(&RowGrads) -> &Vec<f32>, shape: &[usize]| -> Result<Option<Tensor>> {
-        if !wanted {
+            cpu_row_backward(&data.row(r), d, beta, &eps, o, l, g, grads);
+        });
+    }
+    let [q, k_mu, k_var, v_mu, v_var] = buffers;
+    let tensor = |buffer: Vec<f32>, shape: &[usize]| -> Result<Option<Tensor>> {
+        if buffer.is_empty() {
             return Ok(None);
         }
-        Tensor::from_vec(rows.iter().flat_map(|r| part(r).iter().copied()).collect(), shape).map(Some)
+        Tensor::from_vec(buffer, shape).map(Some)
     };
     let (q_shape, k_shape) = (x.q.shape(), x.k_mu.shape());
     Ok(ProbAttentionGrads {
-        q: assemble(wanted[0], |r| &r.q, q_shape)?,
-        k_mu: assemble(wanted[1], |r| &r.k_mu, k_shape)?,
-        k_var: assemble(wanted[2], |r| &r.k_var, k_shape)?,
-        v_mu: assemble(wanted[3], |r| &r.v_mu, k_shape)?,
-        v_var: assemble(wanted[4], |r| &r.v_var, k_shape)?,
+        q: tensor(q, q_shape)?,
+        k_mu: tensor(k_mu, k_shape)?,
+        k_var: tensor(k_var, k_shape)?,
+        v_mu: tensor(v_mu, k_shape)?,
+        v_var: tensor(v_var, k_shape)?,
     })
 }
 
