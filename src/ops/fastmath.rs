@@ -214,7 +214,7 @@ pub fn zip_map_in_place(values: &mut [f32], xs: &[f32], ys: &[f32], f: impl Fn(f
     );
 }
 
-/// Elements per unrolled vector iteration of the map loops (4 AVX2 vectors).
+/// Elements per unrolled vector iteration of the map loops (4 AVX2 or 2 AVX-512 vectors).
 const BLOCK: usize = 32;
 
 /// Lanes of the reductions below: eight running partial results, so the loop vectorises
@@ -283,8 +283,8 @@ pub fn max(xs: &[f32]) -> f32 {
     )
 }
 
-/// Runs `f` compiled for the widest vector instructions the CPU offers (AVX2 + FMA where
-/// present), so that the loops inside it auto-vectorise at that width. `f` must be inlined into
+/// Runs `f` compiled for the widest vector instructions the CPU offers (AVX-512 or AVX2 + FMA
+/// where present), so that the loops inside it auto-vectorise at that width. `f` must be inlined into
 /// pulp's target-feature function for that: [`Inlined`] carries it into `with_simd`, which is
 /// `#[inline(always)]` (a closure handed to `dispatch` directly is not always inlined, and then
 /// runs as baseline SSE2 code).
