@@ -7,7 +7,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use mcs_engine::data::{self, Split};
 use mcs_engine::eval::{self, EvalOptions, Evaluation, Summary, NSD_TOLERANCE};
-use mcs_engine::segment::{select_device, Options, Segmenter};
+use mcs_engine::segment::{select_device, Segmenter};
 use mcs_engine::{Error, Result};
 
 #[derive(clap::Args)]
@@ -31,20 +31,8 @@ pub struct EvalArgs {
     /// contradictory, missing_location, overdescriptive, underdescriptive}.xlsx.
     #[arg(long)]
     prompt_sweep: bool,
-    /// Monte-Carlo samples per image (the paper uses 30).
-    #[arg(long, default_value_t = 30)]
-    samples: usize,
-    /// Seed of the sampling noise (train's --seed reproduces its validation draws).
-    #[arg(long, default_value_t = 666)]
-    seed: u64,
-    /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
-    /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
-    /// draw unpaired). Training is not affected.
-    #[arg(long, default_value = "plain", value_parser = ["plain", "antithetic"])]
-    noise: String,
-    /// Mask threshold on the mean probability.
-    #[arg(long, default_value_t = 0.5)]
-    threshold: f32,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
     /// Images per forward pass. Default: the batch size the model was trained with, which with
     /// --samples 1 and the training seed reproduces training's validation Dice (the noise is keyed
     /// by batch row).
@@ -73,16 +61,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let model = super::model_or_demo(args.model.as_deref())?;
     let segmenter = Segmenter::load_on(&model, &select_device(&args.device)?)?;
     let options = EvalOptions {
-        segment: Options {
-            samples: args.samples,
-            seed: args.seed,
-            threshold: args.threshold,
-            noise: args.noise.parse()?,
-        },
+        segment: args.sampling.options()?,
         batch_size: args.batch_size.unwrap_or(segmenter.config().training.batch_size),
         tolerance: args.tolerance,
     };
-    options.segment.check()?;
     let started = Instant::now();
     let mut summaries = Vec::with_capacity(sets.len());
     for (name, prompts) in &sets {

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use mcs_engine::data::Split;
 use mcs_engine::model::ModelConfig;
+use mcs_engine::segment::Options;
 use mcs_engine::{Device, Error, Result};
 
 /// Keeps large freed buffers in the process instead of giving them back to the OS at once.
@@ -30,6 +31,40 @@ pub fn tune_allocator() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             libc::mallopt(libc::M_TOP_PAD, 256 * MIB);
         }
+    }
+}
+
+/// The Monte-Carlo sampling flags `predict` and `eval` share.
+#[derive(clap::Args)]
+pub struct SamplingArgs {
+    /// Monte-Carlo samples per image (the paper uses 30), stacked in one batched pass.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// Seed of the sampling noise: the same seed gives the same maps, bit for bit (train's --seed
+    /// reproduces its validation draws).
+    #[arg(long, default_value_t = 666)]
+    seed: u64,
+    /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
+    /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
+    /// draw unpaired). Training is not affected.
+    #[arg(long, default_value = "plain", value_parser = ["plain", "antithetic"])]
+    noise: String,
+    /// A pixel is in the mask when its mean probability is above this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+}
+
+impl SamplingArgs {
+    /// The segmenter's options, checked.
+    pub fn options(&self) -> Result<Options> {
+        let options =
+            Options { samples: self.samples, seed: self.seed, threshold: self.threshold, noise: self.noise.parse()? };
+        options.check()?;
+        Ok(options)
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 }
 

@@ -50,20 +50,8 @@ pub struct PredictArgs {
     /// tokenizer.json (BERT WordPiece). Defaults to the preset's own for `tiny` and `small`.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Monte-Carlo samples (the paper uses 30), batched in one pass.
-    #[arg(long, default_value_t = 30)]
-    samples: usize,
-    /// Seed of the sampling noise: the same seed gives the same maps, bit for bit.
-    #[arg(long, default_value_t = 666)]
-    seed: u64,
-    /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
-    /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
-    /// draw unpaired). Training is not affected.
-    #[arg(long, default_value = "plain", value_parser = ["plain", "antithetic"])]
-    noise: String,
-    /// A pixel is in the mask when its mean probability is above this.
-    #[arg(long, default_value_t = 0.5)]
-    threshold: f32,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
     /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -73,9 +61,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
-    let options =
-        Options { samples: args.samples, seed: args.seed, threshold: args.threshold, noise: args.noise.parse()? };
-    options.check()?;
+    let options = args.sampling.options()?;
     let started = Instant::now();
     let segmenter = load_segmenter(args)?;
     let loaded = started.elapsed();
@@ -111,7 +97,7 @@ fn load_segmenter(args: &PredictArgs) -> Result<Segmenter> {
             eprintln!(
                 "note: --config without --weights, using random weights: the maps show the pipeline, not a segmentation"
             );
-            WeightStore::synthetic(args.seed)
+            WeightStore::synthetic(args.sampling.seed())
         }
     };
     Segmenter::new(MedClipSeg::from_store(config, store, &device)?, tokenizer)
