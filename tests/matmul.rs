@@ -104,8 +104,9 @@ fn matmul_matches_f64_for_every_transpose_and_odd_sizes() {
 /// The CPU splits a product with few rows into one block of output columns per thread
 /// (src/ops/matmul.rs, `gemm_threaded`); that must give the f64 result, and the same bits in a
 /// pool of 1, 2 or 3 threads (3 leaves a ragged last block), whatever the transposes, with a
-/// bias (linear) and when weight gradients sum over batches. Shapes: 197 rows (one image's
-/// tokens) are split; 1030 rows are not (they check the crate's own threading gives the same bits).
+/// bias (linear), in linear's gradients and in a shared operand's gradient summed over the batch.
+/// Shapes: 197 rows (one image's tokens) are split; 1030 rows are not (they check the crate's
+/// own threading gives the same bits).
 #[test]
 fn cpu_products_are_bit_identical_across_thread_counts() {
     let run_in = |threads: usize, f: &(dyn Fn() -> Vec<Vec<f32>> + Sync)| {
@@ -125,16 +126,26 @@ fn cpu_products_are_bit_identical_across_thread_counts() {
                 outs.push(y);
             }
         }
-        // linear (bias rows read as C's start) and its weight gradient (a sum over the batch).
+        // linear (bias rows read as C's start) and its gradients: all three products have under
+        // 1024 rows and at least 256 columns, so all are split.
         let tape = Tape::new();
-        let x = random_tensor(13, &[2, 197, 64], -1.0, 1.0, &cpu).into_trainable();
-        let w = random_tensor(14, &[520, 64], -1.0, 1.0, &cpu).into_trainable();
+        let x = random_tensor(13, &[2, 197, 300], -1.0, 1.0, &cpu).into_trainable();
+        let w = random_tensor(14, &[520, 300], -1.0, 1.0, &cpu).into_trainable();
         let bias = random_tensor(15, &[520], -1.0, 1.0, &cpu).into_trainable();
         let y = linear(&tape, &x, &w, Some(&bias)).unwrap();
         let grads = tape.backward_from(&y, random_tensor(16, &[2, 197, 520], -1.0, 1.0, &cpu)).unwrap();
         outs.push(y.to_vec().unwrap());
         outs.push(grads.get(&w).unwrap().to_vec().unwrap());
         outs.push(grads.get(&x).unwrap().to_vec().unwrap());
+        // A transposed batched operand against a shared one: the shared one's gradient is one
+        // [300, 300] product accumulated over the two batches.
+        let tape = Tape::new();
+        let a = random_tensor(17, &[2, 300, 197], -1.0, 1.0, &cpu).into_trainable();
+        let b = random_tensor(18, &[300, 300], -1.0, 1.0, &cpu).into_trainable();
+        let opts = MatmulOpts { transpose_a: true, ..MatmulOpts::default() };
+        let y = matmul_with(&tape, &a, &b, opts).unwrap();
+        let grads = tape.backward_from(&y, random_tensor(19, &[2, 197, 300], -1.0, 1.0, &cpu)).unwrap();
+        outs.push(grads.get(&b).unwrap().to_vec().unwrap());
         outs
     };
     let one = run_in(1, &products);

@@ -43,7 +43,7 @@ pub struct SamplingArgs {
     /// Seed of the sampling noise: the same seed gives the same maps, bit for bit (train's --seed
     /// reproduces its validation draws).
     #[arg(long, default_value_t = 666)]
-    seed: u64,
+    pub seed: u64,
     /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
     /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
     /// draw unpaired). Training is not affected.
@@ -61,10 +61,6 @@ impl SamplingArgs {
             Options { samples: self.samples, seed: self.seed, threshold: self.threshold, noise: self.noise.parse()? };
         options.check()?;
         Ok(options)
-    }
-
-    pub fn seed(&self) -> u64 {
-        self.seed
     }
 }
 

@@ -97,7 +97,7 @@ fn load_segmenter(args: &PredictArgs) -> Result<Segmenter> {
             eprintln!(
                 "note: --config without --weights, using random weights: the maps show the pipeline, not a segmentation"
             );
-            WeightStore::synthetic(args.sampling.seed())
+            WeightStore::synthetic(args.sampling.seed)
         }
     };
     Segmenter::new(MedClipSeg::from_store(config, store, &device)?, tokenizer)

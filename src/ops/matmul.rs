@@ -478,8 +478,8 @@ fn gemm_threaded(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_
     // Whole 16-float vectors per block, so that every block starts on a vector boundary.
     let width = g.n.div_ceil(threads).max(SPLIT_MIN_COLUMNS).next_multiple_of(16);
     let (b_rs, b_cs) = op_strides(g.k, g.n, g.trans_b);
+    check_operand_lengths(a_mat, b_mat, c_mat, g);
     let c_base = SharedOutput(c_mat.as_mut_ptr());
-    assert!(a_mat.len() >= g.m * g.k && b_mat.len() >= g.k * g.n && c_mat.len() >= g.m * g.n);
     (0..g.n.div_ceil(width)).into_par_iter().for_each(|block| {
         let first = block * width;
         let cols = width.min(g.n - first);
@@ -511,11 +511,8 @@ unsafe impl Sync for SharedOutput {}
 /// One product `C = alpha op(A) op(B)` (plus C when `read_c`) of the plan's shape on host
 /// slices; `a_mat` and `b_mat` start at this product's operands.
 fn gemm_one(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bool, parallelism: gemm::Parallelism) {
-    assert!(
-        a_mat.len() >= g.m * g.k && b_mat.len() >= g.k * g.n && c_mat.len() >= g.m * g.n,
-        "internal GEMM operands too short for {g:?}"
-    );
-    // SAFETY: the assert above (and, for batched plans, `gemm`'s check of the whole operands) make
+    check_operand_lengths(a_mat, b_mat, c_mat, g);
+    // SAFETY: the check above (and, for batched plans, `gemm`'s check of the whole operands) make
     // every element op(A)[r][c] = a_mat[r*a_rs + c*a_cs] in bounds, likewise for B; c_mat is an
     // [m, n] row-major block of its own.
     unsafe {
@@ -530,6 +527,14 @@ fn gemm_one(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bo
             parallelism,
         )
     }
+}
+
+/// Guards the pointer arithmetic of one product: each operand holds at least its matrix.
+fn check_operand_lengths(a_mat: &[f32], b_mat: &[f32], c_mat: &[f32], g: Gemm) {
+    assert!(
+        a_mat.len() >= g.m * g.k && b_mat.len() >= g.k * g.n && c_mat.len() >= g.m * g.n,
+        "internal GEMM operands too short for {g:?}"
+    );
 }
 
 /// `C = alpha op(A) op(B)` (plus C when `read_c`) for an `[m, n]` block of C with row stride

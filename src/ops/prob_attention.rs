@@ -319,14 +319,20 @@ fn v_sample(x: &RowData, eps: &[f32]) -> Vec<f32> {
     v
 }
 
-/// The logits `S_mu - beta S_sigma` (`[n, Tk]`) of the queries `q` (`[n, C]`, their squares
-/// `q_sq`) against every key of the row.
-fn logits(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) -> Vec<f32> {
+/// The two score products of the queries `q` (`[n, C]`, their squares `q_sq`) against every key
+/// of the row: `(S_mu, S_sigma^2)`, both `[n, Tk]`.
+fn scores(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let n = q.len() / d.c;
-    let mut logits = vec![0.0f32; n * d.tk];
+    let mut s_mu = vec![0.0f32; n * d.tk];
     let mut sigma_sq = vec![0.0f32; n * d.tk];
-    cpu_gemm_serial((n, d.c, d.tk), q, false, x.k_mu, true, &mut logits, d.inv_sqrt_c(), false);
+    cpu_gemm_serial((n, d.c, d.tk), q, false, x.k_mu, true, &mut s_mu, d.inv_sqrt_c(), false);
     cpu_gemm_serial((n, d.c, d.tk), q_sq, false, x.k_var, true, &mut sigma_sq, d.inv_c(), false);
+    (s_mu, sigma_sq)
+}
+
+/// The logits `S_mu - beta S_sigma` (`[n, Tk]`) of the queries `q` against every key of the row.
+fn logits(x: &RowData, d: Dims, q: &[f32], q_sq: &[f32], beta: f32) -> Vec<f32> {
+    let (mut logits, sigma_sq) = scores(x, d, q, q_sq);
     zip_map_in_place(&mut logits, &sigma_sq, &sigma_sq, move |mu, s2, _| mu - beta * s2.sqrt());
     logits
 }
@@ -353,9 +359,10 @@ fn cpu_forward(x: &ProbAttentionInputs, d: Dims, beta: f32, noise: &NoiseKey) ->
     let chunk = CPU_QUERY_CHUNK.min(d.tq);
     let chunks_per_row = d.tq.div_ceil(chunk);
     let mut out = host_buffer(d.rows * d.tq * d.c);
-    let mut lse = host_buffer(d.rows * d.tq); // every element is written (copy_from_slice below)
-                                              // Task t covers queries [j * chunk, ..) of row r, with (r, j) = (t / chunks_per_row, t % ..);
-                                              // out and lse are cut the same way, row by row.
+    // Every element of lse is written (copy_from_slice below), so it starts unzeroed.
+    let mut lse = host_buffer(d.rows * d.tq);
+    // Task t covers queries [j * chunk, ..) of row r, with (r, j) = (t / chunks_per_row, t % ..);
+    // out and lse are cut the same way, row by row.
     let out_chunks = out.chunks_mut(d.tq * d.c).flat_map(|row| row.chunks_mut(chunk * d.c));
     let lse_chunks = lse.chunks_mut(d.tq).flat_map(|row| row.chunks_mut(chunk));
     let tasks: Vec<(&mut [f32], &mut [f32])> = out_chunks.zip(lse_chunks).collect();
@@ -404,10 +411,7 @@ fn cpu_row_backward(
     let (c, tq, tk) = (d.c, d.tq, d.tk);
     let v_s = v_sample(x, eps);
     let q_sq = squares(x.q);
-    let mut a = vec![0.0f32; tq * tk];
-    let mut sigma = vec![0.0f32; tq * tk];
-    cpu_gemm_serial((tq, c, tk), x.q, false, x.k_mu, true, &mut a, d.inv_sqrt_c(), false);
-    cpu_gemm_serial((tq, c, tk), &q_sq, false, x.k_var, true, &mut sigma, d.inv_c(), false);
+    let (mut a, mut sigma) = scores(x, d, x.q, &q_sq);
     map_in_place(&mut sigma, f32::sqrt);
     // The forward's weights again, from the saved log-sum-exp: exp(S_mu - beta S_sigma - lse).
     for ((a_row, s_row), &l) in a.chunks_mut(tk).zip(sigma.chunks(tk)).zip(lse) {
@@ -451,6 +455,14 @@ fn cpu_row_backward(
     }
 }
 
+/// `buffer` cut into `rows` equal slices; an empty buffer gives `rows` empty slices.
+fn row_slices(buffer: &mut [f32], rows: usize) -> std::vec::IntoIter<&mut [f32]> {
+    let len = buffer.len() / rows;
+    let mut slices: Vec<&mut [f32]> = if len == 0 { Vec::new() } else { buffer.chunks_mut(len).collect() };
+    slices.resize_with(rows, || &mut []);
+    slices.into_iter()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cpu_backward(
     x: &ProbAttentionInputs,
@@ -471,13 +483,7 @@ fn cpu_backward(
     let mut buffers: [Vec<f32>; 5] =
         std::array::from_fn(|i| if wanted[i] { host_buffer(d.rows * row_lengths[i]) } else { Vec::new() });
     {
-        let mut per_row = buffers.iter_mut().zip(row_lengths).map(|(buffer, len)| {
-            let mut rows: Vec<&mut [f32]> = buffer.chunks_mut(len).collect();
-            rows.resize_with(d.rows, || &mut []);
-            rows.into_iter()
-        });
-        let mut next = || per_row.next().expect("five gradient buffers");
-        let (q, k_mu, k_var, v_mu, v_var) = (next(), next(), next(), next(), next());
+        let [q, k_mu, k_var, v_mu, v_var] = buffers.each_mut().map(|buffer| row_slices(buffer, d.rows));
         let rows: Vec<RowGrads> = q
             .zip(k_mu)
             .zip(k_var)
