@@ -1,9 +1,12 @@
 //! Where a tensor lives.
 
 use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::CudaEvent;
 
 use crate::cuda::CudaDevice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The CPU, or one GPU. Cloning is cheap (the GPU side is shared).
 #[derive(Clone, Debug)]
@@ -57,6 +60,41 @@ impl Device {
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(d) => d.synchronize(),
+        }
+    }
+
+    /// What [`Device::time_mark`] reads here: `host clock` or `cuda events` (reports name it).
+    pub fn clock(&self) -> &'static str {
+        match self {
+            Device::Cpu => "host clock",
+            Device::Cuda(_) => "cuda events",
+        }
+    }
+
+    /// Now, on this device's clock: the host clock on the CPU; on a GPU a CUDA event at the end
+    /// of the stream so far, which the GPU stamps when it gets there.
+    pub fn time_mark(&self) -> Result<TimeMark> {
+        match self {
+            Device::Cpu => Ok(TimeMark::Host(Instant::now())),
+            Device::Cuda(d) => Ok(TimeMark::Cuda(d.record_timing_event()?)),
+        }
+    }
+}
+
+/// A point in time on one device's clock ([`Device::time_mark`]).
+pub enum TimeMark {
+    Host(Instant),
+    Cuda(CudaEvent),
+}
+
+impl TimeMark {
+    /// Seconds from this mark to `later`, a mark of the same device; on a GPU this waits until
+    /// the GPU has reached `later`.
+    pub fn seconds_until(&self, later: &TimeMark) -> Result<f64> {
+        match (self, later) {
+            (TimeMark::Host(start), TimeMark::Host(end)) => Ok(end.saturating_duration_since(*start).as_secs_f64()),
+            (TimeMark::Cuda(start), TimeMark::Cuda(end)) => crate::cuda::seconds_between(start, end),
+            _ => Err(Error::Invalid("a host time mark and a GPU time mark cannot be compared".into())),
         }
     }
 }

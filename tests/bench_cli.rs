@@ -40,6 +40,7 @@ fn common(report: &serde_json::Value, case: &str) {
     assert_eq!(report["case"], case, "{report}");
     assert_eq!(report["config"], "tiny", "{report}");
     assert_eq!(report["device"], "cpu", "{report}");
+    assert_eq!(report["clock"], "host clock", "{report}");
     assert!(report["threads"].as_u64().is_some_and(|t| t >= 1), "{report}");
     positive(report, "peak_rss_mib");
 }

@@ -139,3 +139,41 @@ fn nvcc_and_nvrtc_get_the_same_float_flags() {
     let nvrtc = nvrtc_options();
     assert!(flags.iter().all(|f| nvrtc.iter().any(|o| o == f)), "NVRTC options {nvrtc:?} lack some of {flags:?}");
 }
+
+/// A time mark reads its device's clock: the host clock on the CPU; on a GPU events on the stream,
+/// whose interval lies within the host's time from before the first mark to after waiting for
+/// the second (the GPU cannot reach a mark before it is queued, and `seconds_until` waits).
+#[test]
+fn time_marks_read_their_devices_clock() {
+    use mcs_engine::ops::matmul::{matmul_forward, MatmulOpts};
+    use mcs_engine::Tensor;
+    use std::time::{Duration, Instant};
+
+    let start = Device::Cpu.time_mark().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let end = Device::Cpu.time_mark().unwrap();
+    let slept = start.seconds_until(&end).unwrap();
+    // A sleep lasts at least what it asks; the upper bound only catches a unit mistake (ms for s).
+    assert!((0.020..5.0).contains(&slept), "20 ms sleep measured as {slept} s");
+    assert_eq!(end.seconds_until(&start).unwrap(), 0.0, "an earlier mark is no time after a later one");
+    assert_eq!(Device::Cpu.clock(), "host clock");
+
+    let Some(gpu) = common::gpu() else { return };
+    let n = 2048;
+    let a = Tensor::from_slice(&vec![0.5; n * n], &[n, n], &gpu).unwrap();
+    gpu.synchronize().unwrap();
+    let host_start = Instant::now();
+    let gpu_start = gpu.time_mark().unwrap();
+    for _ in 0..4 {
+        matmul_forward(&a, &a, MatmulOpts::default()).unwrap();
+    }
+    let gpu_end = gpu.time_mark().unwrap();
+    let on_gpu = gpu_start.seconds_until(&gpu_end).unwrap();
+    let on_host = host_start.elapsed().as_secs_f64();
+    assert_eq!(gpu.clock(), "cuda events");
+    // Four 2048^3 products are 69 GFLOP: well over a microsecond on any GPU, so the event
+    // interval is not zero; 10 us covers the events' stated resolution (about 0.5 us) and
+    // the two clocks' different ticks.
+    assert!(on_gpu > 0.0 && on_gpu <= on_host + 1e-5, "GPU {on_gpu} s against host {on_host} s");
+    assert!(start.seconds_until(&gpu_end).is_err(), "a host mark and a GPU mark compared");
+}

@@ -6,7 +6,7 @@ use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use super::availability::runtime_unavailable_reason;
 use super::kernels::{ptx_for, KernelFamily};
@@ -217,6 +217,21 @@ impl CudaDevice {
         self.stream.synchronize().map_err(Error::driver("synchronising the stream"))?;
         self.check_deferred_errors()
     }
+
+    /// An event with timing enabled (cudarc's default disables it), recorded at the current end
+    /// of the stream: the GPU stamps it when it reaches that point.
+    pub fn record_timing_event(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(Error::driver("recording a timing event on the stream"))
+    }
+}
+
+/// Seconds on the GPU's clock from `start` to `end`, two events of [`CudaDevice::record_timing_event`];
+/// waits until the GPU has reached `end`.
+pub fn seconds_between(start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+    let ms = start.elapsed_ms(end).map_err(Error::driver("reading the time between two stream events"))?;
+    Ok(f64::from(ms) / 1e3)
 }
 
 /// Stream-ordered allocations come from the device's default memory pool, which by default hands

@@ -13,7 +13,7 @@ pub mod kernels;
 pub use availability::{
     gpu_available, kernel_ptx_source, nvrtc_available, runtime_reason, unavailable_reason, PtxSource, RuntimeProbes,
 };
-pub use device::{CudaDevice, OrdinalCache};
+pub use device::{seconds_between, CudaDevice, OrdinalCache};
 pub use kernels::{Kernel, KernelFamily};
 
 use cudarc::driver::LaunchConfig;

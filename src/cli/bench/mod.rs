@@ -10,16 +10,13 @@
 //! | `attention` | `attention.rs` | the fused probabilistic attention alone, forward and forward+backward, both directions |
 //!
 //! Every case warms up for `--warmup` steps, then reports the median, min and max of `--steps`
-//! timed steps. On a GPU the clock is read after `Device::synchronize` on both sides of a step:
-//! the device layer has no CUDA event API (src/cuda/ wraps no events; cudarc's per-buffer event
-//! tracking is switched off), and a step here is tens of milliseconds or more, so a host clock
-//! around a drained stream loses nothing measurable to launch latency.
+//! timed steps. A step is timed between two `Device::time_mark`s, the first on a drained queue:
+//! the host clock on the CPU, CUDA events on the device's stream on a GPU (the report names the
+//! `clock`).
 
 mod attention;
 mod predict;
 mod train;
-
-use std::time::Instant;
 
 use mcs_engine::model::ModelConfig;
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
@@ -113,6 +110,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         object.insert("case".into(), args.case.clone().into());
         object.insert("config".into(), setup.config.name.clone().into());
         object.insert("device".into(), setup.device.name().into());
+        object.insert("clock".into(), setup.device.clock().into());
         object.insert("threads".into(), threads.into());
         object.insert("steps".into(), args.steps.into());
         object.insert("warmup".into(), args.warmup.into());
@@ -122,8 +120,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::Value::Object(object));
     } else {
         let rss = rss.map_or_else(|| "n/a".to_string(), |mib| format!("{mib:.0} MiB"));
+        let clock = setup.device.clock();
         println!(
-            "{}, config {} on {} ({threads} threads), {} timed steps after {} warm-up:\n{}\npeak RSS of the process: {rss}",
+            "{}, config {} on {} ({threads} threads; clock: {clock}), {} timed steps after {} warm-up:\n{}\npeak RSS of the process: {rss}",
             args.case,
             setup.config.name,
             setup.device.name(),
@@ -176,7 +175,8 @@ pub struct Timing {
 
 impl Timing {
     /// Runs `step(i)` for `warmup` untimed then `steps` timed iterations (`i` counts all of them),
-    /// draining the device queue on both sides of each timed step.
+    /// each from a drained device queue; a timed step lasts from a time mark before it until the
+    /// device reaches the mark queued after it.
     pub fn measure(
         device: &Device,
         warmup: usize,
@@ -186,11 +186,14 @@ impl Timing {
         let mut times: Vec<f64> = Vec::with_capacity(steps);
         for i in 0..warmup + steps {
             device.synchronize()?;
-            let started = Instant::now();
+            let start = device.time_mark()?;
             step(i)?;
+            let end = device.time_mark()?;
+            let seconds = start.seconds_until(&end)?;
+            // Also surfaces a fault that the step's queued work raised after its last launch.
             device.synchronize()?;
             if i >= warmup {
-                times.push(started.elapsed().as_secs_f64());
+                times.push(seconds);
             }
         }
         let mut sorted = times.clone();
