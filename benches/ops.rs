@@ -1,24 +1,23 @@
 //! Op microbenchmarks: `cargo bench --bench ops`. Each op is first checked on the GPU against the
-//! CPU reference, then timed on every device with the device synchronised around each repeat.
-//! Figures are only meaningful on the GPU machine (ENGINE.md §6); on a machine without one this
-//! times the CPU backend.
-
-use std::time::Instant;
+//! CPU reference, then timed on every device on its own clock (CUDA events on a GPU), each repeat
+//! from a drained queue. Figures are only meaningful on the GPU machine (ENGINE.md §6); on a
+//! machine without one this times the CPU backend.
 
 use mcs_engine::cuda::gpu_available;
 use mcs_engine::ops::{self, MatmulOpts, NoiseKey, NoiseMode};
 use mcs_engine::{Device, Tape, Tensor};
 
-/// Median wall time of `repeats` runs of `f`, synchronising the device after each.
+/// Median time of `repeats` runs of `f` on the device's clock (CUDA events on a GPU, so a
+/// short kernel is not dominated by the host's wait for the stream), each from a drained queue.
 fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> Tensor) -> f64 {
     f(); // warm-up: module loading, allocator
-    device.synchronize().unwrap();
     let mut times: Vec<f64> = (0..repeats)
         .map(|_| {
-            let start = Instant::now();
-            f();
             device.synchronize().unwrap();
-            start.elapsed().as_secs_f64() * 1e3
+            let start = device.time_mark().unwrap();
+            f();
+            let end = device.time_mark().unwrap();
+            start.seconds_until(&end).unwrap() * 1e3
         })
         .collect();
     times.sort_by(f64::total_cmp);
