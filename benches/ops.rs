@@ -13,11 +13,11 @@ fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> Tensor) -> 
     f(); // warm-up: module loading, allocator
     let mut times: Vec<f64> = (0..repeats)
         .map(|_| {
-            device.synchronize().unwrap();
-            let start = device.time_mark().unwrap();
-            f();
-            let end = device.time_mark().unwrap();
-            start.seconds_until(&end).unwrap() * 1e3
+            let seconds = device.time(|| {
+                f();
+                Ok(())
+            });
+            seconds.unwrap() * 1e3
         })
         .collect();
     times.sort_by(f64::total_cmp);

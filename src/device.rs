@@ -79,6 +79,19 @@ impl Device {
             Device::Cuda(d) => Ok(TimeMark::Cuda(d.record_timing_event()?)),
         }
     }
+
+    /// Seconds that `work` takes on this device's clock: from a drained queue until the device
+    /// has done what `work` queued. The queue is drained again afterwards, which also surfaces a
+    /// fault that the queued work raised after its last launch.
+    pub fn time(&self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
+        self.synchronize()?;
+        let start = self.time_mark()?;
+        work()?;
+        let end = self.time_mark()?;
+        let seconds = start.seconds_until(&end)?;
+        self.synchronize()?;
+        Ok(seconds)
+    }
 }
 
 /// A point in time on one device's clock ([`Device::time_mark`]).

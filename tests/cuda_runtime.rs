@@ -157,6 +157,15 @@ fn time_marks_read_their_devices_clock() {
     assert!((0.020..5.0).contains(&slept), "20 ms sleep measured as {slept} s");
     assert_eq!(end.seconds_until(&start).unwrap(), 0.0, "an earlier mark is no time after a later one");
     assert_eq!(Device::Cpu.clock(), "host clock");
+    let timed = Device::Cpu
+        .time(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        })
+        .unwrap();
+    assert!((0.020..5.0).contains(&timed), "20 ms sleep timed as {timed} s");
+    let failed = Device::Cpu.time(|| Err(mcs_engine::Error::Invalid("step failed".into())));
+    assert!(failed.is_err_and(|e| e.to_string().contains("step failed")), "a failing step's error is passed on");
 
     let Some(gpu) = common::gpu() else { return };
     let n = 2048;

@@ -10,9 +10,8 @@
 //! | `attention` | `attention.rs` | the fused probabilistic attention alone, forward and forward+backward, both directions |
 //!
 //! Every case warms up for `--warmup` steps, then reports the median, min and max of `--steps`
-//! timed steps. A step is timed between two `Device::time_mark`s, the first on a drained queue:
-//! the host clock on the CPU, CUDA events on the device's stream on a GPU (the report names the
-//! `clock`).
+//! timed steps. `Device::time` times a step from a drained queue: the host clock on the CPU, CUDA
+//! events on the device's stream on a GPU (the report names the `clock`).
 
 mod attention;
 mod predict;
@@ -175,8 +174,7 @@ pub struct Timing {
 
 impl Timing {
     /// Runs `step(i)` for `warmup` untimed then `steps` timed iterations (`i` counts all of them),
-    /// each from a drained device queue; a timed step lasts from a time mark before it until the
-    /// device reaches the mark queued after it.
+    /// each timed by [`Device::time`].
     pub fn measure(
         device: &Device,
         warmup: usize,
@@ -185,13 +183,7 @@ impl Timing {
     ) -> Result<Timing> {
         let mut times: Vec<f64> = Vec::with_capacity(steps);
         for i in 0..warmup + steps {
-            device.synchronize()?;
-            let start = device.time_mark()?;
-            step(i)?;
-            let end = device.time_mark()?;
-            let seconds = start.seconds_until(&end)?;
-            // Also surfaces a fault that the step's queued work raised after its last launch.
-            device.synchronize()?;
+            let seconds = device.time(|| step(i))?;
             if i >= warmup {
                 times.push(seconds);
             }
