@@ -170,6 +170,12 @@ CUresult device_free(CUdeviceptr dptr) {
 // ---- initialisation, devices, contexts --------------------------------------------------------
 
 API CUresult cuInit(unsigned) { return emu::kSuccess; }
+// NVRTC asks the driver for its private tables when one is loaded; the emulated driver has none,
+// and NVRTC then compiles without them.
+API CUresult cuGetExportTable(const void** table, const void*) {
+    if (table) *table = nullptr;
+    return emu::kNotSupported;
+}
 API CUresult cuDriverGetVersion(int* version) {
     if (!version) return emu::kInvalidValue;
     *version = 13000;
