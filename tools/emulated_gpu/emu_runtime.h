@@ -93,6 +93,13 @@ struct Family {
     McsEmuDynamicSharedFn dynamic_shared = nullptr;
     McsEmuTlsAnchorFn tls_anchor = nullptr;
     size_t tls_size = 0;
+    // The family's static __shared__ arrays: offset in its thread-local block, size, and name
+    // ("softmax_forward::scratch"), sorted by offset; from the library's symbol table.
+    struct SharedArray {
+        size_t offset, size;
+        std::string name;
+    };
+    std::vector<SharedArray> shared_arrays;
     // The library's own mapped image (its constants may be read by kernels).
     std::vector<std::pair<uintptr_t, uintptr_t>> image;
 };

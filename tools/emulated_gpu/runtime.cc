@@ -7,7 +7,9 @@
 // before every load and store through a pointer; this file supplies those functions and checks the
 // access there. See docs/emulated_gpu.md.
 
+#include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
 #include <link.h>
 
 #include <algorithm>
@@ -202,6 +204,40 @@ static int find_image(struct dl_phdr_info* info, size_t, void* data) {
     return 1;
 }
 
+// The thread-local symbols of a family library: its __shared__ arrays (each block-scope
+// `thread_local` has its own symbol, with its offset in the thread-local block and its size).
+static void read_shared_arrays(Family* family) {
+    FILE* f = std::fopen(family->path.c_str(), "rb");
+    if (!f) return;
+    std::fseek(f, 0, SEEK_END);
+    std::vector<unsigned char> file(static_cast<size_t>(std::ftell(f)));
+    std::fseek(f, 0, SEEK_SET);
+    const bool read = std::fread(file.data(), 1, file.size(), f) == file.size();
+    std::fclose(f);
+    if (!read || file.size() < sizeof(Elf64_Ehdr)) return;
+    const auto* header = reinterpret_cast<const Elf64_Ehdr*>(file.data());
+    if (header->e_shoff + size_t(header->e_shnum) * sizeof(Elf64_Shdr) > file.size()) return;
+    const auto* sections = reinterpret_cast<const Elf64_Shdr*>(file.data() + header->e_shoff);
+    for (int i = 0; i < header->e_shnum; ++i) {
+        if (sections[i].sh_type != SHT_SYMTAB || sections[i].sh_link >= header->e_shnum) continue;
+        const Elf64_Shdr& names = sections[sections[i].sh_link];
+        const auto* symbols = reinterpret_cast<const Elf64_Sym*>(file.data() + sections[i].sh_offset);
+        const size_t count = sections[i].sh_size / sizeof(Elf64_Sym);
+        for (size_t j = 0; j < count; ++j) {
+            const Elf64_Sym& sym = symbols[j];
+            if (ELF64_ST_TYPE(sym.st_info) != STT_TLS || sym.st_size == 0) continue;
+            const char* raw = reinterpret_cast<const char*>(file.data() + names.sh_offset + sym.st_name);
+            int status = 0;
+            char* demangled = abi::__cxa_demangle(raw, nullptr, nullptr, &status);
+            std::string name = status == 0 && demangled ? demangled : raw;
+            std::free(demangled);
+            family->shared_arrays.push_back({sym.st_value, sym.st_size, name});
+        }
+    }
+    std::sort(family->shared_arrays.begin(), family->shared_arrays.end(),
+              [](const Family::SharedArray& a, const Family::SharedArray& b) { return a.offset < b.offset; });
+}
+
 static Family* load_family(const std::string& path, std::string* why) {
     void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!handle) {
@@ -223,6 +259,7 @@ static Family* load_family(const std::string& path, std::string* why) {
     int count = 0;
     const McsEmuKernel* kernels = table(&count);
     family->kernels.assign(kernels, kernels + count);
+    read_shared_arrays(family);
     struct link_map* map = nullptr;
     if (dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map) {
         ImageSearch search{map->l_name, family};
@@ -587,8 +624,18 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
         return;
     }
     if (address >= run.tls_begin && address < run.tls_end) {
-        if (address + bytes > run.tls_end) {
-            abort_kernel(kIllegalAddress, "out-of-bounds shared memory " + what + " in " + where(*t));
+        // Inside one __shared__ array, as the GPU's shared window is laid out by the compiler:
+        // an access that leaves its array is out of bounds even where another array follows.
+        const size_t offset = address - run.tls_begin;
+        const auto& arrays = run.launch->function->family->shared_arrays;
+        auto it = std::upper_bound(arrays.begin(), arrays.end(), offset,
+                                   [](size_t o, const Family::SharedArray& a) { return o < a.offset; });
+        const Family::SharedArray* array = it == arrays.begin() ? nullptr : &*std::prev(it);
+        if (!array || offset + bytes > array->offset + array->size) {
+            std::string detail = array ? "byte " + std::to_string(offset - array->offset) + " of `" + array->name +
+                                             "` (" + std::to_string(array->size) + " bytes) runs past its end"
+                                       : "before every __shared__ array";
+            abort_kernel(kIllegalAddress, "out-of-bounds shared memory " + what + " in " + where(*t) + ": " + detail);
         }
         check_shared(*t, address, bytes, write);
         return;
