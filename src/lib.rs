@@ -1,16 +1,18 @@
 //! mcs-engine: trains and runs MedCLIPSeg on the CPU and on NVIDIA GPUs.
 //!
-//! Layers, bottom up: [`tensor`] (shape + storage on a [`device`]), [`cuda`] (context, kernel
-//! modules, cuBLAS), [`ops`] (every op with its CPU reference, CUDA launcher and backward rule),
-//! [`tape`] (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend);
-//! then [`model`], [`data`] and [`train`]; on top, [`segment`] (the embeddable inference API:
-//! load a model folder once, segment images from prompts) and [`eval`] (DSC, NSD, calibration).
+//! Layers, bottom up: [`fastmath`] (the branch-free, vectorised f32 maths of the CPU kernels),
+//! [`tensor`] (shape + storage on a [`device`]), [`cuda`] (context, kernel modules, cuBLAS),
+//! [`ops`] (every op with its CPU reference, CUDA launcher and backward rule), [`tape`]
+//! (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend); then
+//! [`model`], [`data`] and [`train`]; on top, [`segment`] (the embeddable inference API: load a
+//! model folder once, segment images from prompts) and [`eval`] (DSC, NSD, calibration).
 
 pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fastmath;
 pub mod imaging;
 pub mod model;
 pub mod ops;

@@ -184,7 +184,7 @@ const GROUP: usize = 8;
 /// one thread, [`GROUP`] Philox blocks at a time with the CPU's vector instructions. The values
 /// are those of [`normal`], bit for bit: the same IEEE operations in the same order per lane.
 pub fn fill_normal_from(seed: u64, stream: u64, first: u64, out: &mut [f32]) {
-    crate::ops::fastmath::vectorised(
+    crate::fastmath::vectorised(
         #[inline(always)]
         || {
             let mut element = first;

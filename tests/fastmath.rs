@@ -1,7 +1,7 @@
-//! The CPU kernels' vectorisable maths (`ops::fastmath`) against f64 over dense grids, at the
+//! The CPU kernels' vectorisable maths (`fastmath`) against f64 over dense grids, at the
 //! special values, and vector path against scalar path.
 
-use mcs_engine::ops::fastmath::{erf, erf_and_gaussian, exp, map_into, sigmoid};
+use mcs_engine::fastmath::{erf, erf_and_gaussian, exp, map_into, sigmoid};
 
 /// f32 spacing at `v` (the size of one ulp there).
 fn ulp(v: f32) -> f64 {
@@ -110,7 +110,7 @@ fn the_vector_loop_gives_the_scalar_results_bit_for_bit() {
 
 #[test]
 fn sum_and_max_reduce_in_a_fixed_order_and_see_nans() {
-    use mcs_engine::ops::fastmath::{max, sum, zip_sum};
+    use mcs_engine::fastmath::{max, sum, zip_sum};
     for len in [0usize, 1, 7, 8, 9, 145, 1000] {
         let xs: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let want: f64 = xs.iter().map(|&v| v as f64).sum();
@@ -133,7 +133,7 @@ fn sum_and_max_reduce_in_a_fixed_order_and_see_nans() {
 
 #[test]
 fn ln_1p_unit_is_within_two_ulp_on_its_range() {
-    use mcs_engine::ops::fastmath::ln_1p_unit;
+    use mcs_engine::fastmath::ln_1p_unit;
     for e in grid(0.0, 1.0, 200_001).into_iter().chain([1e-30, 1e-12, 1e-7]) {
         let want = (e as f64).ln_1p();
         let err = ((ln_1p_unit(e) as f64) - want).abs() / ulp(want as f32).max(f64::MIN_POSITIVE);

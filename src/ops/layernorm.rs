@@ -7,11 +7,11 @@ use std::sync::Arc;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
-use super::fastmath;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, launch_rows, CudaDevice, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::fastmath;
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, Tensor};
 

@@ -9,7 +9,6 @@ pub mod adam;
 pub mod attention;
 pub mod dropout;
 pub mod elementwise;
-pub mod fastmath;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;

@@ -21,13 +21,13 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
-use super::fastmath::{self, map_in_place, zip_map_in_place};
 use super::matmul::cpu_gemm_serial;
 use super::softmax::softmax_row_in_place;
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::fastmath::{self, map_in_place, zip_map_in_place};
 pub use crate::philox::NoiseMode;
 use crate::philox::{fill_normal_from, stream_id};
 use crate::tape::Tape;

@@ -4,11 +4,11 @@
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
-use super::fastmath::{self, map_in_place, map_into, zip_map_into};
 use super::{cuda_output, cuda_slice, launch, same_device, NULL_DEVICE_PTR};
 use crate::cuda::{launch_rows, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::fastmath::{self, map_in_place, map_into, zip_map_into};
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, Tensor};
 

@@ -10,10 +10,11 @@
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
-use super::{cuda_output, cuda_slice, fastmath, launch, same_device};
+use super::{cuda_output, cuda_slice, launch, same_device};
 use crate::cuda::{launch_elements, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::fastmath;
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, host_zeros, Tensor};
 

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::{BinaryOp, Broadcast, UnaryOp, CPU_CHUNK};
-use crate::ops::fastmath::{self, map_into, zip_map_into};
+use crate::fastmath::{self, map_into, zip_map_into};
 use crate::ops::strided::StridedWalk;
 use crate::tensor::host_buffer;
 
