@@ -9,6 +9,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use super::availability::runtime_unavailable_reason;
+use super::blas::configure_strict_fp32;
 use super::kernels::{ptx_for, KernelFamily};
 use crate::error::{Error, Result};
 
@@ -114,7 +115,7 @@ impl CudaDevice {
         keep_freed_memory_pooled(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(Error::blas("creating the cuBLAS handle"))?;
         let blas = ManuallyDrop::new(blas);
-        crate::ops::matmul::configure_strict_fp32(&blas)?;
+        configure_strict_fp32(&blas)?;
         let families = KernelFamily::ALL.len();
         Ok(Arc::new(CudaDevice {
             ordinal,

@@ -7,6 +7,7 @@
 //! anything touches them (cudarc panics rather than returning an error when a library is missing).
 
 mod availability;
+mod blas;
 mod device;
 pub mod kernels;
 
