@@ -206,7 +206,7 @@ fn cuda_forward(
             LayerNormStats { mean: Tensor::zeros(&shape, &x.device())?, rstd: Tensor::zeros(&shape, &x.device())? };
         return Ok((empty()?, residual.map(|_| empty()).transpose()?, stats));
     }
-    let f = dev.function(KernelFamily::LayerNorm, "layer_norm_forward")?;
+    let f = dev.function(KernelFamily::Layernorm, "layer_norm_forward")?;
     let (mut y, mut mean, mut rstd) = (dev.alloc(x.numel())?, dev.alloc(rows)?, dev.alloc(rows)?);
     let mut sum = residual.map(|_| dev.alloc(x.numel())).transpose()?;
     let cols_i = cols as i32; // fits: checked by check_affine
@@ -290,7 +290,7 @@ pub fn layer_norm_backward_input(x: &Tensor, weight: &Tensor, stats: &LayerNormS
             if rows == 0 {
                 return Tensor::zeros(x.shape(), &x.device());
             }
-            let f = dev.function(KernelFamily::LayerNorm, "layer_norm_backward_input")?;
+            let f = dev.function(KernelFamily::Layernorm, "layer_norm_backward_input")?;
             let mut dx = dev.alloc(x.numel())?;
             let cols_i = cols as i32; // fits: checked by check_backward
             let mut b = dev.stream().launch_builder(&f);
@@ -361,7 +361,7 @@ pub fn layer_norm_backward_params(x: &Tensor, stats: &LayerNormStats, dy: &Tenso
             let (rows_i, cols_i, chunks_i, per_chunk_i) =
                 (to_i32(OP, rows)?, cols as i32, chunks as i32, rows_per_chunk as i32);
             let (mut partial_dw, mut partial_db) = (dev.alloc(chunks * cols)?, dev.alloc(chunks * cols)?);
-            let f = dev.function(KernelFamily::LayerNorm, "layer_norm_param_grads_partial")?;
+            let f = dev.function(KernelFamily::Layernorm, "layer_norm_param_grads_partial")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&mut partial_dw)
                 .arg(&mut partial_db)
@@ -385,7 +385,7 @@ pub fn layer_norm_backward_params(x: &Tensor, stats: &LayerNormStats, dy: &Tenso
             launch("layer_norm_param_grads_partial", unsafe { b.launch(config) })?;
 
             let (mut dw, mut db) = (dev.alloc(cols)?, dev.alloc(cols)?);
-            let f = dev.function(KernelFamily::LayerNorm, "layer_norm_param_grads_finish")?;
+            let f = dev.function(KernelFamily::Layernorm, "layer_norm_param_grads_finish")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&mut dw).arg(&mut db).arg(&partial_dw).arg(&partial_db).arg(&chunks_i).arg(&cols_i);
             // SAFETY: arguments match `layer_norm_param_grads_finish(float* dweight, float* dbias,

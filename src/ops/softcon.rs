@@ -101,7 +101,7 @@ pub fn soft_contrastive_forward(
         Device::Cuda(dev) => {
             let (b_i, n_i, e_i) = (batch as i32, tokens as i32, width as i32); // fit: checked by dims
             let (mut mean, mut norms) = (dev.alloc(batch * width)?, dev.alloc(batch * tokens)?);
-            let f = dev.function(KernelFamily::SoftCon, "softcon_patch_mean")?;
+            let f = dev.function(KernelFamily::Softcon, "softcon_patch_mean")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&mut mean).arg(&mut norms).arg(cuda_slice(patch_tokens)?).arg(&n_i).arg(&e_i);
             // SAFETY: arguments match `softcon_patch_mean(float* mean, float* norms, const float* z,
@@ -112,7 +112,7 @@ pub fn soft_contrastive_forward(
             let pairs = batch * batch;
             let (mut loss, mut grad) = (dev.alloc(1)?, dev.alloc(pairs)?);
             let mut scratch = dev.alloc(2 * pairs + 3 * batch)?;
-            let f = dev.function(KernelFamily::SoftCon, "softcon_pairs")?;
+            let f = dev.function(KernelFamily::Softcon, "softcon_pairs")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&mut loss).arg(&mut grad).arg(&mut scratch).arg(&mean).arg(cuda_slice(text)?);
             b.arg(&b_i).arg(&e_i).arg(&inv_tau);
@@ -261,7 +261,7 @@ pub fn soft_contrastive_backward(
         Device::Cuda(dev) => {
             let (b_i, n_i, e_i) = (batch as i32, tokens as i32, width as i32); // fit: checked by dims
             let (mut d_mean, mut d_text) = (dev.alloc(batch * width)?, dev.alloc(batch * width)?);
-            let f = dev.function(KernelFamily::SoftCon, "softcon_backward_mean_text")?;
+            let f = dev.function(KernelFamily::Softcon, "softcon_backward_mean_text")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&mut d_mean).arg(&mut d_text).arg(cuda_slice(&saved.logit_grad)?);
             b.arg(cuda_slice(&saved.patch_mean)?).arg(cuda_slice(text)?).arg(cuda_slice(dy)?);
@@ -273,7 +273,7 @@ pub fn soft_contrastive_backward(
             launch("softcon_backward_mean_text", unsafe { b.launch(launch_elements(batch * width)) })?;
 
             let mut dz = dev.alloc(patch_tokens.numel())?;
-            let f = dev.function(KernelFamily::SoftCon, "softcon_backward_patches")?;
+            let f = dev.function(KernelFamily::Softcon, "softcon_backward_patches")?;
             let mut b = dev.stream().launch_builder(&f);
             b.arg(&mut dz).arg(cuda_slice(patch_tokens)?).arg(cuda_slice(&saved.patch_norms)?).arg(&d_mean);
             b.arg(&n_i).arg(&e_i);
