@@ -31,6 +31,8 @@
 // so two blocks fit an SM's register file (shared memory allows 1-3 blocks at C = 256 anyway).
 // ptxas (sm_90) reports 80-128 registers and no spills for every variant; without the minimum of
 // 2 blocks it capped some variants at 64 registers and spilled.
+// build.rs reads the six PA_* tile sizes below (keep them `#define NAME <integer>` lines) into Rust
+// constants of the same names, from which src/ops/prob_attention.rs sizes launches and shared memory.
 #define PA_THREADS 256
 #define PA_WARPS 8
 // Forward and dQ: queries per block and keys per staged tile.

@@ -515,13 +515,26 @@ fn cpu_backward(
 }
 
 // ------------------------------------------------------------------------------------------------
-// CUDA launchers for kernels/prob_attention.cu. The tile sizes mirror the #defines there.
+// CUDA launchers for kernels/prob_attention.cu.
 
-const THREADS: u32 = 256;
-const FWD_TQ: usize = 32;
-const FWD_TK: usize = 16;
-const KV_TK: usize = 16;
-const KV_TQ: usize = 16;
+// The tile sizes: PA_THREADS, PA_WARPS, PA_TQ, PA_TK (forward and dQ: queries per block, keys per
+// staged tile), PA_KV_TK, PA_KV_TQ (dK/dV: keys per block, queries per staged tile), which build.rs
+// reads from the #defines of the kernel file, so they are written in one place.
+include!(concat!(env!("OUT_DIR"), "/prob_attention_tiles.rs"));
+
+// What the kernels assume of those sizes; changing a #define so that one fails stops the build.
+const _: () = {
+    let threads = PA_THREADS as usize;
+    assert!(PA_WARPS * 32 == threads, "PA_WARPS must be PA_THREADS / 32");
+    assert!(PA_TQ.is_multiple_of(PA_WARPS) && PA_TQ <= threads, "each warp takes PA_TQ / PA_WARPS whole queries");
+    assert!(
+        threads.is_multiple_of(PA_TK) && (PA_TQ * PA_TK).is_multiple_of(threads),
+        "the scores tile is a whole number of passes"
+    );
+    assert!(PA_KV_TK.is_multiple_of(PA_WARPS), "each warp takes PA_KV_TK / PA_WARPS whole keys");
+    assert!(PA_KV_TQ * PA_KV_TK == threads, "dK/dV takes one (query, key) pair per thread");
+};
+
 /// The kernels spread C over the 32 lanes of a warp, at most 8 columns per lane.
 const MAX_CUDA_CHANNELS: usize = 256;
 
@@ -540,15 +553,15 @@ fn variant(c: usize) -> Result<usize> {
 }
 
 const fn forward_shared_bytes(c: usize) -> usize {
-    4 * ((FWD_TQ + 2 * FWD_TK) * (c + 1) + FWD_TQ * FWD_TK + 3 * FWD_TQ)
+    4 * ((PA_TQ + 2 * PA_TK) * (c + 1) + PA_TQ * PA_TK + 3 * PA_TQ)
 }
 
 const fn dq_shared_bytes(c: usize) -> usize {
-    4 * ((2 * FWD_TQ + 3 * FWD_TK) * (c + 1) + 2 * FWD_TQ * FWD_TK + 2 * FWD_TQ)
+    4 * ((2 * PA_TQ + 3 * PA_TK) * (c + 1) + 2 * PA_TQ * PA_TK + 2 * PA_TQ)
 }
 
 const fn dkv_shared_bytes(c: usize) -> usize {
-    4 * ((3 * KV_TK + 2 * KV_TQ) * (c + 1) + 3 * KV_TQ * KV_TK + 2 * KV_TQ)
+    4 * ((3 * PA_KV_TK + 2 * PA_KV_TQ) * (c + 1) + 3 * PA_KV_TQ * PA_KV_TK + 2 * PA_KV_TQ)
 }
 
 /// One kernel per variant; each is opted in once to the shared memory of its largest C (the
@@ -587,7 +600,7 @@ fn tiled_launch(kernel: &Kernel, d: Dims, len: usize, tile: usize, shared: usize
     }
     Ok(LaunchConfig {
         grid_dim: (d.rows as u32, tiles as u32, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (PA_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     })
 }
@@ -656,7 +669,7 @@ fn cuda_forward(
 ) -> Result<ProbAttentionForward> {
     let kernel = &FORWARD[variant(d.c)?];
     let f = kernel.function(dev)?;
-    let cfg = tiled_launch(kernel, d, d.tq, FWD_TQ, forward_shared_bytes(d.c))?;
+    let cfg = tiled_launch(kernel, d, d.tq, PA_TQ, forward_shared_bytes(d.c))?;
     let scalars = ScalarArgs::new(d, beta, noise)?;
     let mut out = dev.alloc(d.rows * d.tq * d.c)?;
     let mut lse = dev.alloc(d.rows * d.tq)?;
@@ -710,7 +723,7 @@ fn cuda_backward(
     if wanted[0] {
         let kernel = &BACKWARD_DQ[which];
         let f = kernel.function(dev)?;
-        let cfg = tiled_launch(kernel, d, d.tq, FWD_TQ, dq_shared_bytes(d.c))?;
+        let cfg = tiled_launch(kernel, d, d.tq, PA_TQ, dq_shared_bytes(d.c))?;
         let mut dq = dev.alloc(query_rows * d.c)?;
         let mut b = dev.stream().launch_builder(f);
         b.arg(&mut dq).arg(cuda_slice(d_out)?).arg(cuda_slice(lse)?).arg(&delta);
@@ -728,7 +741,7 @@ fn cuda_backward(
     if wanted[1..].contains(&true) {
         let kernel = &BACKWARD_DKV[which];
         let f = kernel.function(dev)?;
-        let cfg = tiled_launch(kernel, d, d.tk, KV_TK, dkv_shared_bytes(d.c))?;
+        let cfg = tiled_launch(kernel, d, d.tk, PA_KV_TK, dkv_shared_bytes(d.c))?;
         let key_len = d.rows * d.tk * d.c;
         let mut outputs: Vec<Option<CudaSlice<f32>>> = wanted[1..]
             .iter()
