@@ -367,6 +367,7 @@ struct GpuThread {
 
 struct WarpShuffle {
     unsigned mask = 0, arrived = 0;
+    unsigned exited = 0;  // lanes whose thread has finished
     const char* file = nullptr;
     int line = 0;
     uint32_t value[32] = {};
@@ -430,6 +431,7 @@ static void yield_to_scheduler() {
 extern "C" __attribute__((visibility("hidden"), used)) void mcs_emu_fiber_main(GpuThread* t) {
     g_run->launch->function->kernel.invoke(g_run->launch->params);
     t->state = State::Exited;
+    g_run->warps[t->warp].exited |= 1u << t->lane;
     mcs_emu_switch(&t->sp, g_scheduler_sp);
     std::abort();  // an exited fiber is never resumed
 }
@@ -488,38 +490,40 @@ extern "C" __attribute__((visibility("default"))) uint32_t mcs_emu_shfl_xor(unsi
     Run& run = *g_run;
     const unsigned threads = static_cast<unsigned>(run.threads.size());
     const unsigned lanes_here = std::min(32u, threads - t->warp * 32);
-    const std::string at = "__shfl_xor_sync at " + site(file, line) + " in " + where(*t);
+    // Messages are built only on a fault: this is the hot path of every warp reduction.
+    auto at = [&] { return "__shfl_xor_sync at " + site(file, line) + " in " + where(*t); };
+    auto hex_mask = [](unsigned m) {
+        char buf[16];
+        std::snprintf(buf, sizeof buf, "0x%08x", m);
+        return std::string(buf);
+    };
     if (!(mask >> t->lane & 1u)) {
-        abort_kernel(kLaunchFailed, at + ": the calling lane " + std::to_string(t->lane) + " is not in its mask");
+        abort_kernel(kLaunchFailed, at() + ": the calling lane " + std::to_string(t->lane) + " is not in its mask");
     }
     if (width <= 0 || width > 32 || (width & (width - 1)) != 0) {
-        abort_kernel(kLaunchFailed, at + ": width " + std::to_string(width) + " is not a power of two up to 32");
+        abort_kernel(kLaunchFailed, at() + ": width " + std::to_string(width) + " is not a power of two up to 32");
     }
-    for (unsigned l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1u)) continue;
-        char m[16];
-        std::snprintf(m, sizeof m, "0x%08x", mask);
-        if (l >= lanes_here) {
-            abort_kernel(kLaunchFailed, at + ": mask " + m + " names lane " + std::to_string(l) + ", but warp " +
-                                            std::to_string(t->warp) + " has only " + std::to_string(lanes_here) +
-                                            " lanes (the block's " + std::to_string(threads) +
-                                            " threads are not a whole number of warps)");
-        }
-        if (run.threads[t->warp * 32 + l].state == State::Exited) {
-            abort_kernel(kLaunchFailed, at + ": mask " + m + " names lane " + std::to_string(l) + ", which has exited");
-        }
+    const unsigned present = lanes_here == 32 ? 0xffffffffu : (1u << lanes_here) - 1;
+    if (mask & ~present) {
+        const unsigned l = static_cast<unsigned>(__builtin_ctz(mask & ~present));
+        abort_kernel(kLaunchFailed, at() + ": mask " + hex_mask(mask) + " names lane " + std::to_string(l) + ", but warp " +
+                                        std::to_string(t->warp) + " has only " + std::to_string(lanes_here) +
+                                        " lanes (the block's " + std::to_string(threads) +
+                                        " threads are not a whole number of warps)");
     }
     WarpShuffle& ws = run.warps[t->warp];
+    if (mask & ws.exited) {
+        const unsigned l = static_cast<unsigned>(__builtin_ctz(mask & ws.exited));
+        abort_kernel(kLaunchFailed, at() + ": mask " + hex_mask(mask) + " names lane " + std::to_string(l) +
+                                        ", which has exited");
+    }
     if (ws.arrived == 0) {
         ws.mask = mask;
         ws.file = file;
         ws.line = line;
     } else if (ws.mask != mask) {
-        char a[16], b[16];
-        std::snprintf(a, sizeof a, "0x%08x", mask);
-        std::snprintf(b, sizeof b, "0x%08x", ws.mask);
-        abort_kernel(kLaunchFailed, at + ": mask " + a + " differs from mask " + b + " of the lanes waiting at " +
-                                        site(ws.file, ws.line));
+        abort_kernel(kLaunchFailed, at() + ": mask " + hex_mask(mask) + " differs from mask " + hex_mask(ws.mask) +
+                                        " of the lanes waiting at " + site(ws.file, ws.line));
     }
     ws.value[t->lane] = value;
     ws.lane_mask[t->lane] = lane_mask;
@@ -540,7 +544,7 @@ extern "C" __attribute__((visibility("default"))) uint32_t mcs_emu_shfl_xor(unsi
         uint32_t result = ws.value[l];
         if (source < 32 && source < segment_end) {
             if (!(mask >> source & 1u)) {
-                abort_kernel(kLaunchFailed, at + ": lane " + std::to_string(l) + " reads lane " +
+                abort_kernel(kLaunchFailed, at() + ": lane " + std::to_string(l) + " reads lane " +
                                                 std::to_string(source) + ", which is not in the mask");
             }
             result = ws.value[source];
@@ -608,14 +612,13 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
     const uintptr_t stack = reinterpret_cast<uintptr_t>(t->stack);
     if (address - stack < kStackBytes) return;  // the thread's own locals
     Run& run = *g_run;
-    const char* verb = write ? "write" : "read";
-    const std::string what = std::string(verb) + " of " + std::to_string(bytes) + " bytes";
+    auto what = [&] { return std::string(write ? "write" : "read") + " of " + std::to_string(bytes) + " bytes"; };
     const uintptr_t view = reinterpret_cast<uintptr_t>(&t->view);
     if (address - view < sizeof(McsEmuThreadView) && !write) return;  // threadIdx and friends
     if (address - reinterpret_cast<uintptr_t>(&mcs_emu_current) < sizeof mcs_emu_current && !write) return;
     if (address >= run.dynamic_begin && address < run.dynamic_capacity_end) {
         if (address + bytes > run.dynamic_end) {
-            abort_kernel(kIllegalAddress, "out-of-bounds dynamic shared memory " + what + " in " + where(*t) +
+            abort_kernel(kIllegalAddress, "out-of-bounds dynamic shared memory " + what() + " in " + where(*t) +
                                               " at offset " + std::to_string(address - run.dynamic_begin) +
                                               ": the launch gave " + std::to_string(run.dynamic_end - run.dynamic_begin) +
                                               " bytes");
@@ -635,7 +638,7 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
             std::string detail = array ? "byte " + std::to_string(offset - array->offset) + " of `" + array->name +
                                              "` (" + std::to_string(array->size) + " bytes) runs past its end"
                                        : "before every __shared__ array";
-            abort_kernel(kIllegalAddress, "out-of-bounds shared memory " + what + " in " + where(*t) + ": " + detail);
+            abort_kernel(kIllegalAddress, "out-of-bounds shared memory " + what() + " in " + where(*t) + ": " + detail);
         }
         check_shared(*t, address, bytes, write);
         return;
@@ -645,7 +648,7 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
     if (a) {
         run.last_allocation = a;
         if (bytes > a->end() - address) {
-            abort_kernel(kIllegalAddress, "out-of-bounds global memory " + what + " in " + where(*t) + " at " +
+            abort_kernel(kIllegalAddress, "out-of-bounds global memory " + what() + " in " + where(*t) + " at " +
                                               hex(address) + ": byte " + std::to_string(address - a->begin) + " of " +
                                               describe_allocation(*a) + " runs past its end");
         }
@@ -663,7 +666,7 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
             if (address >= range.first && address + bytes <= range.second) return;  // the family's constants
         }
     }
-    abort_kernel(kIllegalAddress, "out-of-bounds global memory " + what + " in " + where(*t) + " at " + hex(address) +
+    abort_kernel(kIllegalAddress, "out-of-bounds global memory " + what() + " in " + where(*t) + " at " + hex(address) +
                                       ": " + describe_address(address));
 }
 
@@ -776,7 +779,7 @@ static bool run_block(Run& run, const McsEmuDim3& block_idx) {
         t.wait_file = nullptr;
         t.wait_line = 0;
     }
-    for (WarpShuffle& w : run.warps) w.arrived = 0;
+    for (WarpShuffle& w : run.warps) w.arrived = w.exited = 0;
     for (;;) {
         bool ran = false;
         for (GpuThread& t : run.threads) {
