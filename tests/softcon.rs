@@ -209,10 +209,15 @@ fn gpu_forward_and_backward_match_cpu() {
         // f32 dot products of up to 512 terms and 196-term means on the GPU against f64 on the
         // CPU: ~1e-6 relative to logits of order 10.
         assert_close(&format!("[{b},{n},{e}] loss: gpu vs cpu"), &[lg], &[lc], 1e-5, 1e-5);
+        // The absolute part scales with the largest gradient, but never below 1e-6: with one
+        // channel (e = 1) a normalised patch mean is +-1 whatever z is, so d/dz is exactly zero,
+        // and each side returns its own rounding residue of the two O(1) terms that cancel in the
+        // normalisation's backward (1e-18 on the CPU, 0 on the GPU).
         let max_dz = dzc.iter().fold(0.0f32, |m, g| m.max(g.abs()));
         let max_dt = dtc.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-        assert_close(&format!("[{b},{n},{e}] d/dz: gpu vs cpu"), &dzg, &dzc, max_dz * 1e-4, 1e-4);
-        assert_close(&format!("[{b},{n},{e}] d/dtext: gpu vs cpu"), &dtg, &dtc, max_dt * 1e-4, 1e-4);
+        let (atol_dz, atol_dt) = ((max_dz * 1e-4).max(1e-6), (max_dt * 1e-4).max(1e-6));
+        assert_close(&format!("[{b},{n},{e}] d/dz: gpu vs cpu"), &dzg, &dzc, atol_dz, 1e-4);
+        assert_close(&format!("[{b},{n},{e}] d/dtext: gpu vs cpu"), &dtg, &dtc, atol_dt, 1e-4);
     }
 }
 

@@ -59,6 +59,9 @@ fn devices() -> &'static OrdinalCache<CudaDevice> {
     DEVICES.get_or_init(OrdinalCache::default)
 }
 
+/// How the emulated driver (tools/emulated_gpu/driver.cc) names its device.
+pub const EMULATED_DEVICE_NAME: &str = "mcs-engine emulated GPU";
+
 pub struct CudaDevice {
     ordinal: usize,
     ctx: Arc<CudaContext>,
@@ -130,6 +133,17 @@ impl CudaDevice {
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// The device's name as its driver reports it.
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name().map_err(Error::driver("reading the device name"))
+    }
+
+    /// True on the emulated GPU of `tools/emulated_gpu.sh` (docs/emulated_gpu.md): the CUDA code
+    /// runs there for correctness, but its timings say nothing about a GPU.
+    pub fn is_emulated(&self) -> bool {
+        self.name().is_ok_and(|name| name.starts_with(EMULATED_DEVICE_NAME))
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

@@ -666,6 +666,19 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
             if (address >= range.first && address + bytes <= range.second) return;  // the family's constants
         }
     }
+    // Just past the last __shared__ array (or before the first) lies no device memory either, but
+    // the fault is the shared array's, so say so.
+    constexpr uintptr_t kSharedSlack = 4096;
+    if (run.tls_end > run.tls_begin && address + kSharedSlack >= run.tls_begin && address < run.tls_end + kSharedSlack) {
+        const auto& arrays = run.launch->function->family->shared_arrays;
+        std::string detail = "outside the block's shared memory";
+        if (!arrays.empty() && address >= run.tls_end) {
+            const Family::SharedArray& last = arrays.back();
+            detail = "byte " + std::to_string(address - run.tls_begin - last.offset) + " of `" + last.name + "` (" +
+                     std::to_string(last.size) + " bytes) runs past its end";
+        }
+        abort_kernel(kIllegalAddress, "out-of-bounds shared memory " + what() + " in " + where(*t) + ": " + detail);
+    }
     abort_kernel(kIllegalAddress, "out-of-bounds global memory " + what() + " in " + where(*t) + " at " + hex(address) +
                                       ": " + describe_address(address));
 }
