@@ -175,7 +175,9 @@ fn build_faulty_kernels(dir: &Path, file: &str, find: &str, replace: &str) -> st
     // Exactly one match: if the kernel is rewritten, this test must be updated, not silently pass.
     let count = text.matches(find).count();
     if count != 1 {
-        return Err(format!("kernels/{file} holds {count} copies of the text the fault replaces (expected 1): {find:?}"));
+        return Err(format!(
+            "kernels/{file} holds {count} copies of the text the fault replaces (expected 1): {find:?}"
+        ));
     }
     std::fs::write(&target, text.replace(find, replace)).map_err(|e| e.to_string())?;
     let built = dir.join("kernels-built");

@@ -1,9 +1,13 @@
 //! `mcs-engine predict` and `mcs-engine eval` end to end on a synthetic dataset that `synth`
 //! wrote and a `small` model that `train` wrote (once per test binary, about a second).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+
+use common::read_npy;
 
 /// The binary under test: `MCS_ENGINE_BIN` when set (a packed GPU kit), else cargo's.
 fn binary() -> PathBuf {
@@ -91,22 +95,6 @@ fn odd_sized_image(dir: &Path) -> (PathBuf, String) {
     let path = dir.join("odd.png");
     picture.save(&path).unwrap();
     (path, "one small round-shaped lesion at the center of the image".into())
-}
-
-/// A `.npy` file's shape and float32 values (format 1.0, `<f4`, C order, as predict writes).
-fn read_npy(path: &Path) -> ((usize, usize), Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
-    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let dims: Vec<usize> =
-        shape.split(',').map(str::trim).filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
-    let values: Vec<f32> =
-        bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    assert_eq!(values.len(), dims[0] * dims[1], "{}", path.display());
-    ((dims[0], dims[1]), values)
 }
 
 const OUTPUTS: [&str; 6] =

@@ -190,3 +190,19 @@ pub fn read_fixture(relative: &str) -> Fixture {
     }
     Fixture { tensors, ids, seed }
 }
+
+/// A `.npy` file's shape and float32 values (format 1.0, `<f4`, C order, as predict writes).
+pub fn read_npy(path: &std::path::Path) -> ((usize, usize), Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let dims: Vec<usize> =
+        shape.split(',').map(str::trim).filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect();
+    let values: Vec<f32> =
+        bytes[10 + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(values.len(), dims[0] * dims[1], "{}", path.display());
+    ((dims[0], dims[1]), values)
+}
