@@ -68,8 +68,9 @@ fn cases(device: &Device) -> Vec<Case> {
 
 fn main() {
     let mut devices = vec![Device::Cpu];
-    if gpu_available() {
-        devices.push(Device::cuda(0).expect("a GPU was detected but could not be opened"));
+    let gpu = gpu_available().then(|| Device::cuda(0).expect("a GPU was detected but could not be opened"));
+    if let Some(gpu) = gpu.filter(|g| !g.is_emulated()) {
+        devices.push(gpu);
         // Validate first: the GPU results of every case against the CPU reference.
         let (cpu_cases, gpu_cases) = (cases(&Device::Cpu), cases(&devices[1]));
         for ((name, _, mut on_cpu), (_, _, mut on_gpu)) in cpu_cases.into_iter().zip(gpu_cases) {
@@ -79,6 +80,8 @@ fn main() {
             // Same maths in f32 with other summation orders: far below 1e-3 relative unless broken.
             assert!(diff <= 1e-3 * scale, "{name}: GPU differs from the CPU reference by {diff:e}");
         }
+    } else if gpu_available() {
+        eprintln!("the GPU is the emulated one (tools/emulated_gpu.sh), whose timings are no GPU figures: timing the CPU backend only");
     } else {
         eprintln!("no GPU: timing the CPU backend only");
     }

@@ -55,6 +55,11 @@ impl Device {
         }
     }
 
+    /// True on the emulated GPU of `tools/emulated_gpu.sh`, whose timings are no GPU figures.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self, Device::Cuda(d) if d.is_emulated())
+    }
+
     /// Waits for queued GPU work (a no-op on the CPU); used by timings and before host reads.
     pub fn synchronize(&self) -> Result<()> {
         match self {

@@ -68,7 +68,14 @@ fn info() -> Result<()> {
     match unavailable_reason() {
         None => {
             let device = Device::cuda(0)?;
-            println!("GPU: available ({})", device.name());
+            let Device::Cuda(gpu) = &device else { unreachable!("Device::cuda gives a CUDA device") };
+            println!("GPU: available ({}: {})", device.name(), gpu.name()?);
+            if device.is_emulated() {
+                println!(
+                    "     this is the emulated GPU (tools/emulated_gpu.sh, docs/emulated_gpu.md): the CUDA code runs \
+                     on the CPU with the GPU's semantics and checks, for correctness; its timings are no GPU figures"
+                );
+            }
         }
         Some(reason) => println!("GPU: not available ({reason}); the CPU backend runs everything"),
     }

@@ -106,3 +106,22 @@ fn train_reports_peak_memory_too_and_bad_arguments_are_sentences() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// On the emulated GPU (tools/emulated_gpu.sh) `info` says so, and `bench` refuses to time it:
+/// naming it is an error, `auto` falls back to the CPU. Elsewhere there is nothing to check.
+#[test]
+fn the_emulated_gpu_is_named_and_never_timed() {
+    let info = Command::new(binary()).arg("info").output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    if !info.contains("emulated GPU") {
+        println!("skip: not on the emulated GPU ({})", info.lines().next().unwrap_or_default());
+        return;
+    }
+    assert!(info.contains("timings are no GPU figures"), "{info}");
+    let out =
+        Command::new(binary()).args(["bench", "forward", "--config", "tiny", "--device", "cuda"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("emulated GPU"), "{stderr}");
+    let report = bench(&["forward", "--config", "tiny", "--steps", "1", "--warmup", "0", "--json"]);
+    assert_eq!(report["device"], "cpu", "{report}");
+}

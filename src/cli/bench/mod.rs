@@ -83,6 +83,22 @@ pub struct Report {
     pub text: String,
 }
 
+/// The emulated GPU (tools/emulated_gpu.sh) runs the CUDA code on the CPU: its timings would be
+/// mistaken for GPU figures. `auto` falls back to the CPU with a note; naming it is an error.
+fn emulated_gpu_refused(device: Device, spec: &str) -> Result<Device> {
+    if !device.is_emulated() {
+        return Ok(device);
+    }
+    if spec == "auto" {
+        eprintln!("note: the GPU here is the emulated one (tools/emulated_gpu.sh), whose timings are no GPU figures: timing the CPU");
+        return Ok(Device::Cpu);
+    }
+    Err(Error::Invalid(format!(
+        "`--device {spec}` is the emulated GPU (tools/emulated_gpu.sh): it checks the CUDA code but does not time it; \
+         bench on the CPU (`--device cpu`) or on a real GPU"
+    )))
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     check(args)?;
     if args.threads > 0 {
@@ -92,7 +108,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map_err(|e| Error::Invalid(format!("cannot size the thread pool to {}: {e}", args.threads)))?;
     }
     let config = super::load_config(preset_alias(&args.config))?;
-    let device = super::parse_device(&args.device)?;
+    let device = emulated_gpu_refused(super::parse_device(&args.device)?, &args.device)?;
     let setup = Setup { args, config, device };
     let report = match args.case.as_str() {
         "train" => train::run(&setup)?,
