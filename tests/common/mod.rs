@@ -14,12 +14,26 @@ pub fn require_gpu() -> bool {
 /// The reason covers the libraries, the device and whether the kernels load.
 pub fn gpu() -> Option<Device> {
     if gpu_available() {
+        log_gpu_half();
         return Some(Device::cuda(0).expect("a GPU was detected but could not be opened"));
     }
     let reason = unavailable_reason().unwrap_or("unknown");
     assert!(!require_gpu(), "REQUIRE_GPU=1 but no GPU can be used: {reason}");
     eprintln!("{}", skip_line(reason));
     None
+}
+
+/// Appends `<test binary> <test>` to the file `MCS_GPU_TEST_LOG` names, if any: `.ci/run` counts
+/// the tests whose GPU half ran.
+fn log_gpu_half() {
+    let Some(path) = std::env::var_os("MCS_GPU_TEST_LOG") else { return };
+    let binary = std::env::current_exe().ok().and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()));
+    let binary = binary.as_deref().unwrap_or("?").split('-').next().unwrap_or("?").to_string();
+    let test = std::thread::current().name().unwrap_or("main").to_string();
+    use std::io::Write;
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(file, "{binary} {test}");
+    }
 }
 
 /// The line a skipped GPU test prints (tools/gpu_check.sh counts these).
