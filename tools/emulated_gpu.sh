@@ -17,11 +17,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 src="$root/tools/emulated_gpu"
 out="${MCS_EMU_DIR:-$root/target/emulated-gpu}"
 cxx="${CXX:-g++}"
+# No FMA contraction and no fast maths: the host follows the source's operations one by one.
+# -fno-extern-tls-init: the `extern __shared__` arrays are thread_local and need no initialisation call.
 common_flags=(-std=c++17 -O2 -fPIC -g -ffp-contract=off -fno-fast-math -fno-extern-tls-init)
 
 # Every load and store of a kernel calls __asan_{load,store}N_noabort (runtime.cc checks it); the
 # thread's own stack and globals are not instrumented, they are no device memory.
-# -fno-extern-tls-init: the `extern __shared__` arrays are thread_local and need no initialisation call.
 instrument=(-fsanitize=kernel-address --param asan-instrumentation-with-call-threshold=0
             --param asan-stack=0 --param asan-globals=0)
 
