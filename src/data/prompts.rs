@@ -5,16 +5,37 @@
 //!
 //! Texts are kept exactly as written (the official sheets end many descriptions with `\n`; the
 //! tokenizer cleans them); only the file names are trimmed.
+//!
+//! Memory stays bounded whatever the file holds: CSV and JSON files are refused above
+//! [`MAX_PROMPT_FILE_BYTES`], a workbook whose parts unpack to more than
+//! [`MAX_WORKBOOK_UNPACKED_BYTES`], and the cells kept from a sheet are counted against
+//! [`MAX_SHEET_TEXT_BYTES`] (a sheet is streamed cell by cell, never laid out as the dense
+//! rectangle its two farthest cells span).
 
+use std::collections::BTreeMap;
+use std::io::BufReader;
 use std::path::Path;
 
-use calamine::{Data, Reader};
+use calamine::{Data, DataRef, Reader, Xlsx};
 
 use crate::error::{Error, Result};
 
 pub const IMAGE_COLUMN: &str = "Image";
 pub const DESCRIPTION_COLUMN: &str = "Description";
 pub const MASK_COLUMN: &str = "Ground Truth";
+
+/// Largest CSV or JSON prompt file read. The largest official sheet (QaTa-COV19's training set,
+/// about 7,000 rows) is near 1 MiB as CSV, so this leaves 64 times that, and caps what is held.
+pub const MAX_PROMPT_FILE_BYTES: u64 = 64 << 20;
+
+/// Largest total size the parts of an xlsx workbook may unpack to (as their zip directory declares
+/// it, which the unzipper enforces). Sheet XML is several times the size of its text, hence four
+/// times [`MAX_PROMPT_FILE_BYTES`]; a zip bomb is refused before anything is unpacked.
+pub const MAX_WORKBOOK_UNPACKED_BYTES: u64 = 4 * MAX_PROMPT_FILE_BYTES;
+
+/// Most bytes of cell text (plus per-cell bookkeeping) kept from one sheet: many cells can share
+/// one long string, so the unpacked size alone does not bound what the cells add up to.
+pub const MAX_SHEET_TEXT_BYTES: usize = MAX_PROMPT_FILE_BYTES as usize;
 
 /// One row of a prompt file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,16 +51,18 @@ pub struct PromptRow {
     pub location: String,
 }
 
-/// Reads a prompt file, choosing the format by extension (`xlsx`/`xlsm`/`xls`/`ods`, `csv`,
-/// `json`). Rows whose cells are all empty are skipped (spreadsheets often end with some).
+/// Reads a prompt file, choosing the format by extension (`xlsx`/`xlsm`, `csv`, `json`). Rows
+/// whose cells are all empty are skipped (spreadsheets often end with some). Other spreadsheet
+/// formats (`xls`, `xlsb`, `ods`) are refused: calamine reads them only as a dense rectangle, whose
+/// size a two-cell file can make arbitrarily large.
 pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRow>> {
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match extension.as_str() {
-        "xlsx" | "xlsm" | "xls" | "xlsb" | "ods" => read_spreadsheet(path),
+        "xlsx" | "xlsm" => read_spreadsheet(path),
         "csv" => read_csv(path),
         "json" => read_json(path),
         other => Err(Error::Invalid(format!(
-            "{}: unknown prompt file type '.{other}' (expected .xlsx, .csv or .json)",
+            "{}: unknown prompt file type '.{other}' (expected .xlsx, .csv or .json; save other sheets as .xlsx)",
             path.display()
         ))),
     }
@@ -51,33 +74,103 @@ fn invalid(path: &Path, detail: impl std::fmt::Display) -> Error {
 
 /// A cell as text: integral numbers print without a fraction (a sheet may store `12` for an
 /// image called "12"), everything else through calamine's own formatting.
-fn cell_text(cell: &Data) -> String {
+fn cell_text(cell: DataRef) -> String {
     match cell {
-        Data::Empty => String::new(),
-        Data::String(s) => s.clone(),
-        Data::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", *f as i64),
-        other => other.to_string(),
+        DataRef::Empty => String::new(),
+        DataRef::String(s) => s,
+        DataRef::SharedString(s) => s.to_string(),
+        DataRef::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        other => Data::from(other).to_string(),
     }
 }
 
+/// Refuses a file larger than `limit` bytes before it is read.
+fn check_file_size(path: &Path, limit: u64) -> Result<()> {
+    let size = std::fs::metadata(path).map_err(Error::io(path))?.len();
+    if size > limit {
+        return Err(invalid(path, format!("{size} bytes is more than a prompt file may hold ({limit} bytes)")));
+    }
+    Ok(())
+}
+
+/// Refuses a workbook whose zip directory declares parts that unpack to more than
+/// [`MAX_WORKBOOK_UNPACKED_BYTES`] in all.
+fn check_unpacked_size(path: &Path) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut archive = zip::ZipArchive::new(BufReader::new(file))
+        .map_err(|e| invalid(path, format!("cannot open spreadsheet: not an xlsx (zip) file: {e}")))?;
+    let mut total = 0u64;
+    for i in 0..archive.len() {
+        let entry = archive.by_index_raw(i).map_err(|e| invalid(path, format!("cannot open spreadsheet: {e}")))?;
+        total = total.saturating_add(entry.size());
+    }
+    if total > MAX_WORKBOOK_UNPACKED_BYTES {
+        return Err(invalid(
+            path,
+            format!(
+                "the workbook unpacks to {total} bytes, more than a prompt file may ({MAX_WORKBOOK_UNPACKED_BYTES})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The non-empty cells of the first worksheet by row, each row's cells as (column, text); the
+/// cells are streamed and their text counted against [`MAX_SHEET_TEXT_BYTES`].
+fn sheet_cells(path: &Path) -> Result<BTreeMap<u32, Vec<(u32, String)>>> {
+    let file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut workbook: Xlsx<_> =
+        Xlsx::new(BufReader::new(file)).map_err(|e| invalid(path, format!("cannot open spreadsheet: {e}")))?;
+    let first =
+        workbook.sheet_names().into_iter().next().ok_or_else(|| invalid(path, "the workbook has no worksheet"))?;
+    let unreadable = |e: calamine::XlsxError| invalid(path, format!("cannot read the first worksheet: {e}"));
+    let mut reader = workbook.worksheet_cells_reader(&first).map_err(unreadable)?;
+    let mut rows: BTreeMap<u32, Vec<(u32, String)>> = BTreeMap::new();
+    let mut held = 0usize;
+    while let Some(cell) = reader.next_cell().map_err(unreadable)? {
+        let (row, column) = cell.get_position();
+        let text = cell_text(cell.get_value().clone());
+        if text.is_empty() {
+            continue;
+        }
+        held += text.len() + std::mem::size_of::<(u32, String)>();
+        if held > MAX_SHEET_TEXT_BYTES {
+            return Err(invalid(
+                path,
+                format!("the first worksheet holds more than {MAX_SHEET_TEXT_BYTES} bytes of text"),
+            ));
+        }
+        rows.entry(row).or_default().push((column, text));
+    }
+    Ok(rows)
+}
+
+/// One row's cells laid out in columns `0..width` (cells further right are not needed).
+fn dense_row(cells: Vec<(u32, String)>, width: usize) -> Vec<String> {
+    let mut row = vec![String::new(); width];
+    for (column, text) in cells {
+        if let Some(slot) = row.get_mut(column as usize) {
+            *slot = text;
+        }
+    }
+    row
+}
+
 fn read_spreadsheet(path: &Path) -> Result<Vec<PromptRow>> {
-    let mut workbook =
-        calamine::open_workbook_auto(path).map_err(|e| invalid(path, format!("cannot open spreadsheet: {e}")))?;
-    let range = workbook
-        .worksheet_range_at(0)
-        .ok_or_else(|| invalid(path, "the workbook has no worksheet"))?
-        .map_err(|e| invalid(path, format!("cannot read the first worksheet: {e}")))?;
-    let first_row = range.start().map(|(row, _)| row as usize).unwrap_or(0);
-    let mut rows = range.rows().enumerate();
-    let header = match rows.next() {
-        Some((_, cells)) => cells.iter().map(cell_text).collect::<Vec<_>>(),
+    check_unpacked_size(path)?;
+    let mut rows = sheet_cells(path)?.into_iter();
+    let header_cells = match rows.next() {
+        Some((_, cells)) => cells,
         None => return Err(invalid(path, "the first worksheet is empty (no header row)")),
     };
-    let body = rows.map(|(i, cells)| (format!("row {}", first_row + i + 1), cells.iter().map(cell_text).collect()));
+    let width = header_cells.iter().map(|(column, _)| *column as usize + 1).max().unwrap_or(0);
+    let header = dense_row(header_cells, width);
+    let body = rows.map(|(row, cells)| (format!("row {}", row as u64 + 1), dense_row(cells, width)));
     rows_from_table(path, &header, body)
 }
 
 fn read_csv(path: &Path) -> Result<Vec<PromptRow>> {
+    check_file_size(path, MAX_PROMPT_FILE_BYTES)?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)
@@ -88,11 +181,13 @@ fn read_csv(path: &Path) -> Result<Vec<PromptRow>> {
         .iter()
         .map(str::to_string)
         .collect();
+    // Rows are counted as a spreadsheet shows them (header = row 1): the reader's line numbers
+    // lag one line per row after a CRLF, and a quoted cell spanning lines is still one row.
     let mut body = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| invalid(path, format!("malformed CSV: {e}")))?;
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
-        body.push((format!("row {line}"), record.iter().map(str::to_string).collect()));
+    for (i, record) in reader.records().enumerate() {
+        let row = i + 2;
+        let record = record.map_err(|e| invalid(path, format!("row {row}: malformed CSV: {e}")))?;
+        body.push((format!("row {row}"), record.iter().map(str::to_string).collect()));
     }
     rows_from_table(path, &header, body)
 }
@@ -157,6 +252,7 @@ fn checked_row(
 }
 
 fn read_json(path: &Path) -> Result<Vec<PromptRow>> {
+    check_file_size(path, MAX_PROMPT_FILE_BYTES)?;
     let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| invalid(path, format!("not valid JSON: {e}")))?;
