@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::prompts::{read_prompt_file, PromptRow};
+use super::prompts::{read_prompt_file, PromptRow, IMAGE_COLUMN, MASK_COLUMN};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,25 +104,16 @@ pub fn prompt_file_path(root: &Path, split: Split, percentage: Option<u32>) -> R
 /// `img/` no prompt row lists (not an error: the official subsets leave most images out; the
 /// caller decides whether to warn).
 ///
-/// Errors: a missing folder or prompt file, a bad prompt row, an image the prompts list that is
-/// not in `img/`, an image without a mask in `label/`.
+/// Errors: a missing folder or prompt file, a bad prompt row, a name that breaks the path rule of
+/// [`SplitFolders::resolve`], an image the prompts list that is not in `img/`, an image without a
+/// mask in `label/`.
 pub fn open_split(
     root: &Path,
     split: Split,
     percentage: Option<u32>,
     prompts_override: Option<&Path>,
 ) -> Result<(DatasetIndex, usize)> {
-    let split_folder = root.join(split.folder());
-    let image_folder = split_folder.join(IMAGE_FOLDER);
-    let mask_folder = split_folder.join(MASK_FOLDER);
-    for folder in [&image_folder, &mask_folder] {
-        if !folder.is_dir() {
-            return Err(Error::Invalid(format!(
-                "{}: folder not found (expected the official layout)",
-                folder.display()
-            )));
-        }
-    }
+    let folders = SplitFolders::open(root, split)?;
     let prompt_path = match prompts_override {
         Some(path) => path.to_path_buf(),
         None => prompt_file_path(root, split, percentage)?,
@@ -131,40 +122,127 @@ pub fn open_split(
         return Err(Error::Invalid(format!("{}: prompt file not found", prompt_path.display())));
     }
     let rows = read_prompt_file(&prompt_path)?;
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        items.push(item_for_row(&prompt_path, row, &image_folder, &mask_folder)?);
-    }
+    let mut items = rows.iter().map(|row| folders.resolve(&prompt_path, row)).collect::<Result<Vec<_>>>()?;
     items.sort_by(|a, b| a.name.cmp(&b.name));
     let listed: HashSet<&str> = rows.iter().map(|r| r.image.as_str()).collect();
-    let unlisted = image_files(&image_folder)?.iter().filter(|name| !listed.contains(name.as_str())).count();
+    let unlisted = image_files(&folders.images)?.iter().filter(|name| !listed.contains(name.as_str())).count();
     Ok((DatasetIndex { items }, unlisted))
 }
 
-fn item_for_row(prompt_path: &Path, row: &PromptRow, image_folder: &Path, mask_folder: &Path) -> Result<Item> {
-    let image_path = image_folder.join(&row.image);
-    if !image_path.is_file() {
-        return Err(Error::Invalid(format!(
-            "{}: {} lists image '{}' but {} does not exist",
-            prompt_path.display(),
-            row.location,
-            row.image,
-            image_path.display()
-        )));
+/// The folders of one split, and the dataset folder that every file a prompt row names must lie
+/// in.
+#[derive(Clone, Debug)]
+pub struct SplitFolders {
+    /// `<root>/<Split>_Folder/img`.
+    pub images: PathBuf,
+    /// `<root>/<Split>_Folder/label`.
+    pub masks: PathBuf,
+    /// The dataset folder with every symlink resolved.
+    real_root: PathBuf,
+}
+
+impl SplitFolders {
+    /// Errors: the image or mask folder is missing.
+    pub fn open(root: &Path, split: Split) -> Result<Self> {
+        let split_folder = root.join(split.folder());
+        let images = split_folder.join(IMAGE_FOLDER);
+        let masks = split_folder.join(MASK_FOLDER);
+        for folder in [&images, &masks] {
+            if !folder.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{}: folder not found (expected the official layout)",
+                    folder.display()
+                )));
+            }
+        }
+        let real_root = root.canonicalize().map_err(Error::io(root))?;
+        Ok(SplitFolders { images, masks, real_root })
     }
-    let mask_name = row.mask.as_deref().unwrap_or(&row.image);
-    let candidates = mask_candidates(mask_folder, mask_name);
-    let mask_path = candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: no mask for image '{}' ({} of {}); tried {}",
-            image_path.display(),
-            row.image,
-            row.location,
-            prompt_path.display(),
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        ))
-    })?;
-    Ok(Item { name: row.image.clone(), image_path, mask_path, prompt: row.description.clone() })
+
+    /// The sample a prompt row names. The path rule: the image and mask names are plain file
+    /// names (no absolute path, no `..`, no `/` or `\`), checked before anything is looked up,
+    /// and the files they name, symlinks followed, lie inside the dataset folder. Every error
+    /// names the prompt file, the row and the value (or the missing file).
+    pub fn resolve(&self, prompt_path: &Path, row: &PromptRow) -> Result<Item> {
+        let refuse = |column: &str, name: &str, why: String| {
+            Error::Invalid(format!("{}: {}, column '{column}': '{name}' {why}", prompt_path.display(), row.location))
+        };
+        let mask_name = row.mask.as_deref().unwrap_or(&row.image);
+        let mask_column = if row.mask.is_some() { MASK_COLUMN } else { IMAGE_COLUMN };
+        for (column, name, folder) in
+            [(IMAGE_COLUMN, row.image.as_str(), &self.images), (mask_column, mask_name, &self.masks)]
+        {
+            if let Err(why) = check_file_name(name) {
+                return Err(refuse(column, name, format!("is not a file name inside {} ({why})", folder.display())));
+            }
+        }
+        let image_path = self.images.join(&row.image);
+        if !image_path.is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: {} lists image '{}' but {} does not exist",
+                prompt_path.display(),
+                row.location,
+                row.image,
+                image_path.display()
+            )));
+        }
+        self.check_inside(&image_path).map_err(|why| refuse(IMAGE_COLUMN, &row.image, why))?;
+        let candidates = mask_candidates(&self.masks, mask_name);
+        let mask_path = candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no mask for image '{}' ({} of {}); tried {}",
+                image_path.display(),
+                row.image,
+                row.location,
+                prompt_path.display(),
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        self.check_inside(&mask_path).map_err(|why| refuse(mask_column, mask_name, why))?;
+        Ok(Item { name: row.image.clone(), image_path, mask_path, prompt: row.description.clone() })
+    }
+
+    /// Whether an existing file, symlinks followed, lies inside the dataset folder; the reason
+    /// when not.
+    fn check_inside(&self, path: &Path) -> std::result::Result<(), String> {
+        let real = path.canonicalize().map_err(|e| format!("cannot be resolved: {e}"))?;
+        if real.starts_with(&self.real_root) {
+            Ok(())
+        } else {
+            Err(format!(
+                "leads outside the dataset folder {} (through a symlink, to {})",
+                self.real_root.display(),
+                real.display()
+            ))
+        }
+    }
+}
+
+/// The syntactic half of the path rule: `Ok` for a plain file name, else why not. Runs before
+/// the name touches the file system.
+pub fn check_file_name(name: &str) -> std::result::Result<(), &'static str> {
+    if Path::new(name).is_absolute() || name.starts_with(['/', '\\']) {
+        Err("it is an absolute path")
+    } else if name.contains(['/', '\\']) {
+        Err("it holds a path separator")
+    } else if name == ".." || name == "." {
+        Err("it names a folder")
+    } else if name.contains('\0') {
+        Err("it holds a NUL byte")
+    } else {
+        Ok(())
+    }
+}
+
+/// The parts of the official layout that already exist under `dir` (split folders and
+/// `Prompts_Folder`), by name; empty when `dir` holds no dataset.
+pub fn existing_layout_parts(dir: &Path) -> Vec<String> {
+    Split::ALL
+        .iter()
+        .map(|split| split.folder())
+        .chain([PROMPTS_FOLDER.to_string()])
+        .filter(|name| dir.join(name).exists())
+        .collect()
 }
 
 /// The mask file as named, then the same stem as PNG and JPEG.

@@ -7,6 +7,7 @@
 //! [`Loader`] rotates it (training only) and normalises it into a [`Batch`].
 
 pub mod augment;
+pub mod check;
 pub mod layout;
 pub mod loader;
 pub mod preprocess;
@@ -15,14 +16,18 @@ pub mod random;
 pub mod synthetic;
 
 pub use augment::{rotate_nearest, rotate_pair, rotation_for, MAX_ROTATION_DEGREES};
-pub use layout::{open_split, prompt_file_path, DatasetIndex, Item, Split, DATA_PERCENTAGES};
+pub use check::{check_split, SplitCheck};
+pub use layout::{
+    check_file_name, existing_layout_parts, open_split, prompt_file_path, DatasetIndex, Item, Split, SplitFolders,
+    DATA_PERCENTAGES,
+};
 pub use loader::{
     epoch_order, load_batch, prepare_sample, Batch, Batches, InMemoryDataset, Loader, LoaderConfig, RawSample,
     SampleSource,
 };
 pub use preprocess::{
-    binarise_mask, load_pair, normalise_bgr, read_bgr, read_grey, resize_linear, resize_nearest, Image8, IMAGENET_MEAN,
-    IMAGENET_STD,
+    binarise_mask, load_pair, normalise_bgr, read_bgr, read_grey, read_mask, resize_linear, resize_nearest, Image8,
+    IMAGENET_MEAN, IMAGENET_STD,
 };
 pub use prompts::{read_prompt_file, write_prompt_xlsx, PromptRow};
 pub use synthetic::{generate, synthetic_splits, write_official_layout, SyntheticSample, SyntheticSplits, WORDS};

@@ -1,10 +1,16 @@
 //! The official pre-processing (spec §6), bit for bit: `cv2.imread` to BGR bytes, `cv2.resize`
 //! (INTER_LINEAR in OpenCV's fixed point for images, INTER_NEAREST for masks), mask binarisation at
 //! 127, and `to_tensor` + ImageNet `Normalize` applied to the B, G, R planes in that order.
+//!
+//! Masks follow the label rule of [`read_mask`]: the official threshold wherever it separates the
+//! two values a mask holds (0/255 masks are read bit for bit as the official code reads them),
+//! the lower value as background otherwise (0/1 masks), and more than two values refused.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use image::DynamicImage;
+use image::{DynamicImage, ImageFormat};
 
 use crate::error::{Error, Result};
 
@@ -52,8 +58,11 @@ impl Image8 {
 }
 
 fn decode(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    image::load_from_memory(&bytes).map_err(|e| {
+    decode_bytes(path, &std::fs::read(path).map_err(Error::io(path))?)
+}
+
+fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
+    image::load_from_memory(bytes).map_err(|e| {
         Error::Invalid(format!("{}: not a readable (or a truncated) PNG or JPEG image: {e}", path.display()))
     })
 }
@@ -86,9 +95,12 @@ pub fn read_bgr(path: &Path) -> Result<Image8> {
 /// (`png_set_rgb_to_gray` with 0.299 / 0.587, truncated to 15-bit weights, no rounding; checked
 /// bit-exact against opencv-python 4.14 and 5.0). Masks are normally single-channel already.
 pub fn read_grey(path: &Path) -> Result<Image8> {
-    let decoded = decode(path)?;
+    grey_from(&decode(path)?)
+}
+
+fn grey_from(decoded: &DynamicImage) -> Result<Image8> {
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
-    let data: Vec<u8> = match &decoded {
+    let data: Vec<u8> = match decoded {
         DynamicImage::ImageLuma8(grey) => grey.as_raw().clone(),
         DynamicImage::ImageLumaA8(grey) => grey.pixels().map(|p| p[0]).collect(),
         DynamicImage::ImageLuma16(grey) => grey.pixels().map(|p| (p[0] >> 8) as u8).collect(),
@@ -250,7 +262,103 @@ fn check_resize(src: &Image8, width: usize, height: usize) -> Result<()> {
 
 /// The official mask rule: `mask[mask < 127] = 0; mask[mask >= 127] = 1`.
 pub fn binarise_mask(mask: &mut Image8) {
-    mask.data.iter_mut().for_each(|v| *v = u8::from(*v >= 127));
+    mask.data.iter_mut().for_each(|v| *v = u8::from(*v >= OFFICIAL_MASK_THRESHOLD));
+}
+
+/// The official foreground threshold on the 8-bit grey value of a mask.
+const OFFICIAL_MASK_THRESHOLD: u8 = 127;
+
+/// Distinct values a refusal lists; the rest are counted.
+const LISTED_MASK_VALUES: usize = 8;
+
+/// Reads a mask as a 0/1 image of its file's size, by the label rule:
+///
+/// - one value, or two on either side of the official threshold (0/255): `cv2.imread(path, 0)`
+///   and `>= 127`, exactly the official reading;
+/// - two values on the same side (0/1, or 0/76 from a red-on-black colour mask): the lower is
+///   background, the higher foreground, with a note on stderr once per dataset (the official
+///   code would read them as all background);
+/// - more than two values: refused, naming the file and the values found. JPEG masks are the
+///   exception and keep the official threshold: lossy compression smears every edge into many
+///   values (Kvasir-SEG ships its masks so).
+///
+/// 16-bit masks are judged on their 16-bit values (a 0/1 label map keeps its two values),
+/// thresholded officially at the high byte.
+pub fn read_mask(path: &Path) -> Result<Image8> {
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    let decoded = decode_bytes(path, &bytes)?;
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let (samples, threshold): (Vec<u16>, u16) = match &decoded {
+        DynamicImage::ImageLuma16(grey) => {
+            (grey.pixels().map(|p| p[0]).collect(), u16::from(OFFICIAL_MASK_THRESHOLD) << 8)
+        }
+        DynamicImage::ImageLumaA16(grey) => {
+            (grey.pixels().map(|p| p[0]).collect(), u16::from(OFFICIAL_MASK_THRESHOLD) << 8)
+        }
+        other => (grey_from(other)?.data.into_iter().map(u16::from).collect(), u16::from(OFFICIAL_MASK_THRESHOLD)),
+    };
+    let values = distinct_values(&samples, LISTED_MASK_VALUES + 1);
+    let lossy = image::guess_format(&bytes).is_ok_and(|f| f == ImageFormat::Jpeg);
+    let cut = match values.as_slice() {
+        [low, high] if (*low >= threshold) == (*high >= threshold) => {
+            note_two_value_masks(path, *low, *high);
+            *high
+        }
+        [_, _, _, ..] if !lossy => return Err(too_many_values(path, &samples)),
+        _ => threshold,
+    };
+    Image8::from_raw(width, height, 1, samples.iter().map(|&v| u8::from(v >= cut)).collect())
+}
+
+/// The distinct values of `samples`, ascending, stopping once `enough` are found. A linear search
+/// in the few values found so far: masks hold two, so this costs a comparison or two a pixel.
+fn distinct_values(samples: &[u16], enough: usize) -> Vec<u16> {
+    let mut seen: Vec<u16> = Vec::with_capacity(enough);
+    for &v in samples {
+        if !seen.contains(&v) {
+            seen.push(v);
+            if seen.len() >= enough {
+                break;
+            }
+        }
+    }
+    seen.sort_unstable();
+    seen
+}
+
+/// The refusal of a mask with more than two values: how many, and the lowest few.
+fn too_many_values(path: &Path, samples: &[u16]) -> Error {
+    let mut present = vec![false; 1 << 16];
+    samples.iter().for_each(|&v| present[v as usize] = true);
+    let values: Vec<usize> = (0..present.len()).filter(|&v| present[v]).collect();
+    let count = values.len();
+    let listed: Vec<String> = values.iter().take(LISTED_MASK_VALUES).map(usize::to_string).collect();
+    let more = if count > LISTED_MASK_VALUES { ", ..." } else { "" };
+    Error::Invalid(format!(
+        "{}: the mask holds {count} distinct values ({}{more}); a mask must hold two, background and foreground \
+         (e.g. 0 and 255, or 0 and 1)",
+        path.display(),
+        listed.join(", ")
+    ))
+}
+
+/// Datasets already told that their masks store two low (or two high) values.
+static NOTED_DATASETS: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
+/// Says once per dataset (the folder above `<Split>_Folder/label`) how its two-value masks are
+/// read. Printed here rather than returned because masks are read on loader threads, far below any
+/// caller that could pass a note on; it is the one line the library writes itself.
+fn note_two_value_masks(path: &Path, low: u16, high: u16) {
+    let dataset = path.ancestors().nth(3).or_else(|| path.parent()).unwrap_or(path).to_path_buf();
+    let mut noted = NOTED_DATASETS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if noted.get_or_insert_with(HashSet::new).insert(dataset.clone()) {
+        eprintln!(
+            "note: masks under {} store {low} and {high}, not 0 and 255 (e.g. {}): reading {low} as background and \
+             {high} as foreground",
+            dataset.display(),
+            path.display()
+        );
+    }
 }
 
 /// `to_tensor` then `Normalize(IMAGENET_MEAN, IMAGENET_STD)` on a 3-channel B, G, R image, in
@@ -278,11 +386,11 @@ pub fn mask_to_f32(mask: &Image8) -> Vec<f32> {
 }
 
 /// Reads one image/mask pair as the official `__getitem__` does, up to (not including) the
-/// augmentation: BGR image and 0/1 mask, both `size` x `size`. The image and its mask must have the
-/// same size on disk.
+/// augmentation: BGR image and 0/1 mask (by the label rule of [`read_mask`]), both `size` x
+/// `size`. The image and its mask must have the same size on disk.
 pub fn load_pair(image_path: &Path, mask_path: &Path, size: usize) -> Result<(Image8, Image8)> {
     let image = read_bgr(image_path)?;
-    let mask = read_grey(mask_path)?;
+    let mask = read_mask(mask_path)?;
     if (image.width, image.height) != (mask.width, mask.height) {
         return Err(Error::Invalid(format!(
             "{} is {}x{} but its mask {} is {}x{}",
@@ -294,8 +402,9 @@ pub fn load_pair(image_path: &Path, mask_path: &Path, size: usize) -> Result<(Im
             mask.height
         )));
     }
+    // Nearest resizing only picks values, so binarising before it (in read_mask) gives the
+    // official resize-then-binarise result.
     let image = resize_linear(&image, size, size)?;
-    let mut mask = resize_nearest(&mask, size, size)?;
-    binarise_mask(&mut mask);
+    let mask = resize_nearest(&mask, size, size)?;
     Ok((image, mask))
 }

@@ -160,11 +160,11 @@ fn official_mask(segmentation: &Segmentation, threshold: f32, width: usize, heig
     Ok(data::resize_nearest(&small, width, height)?.data.into_iter().map(|v| v != 0).collect())
 }
 
-/// Reads a ground-truth mask as the official evaluation does: grey, `>= 127` is foreground.
+/// Reads a ground-truth mask as training does ([`data::read_mask`]): for 0/255 masks what the
+/// official evaluation reads (grey, `>= 127` is foreground); 0/1 masks with the lower value as
+/// background; more than two values refused.
 pub fn read_truth(path: &Path) -> Result<Image8> {
-    let mut mask = data::read_grey(path)?;
-    data::binarise_mask(&mut mask);
-    Ok(mask)
+    data::read_mask(path)
 }
 
 /// Predicts and scores every item of `index` in batches of `options.batch_size`, in index order;
