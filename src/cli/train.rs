@@ -48,10 +48,12 @@ pub struct TrainArgs {
     /// Seed of the weights, the data order, the augmentation, the noise and the dropout.
     #[arg(long, default_value_t = 666)]
     seed: u64,
-    /// Output folder: latest/ and best/ checkpoints, metrics.csv, curves.png.
+    /// Output folder: latest/ and best/ checkpoints, metrics.csv, curves.png. Created, and checked
+    /// writable, before the first step.
     #[arg(long, default_value = "runs/train")]
     out: PathBuf,
-    /// Continue the run in --out from its latest checkpoint.
+    /// Continue the run in --out from its latest checkpoint. The dataset (folder, percentage, image
+    /// counts), batch size, seed and model config must be the run's own; epochs may grow.
     #[arg(long)]
     resume: bool,
     /// auto (GPU when present), cpu, cuda or cuda:N.
@@ -234,5 +236,9 @@ impl Progress for Bars {
 
     fn warning(&mut self, message: &str) {
         eprintln!("warning: {message}");
+    }
+
+    fn note(&mut self, message: &str) {
+        eprintln!("note: {message}");
     }
 }

@@ -41,9 +41,23 @@ pub struct TrainingState {
     pub seed: u64,
     pub best_val_dice: f32,
     pub best_epoch: usize,
-    /// What the data was (`synthetic` or a folder), so a resume can say when it differs.
+    /// What the data was (`synthetic` or a folder), for people reading the file.
     pub data: String,
     pub records: Vec<EpochRecord>,
+    // What `--resume` compares (src/train/resume.rs). `None` when read from a state written
+    // before the field was recorded: that comparison is skipped with a note.
+    /// The dataset folder with symlinks resolved, or `synthetic`.
+    #[serde(default)]
+    pub data_path: Option<String>,
+    /// 10, 25 or 50 for an official subset, 100 for the full prompt files.
+    #[serde(default)]
+    pub data_percentage: Option<u32>,
+    #[serde(default)]
+    pub train_images: Option<usize>,
+    #[serde(default)]
+    pub val_images: Option<usize>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
 }
 
 /// Everything a checkpoint folder holds.

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod plot;
+pub mod resume;
 pub mod schedule;
 pub mod step;
 pub mod validate;
@@ -82,6 +83,8 @@ pub trait Progress {
     fn epoch_done(&mut self, _record: &EpochRecord, _is_best: bool) {}
     /// A non-fatal finding about the data (e.g. images present but not listed).
     fn warning(&mut self, _message: &str) {}
+    /// Something the user should know that is not wrong (e.g. a resume changing the recipe).
+    fn note(&mut self, _message: &str) {}
 }
 
 /// Ignores all progress.
@@ -105,8 +108,13 @@ pub struct TrainReport {
 /// with `out/latest` (and, when validation Dice improved, `out/best`) written atomically,
 /// `metrics.csv` and `curves.png`; an error (bad data, a non-finite loss) leaves the last good
 /// checkpoint in place.
+///
+/// Before the first step: the output folder is checked writable, a dataset folder passes the
+/// dataset check ([`data::check_split`]) of its training and validation splits, and a resume
+/// matches its checkpoint ([`resume`]).
 pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<TrainReport> {
-    let (mut model, mut optimizer, mut state) = start_or_resume(options)?;
+    check_output_folder(&options.out)?;
+    let (mut model, mut optimizer, mut state) = start_or_resume(options, progress)?;
     let config = model.config().clone();
     let recipe = config.training.clone();
     let tokenizer =
@@ -120,6 +128,13 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
             val_set.len()
         )));
     }
+    let identity = run_identity(&options.data, recipe.batch_size, train_set.len(), val_set.len())?;
+    if options.resume {
+        for note in resume::compare_identity(&state, &identity, &options.out.join(LATEST))? {
+            progress.note(&note);
+        }
+    }
+    identity.record(&mut state);
     let trainable_parameters = model.trainable_parameters().map(|(_, t)| t.numel()).sum();
     let train_loader = Loader::new(
         train_set.clone(),
@@ -190,12 +205,51 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
     })
 }
 
+/// Refuses an `--out` that names a file, or a folder that cannot be written (a probe file is
+/// written and removed), before any work that a late failure would waste.
+fn check_output_folder(out: &Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: exists and is not a folder; --out names the folder for checkpoints, metrics.csv and curves.png",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
+    let probe = out.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")
+        .map_err(|e| Error::Invalid(format!("{}: cannot write in the output folder: {e}", out.display())))?;
+    std::fs::remove_file(&probe).map_err(Error::io(&probe))
+}
+
+/// The identity of a run on `data` (see [`resume::RunIdentity`]).
+fn run_identity(
+    data: &DataSpec,
+    batch_size: usize,
+    train_images: usize,
+    val_images: usize,
+) -> Result<resume::RunIdentity> {
+    let (data_path, data_percentage) = match data {
+        DataSpec::Synthetic { .. } => ("synthetic".to_string(), 100),
+        DataSpec::Folder { root, percentage } => {
+            let real = root.canonicalize().map_err(Error::io(root))?;
+            (real.display().to_string(), percentage.unwrap_or(100))
+        }
+    };
+    Ok(resume::RunIdentity { data_path, data_percentage, train_images, val_images, batch_size })
+}
+
 /// A fresh model (given or random weights) and optimiser, or those of `out/latest`.
-fn start_or_resume(options: &TrainOptions) -> Result<(MedClipSeg, AdamState, TrainingState)> {
+fn start_or_resume(
+    options: &TrainOptions,
+    progress: &mut dyn Progress,
+) -> Result<(MedClipSeg, AdamState, TrainingState)> {
     let latest = options.out.join(LATEST);
     if options.resume {
         let folder = load_model_folder(&latest, &options.device)
             .map_err(|e| Error::Invalid(format!("cannot resume from {}: {e}", latest.display())))?;
+        for note in resume::compare_configs(&folder.config, &options.config, &latest)? {
+            progress.note(&note);
+        }
         let mut model = folder.model;
         // The run's recipe (epochs may have been extended on the command line) replaces the saved one.
         model.set_training_recipe(options.config.training.clone());
@@ -232,6 +286,11 @@ fn start_or_resume(options: &TrainOptions) -> Result<(MedClipSeg, AdamState, Tra
         best_epoch: 0,
         data: options.data.describe(),
         records: Vec::new(),
+        data_path: None,
+        data_percentage: None,
+        train_images: None,
+        val_images: None,
+        batch_size: None,
     };
     Ok((model, optimizer, state))
 }
@@ -342,6 +401,7 @@ fn open_data(spec: &DataSpec, image_size: usize, seed: u64, progress: &mut dyn P
             Ok((Arc::new(splits.train), Arc::new(splits.val)))
         }
         DataSpec::Folder { root, percentage } => {
+            check_dataset(root, *percentage, progress)?;
             let mut open = |split: data::Split| -> Result<Source> {
                 let (index, unlisted) = data::open_split(root, split, *percentage, None)?;
                 if unlisted > 0 {
@@ -356,4 +416,27 @@ fn open_data(spec: &DataSpec, image_size: usize, seed: u64, progress: &mut dyn P
             Ok((open(data::Split::Train)?, open(data::Split::Val)?))
         }
     }
+}
+
+/// The dataset check of the training and validation splits: any problem stops the run before its
+/// first step (naming the first one); a split whose masks hold no foreground is warned about.
+fn check_dataset(root: &Path, percentage: Option<u32>, progress: &mut dyn Progress) -> Result<()> {
+    let checks = [data::Split::Train, data::Split::Val].map(|split| data::check_split(root, split, percentage));
+    let problems: Vec<&String> = checks.iter().flat_map(|c| &c.problems).collect();
+    if let Some(first) = problems.first() {
+        return Err(Error::Invalid(format!(
+            "{}: the dataset check found {} problem(s), the first: {first} (`mcs-engine check --data {}` lists them)",
+            root.display(),
+            problems.len(),
+            root.display()
+        )));
+    }
+    for check in checks.iter().filter(|c| c.foreground_pixels == 0) {
+        progress.warning(&format!(
+            "{}: no mask of {} has any foreground pixel: the model can only learn to mark nothing",
+            root.display(),
+            check.split.folder()
+        ));
+    }
+    Ok(())
 }
