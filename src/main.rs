@@ -33,6 +33,10 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Write the built-in synthetic dataset in the official layout (images, masks, xlsx prompts).
     Synth(cli::synth::SynthArgs),
+    /// Check a dataset in the official layout: every image's header decodes, every mask exists,
+    /// decodes, has its image's size and at most two values, every prompt row names files inside
+    /// its split. Prints a table per split and the first problems; fails when anything does.
+    Check(cli::check::CheckArgs),
     /// Segment an image (or every image of a dataset split) from a text prompt: writes the binary
     /// mask, the mean foreground probability and the uncertainty (entropy of the mean over
     /// Monte-Carlo samples) as PNGs and .npy arrays, and an overlay, at the input's own size.
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cli::train::run(&args),
         Command::Synth(args) => cli::synth::run(&args),
+        Command::Check(args) => cli::check::run(&args),
         Command::Bench(args) => cli::bench::run(&args),
         Command::Predict(args) => cli::predict::run(&args),
         Command::Eval(args) => cli::eval::run(&args),

@@ -2,6 +2,7 @@
 //! arguments to the library. Nothing here is needed by a library user.
 
 pub mod bench;
+pub mod check;
 pub mod eval;
 pub mod predict;
 pub mod synth;

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use mcs_engine::data::write_official_layout;
-use mcs_engine::Result;
+use mcs_engine::data::{existing_layout_parts, write_official_layout};
+use mcs_engine::{Error, Result};
 
 #[derive(clap::Args)]
 pub struct SynthArgs {
@@ -24,9 +24,21 @@ pub struct SynthArgs {
     val: usize,
     #[arg(long, default_value_t = 200)]
     test: usize,
+    /// Write into --out even when it already holds a dataset (its files of the same names are
+    /// replaced).
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(args: &SynthArgs) -> Result<()> {
+    let existing = existing_layout_parts(&args.out);
+    if !existing.is_empty() && !args.force {
+        return Err(Error::Invalid(format!(
+            "{}: already holds a dataset ({}); pass --force to write over it, or choose another --out",
+            args.out.display(),
+            existing.join(", ")
+        )));
+    }
     let started = Instant::now();
     write_official_layout(&args.out, args.seed, args.size, args.train, args.val, args.test)?;
     let s = args.size;
