@@ -49,6 +49,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quit_quietly_on_closed_pipe();
     cli::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -66,6 +67,17 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `mcs-engine info | head -1` must end quietly when the reader goes away, as command-line tools
+/// do, instead of panicking in `println!` on the broken pipe (Rust ignores SIGPIPE by default).
+fn quit_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread is started; no
+    // handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

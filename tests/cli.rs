@@ -208,3 +208,15 @@ fn predict_reads_a_model_folder_that_train_wrote() {
     assert!(!ok && stderr.contains("model.safetensors"), "{stderr}");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// A reader that goes away (`mcs-engine info | head -0`) ends the command quietly, not in a panic
+/// on the broken pipe.
+#[test]
+fn a_closed_output_pipe_is_no_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(binary()).arg("info").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take()); // closed before the child writes its first line
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
