@@ -138,15 +138,17 @@ __device__ __forceinline__ Taps bilinear_taps(int dst, int in_size, float scale)
 }
 
 // y[p, oy, ox] = l0y * (l0x * x[p,y0,x0] + l1x * x[p,y0,x1]) + l1y * (l0x * x[p,y1,x0] + l1x * x[p,y1,x1])
-// for every plane p = n * C + c.
+// for every plane p = n * C + c and the output rows oy = first_row .. first_row + rows - 1 (y holds only
+// those rows: a large resize can be made one band at a time). The taps need no output height:
+// scale_h (in_h / out_h of the whole resize) carries it.
 extern "C" __global__ void resize_bilinear_nchw_forward(float* __restrict__ y, const float* __restrict__ x,
-                                                        int planes, int in_h, int in_w, int out_h, int out_w,
-                                                        float scale_h, float scale_w) {
-    const long n = (long)planes * out_h * out_w;
+                                                        int planes, int in_h, int in_w, int rows, int out_w,
+                                                        float scale_h, float scale_w, int first_row) {
+    const long n = (long)planes * rows * out_w;
     for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < n; idx += (long)gridDim.x * blockDim.x) {
         const int ox = (int)(idx % out_w);
-        const int oy = (int)((idx / out_w) % out_h);
-        const long plane = idx / ((long)out_w * out_h);
+        const int oy = first_row + (int)((idx / out_w) % rows);
+        const long plane = idx / ((long)out_w * rows);
         const Taps ty = bilinear_taps(oy, in_h, scale_h);
         const Taps tx = bilinear_taps(ox, in_w, scale_w);
         const float* row0 = x + (plane * in_h + ty.i0) * in_w;

@@ -8,6 +8,7 @@ use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_
 use mcs_engine::ops::{
     depthwise_conv3x3_nhwc, depthwise_conv3x3_nhwc_backward_input, depthwise_conv3x3_nhwc_backward_weight,
     depthwise_conv3x3_nhwc_forward, resize_bilinear_nchw, resize_bilinear_nchw_backward, resize_bilinear_nchw_forward,
+    resize_bilinear_rows_forward,
 };
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
@@ -386,6 +387,31 @@ proptest! {
         out_h in 1usize..40, out_w in 1usize..40, seed in any::<u64>(),
     ) {
         check_bilinear_against_f64(resize(n, c, h, w, out_h, out_w), seed);
+    }
+}
+
+/// A band of output rows is those rows of the whole resize, bit for bit, on every device (the
+/// segmenter makes full-resolution maps one band at a time); bands that are empty or run past the
+/// output are errors.
+#[test]
+fn a_band_of_rows_is_those_rows_of_the_whole_resize() {
+    let (planes, h, w, out_h, out_w) = (3, 7, 5, 23, 11);
+    let x = random_vec(41, planes * h * w, -4.0, 4.0);
+    for device in devices() {
+        let xt = Tensor::from_slice(&x, &[1, planes, h, w], &device).unwrap();
+        let whole = resize_bilinear_nchw_forward(&xt, out_h, out_w).unwrap().to_vec().unwrap();
+        for rows in [0..1, 0..out_h, 5..12, 22..23] {
+            let band = resize_bilinear_rows_forward(&xt, out_h, out_w, rows.clone()).unwrap();
+            assert_eq!(band.shape(), [1, planes, rows.len(), out_w]);
+            let want: Vec<f32> = (0..planes)
+                .flat_map(|p| whole[(p * out_h + rows.start) * out_w..(p * out_h + rows.end) * out_w].to_vec())
+                .collect();
+            assert!(band.to_vec().unwrap() == want, "rows {rows:?} on {}", device.name());
+        }
+        for rows in [3..3, 20..24] {
+            let err = resize_bilinear_rows_forward(&xt, out_h, out_w, rows.clone()).unwrap_err().to_string();
+            assert!(err.contains("not a band of the 23 output rows"), "{rows:?}: {err}");
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //! Kernels: `kernels/spatial.cu`. Tests: `tests/spatial.rs`. Every backward is deterministic: no
 //! atomics on the GPU and fixed summation orders on the CPU.
 
+use std::ops::Range;
+
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
@@ -406,11 +408,42 @@ fn nchw_rank(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
 
 /// Untracked bilinear resize forward.
 pub fn resize_bilinear_nchw_forward(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    resize_bilinear_rows_forward(x, out_h, out_w, 0..out_h)
+}
+
+/// Rows `rows` of [`resize_bilinear_nchw_forward`]`(x, out_h, out_w)`, shape `[N, C, rows.len(),
+/// out_w]`, bit for bit the same values: a resize to a large size can be made (and consumed) one
+/// band of rows at a time. Errors: as the full resize, or a band that is empty or ends past
+/// `out_h`.
+pub fn resize_bilinear_rows_forward(x: &Tensor, out_h: usize, out_w: usize, rows: Range<usize>) -> Result<Tensor> {
     const OP: &str = "resize_bilinear_nchw";
     nchw_rank(OP, "input", x)?;
     let r = Resize::check(OP, x.shape(), (x.dim(2), x.dim(3)), (out_h, out_w))?;
-    let out_shape = [x.dim(0), x.dim(1), out_h, out_w];
-    resize_dispatch(OP, "resize_bilinear_nchw_forward", r, x, &out_shape, resize_forward_cpu)
+    if rows.is_empty() || rows.end > out_h {
+        return Err(Error::shape(OP, format!("rows {rows:?} are not a band of the {out_h} output rows")));
+    }
+    let out_shape = [x.dim(0), x.dim(1), rows.len(), out_w];
+    match same_device(OP, &[x])? {
+        Device::Cpu => Tensor::from_vec(resize_forward_cpu(r, rows, x.cpu_data(OP)?), &out_shape),
+        Device::Cuda(dev) => {
+            const KERNEL: &str = "resize_bilinear_nchw_forward";
+            let f = dev.function(KernelFamily::Spatial, KERNEL)?;
+            let out_len: usize = out_shape.iter().product();
+            let mut out = dev.alloc(out_len)?;
+            let [planes, in_h, in_w, _, out_w_arg] = r.kernel_args(OP)?;
+            // Both fit: the band lies inside out_h, which kernel_args checked.
+            let (band, first_row) = (rows.len() as i32, rows.start as i32);
+            let (scale_h, scale_w) = (axis_scale(r.in_h, r.out_h), axis_scale(r.in_w, r.out_w));
+            let mut builder = dev.stream().launch_builder(&f);
+            builder.arg(&mut out).arg(cuda_slice(x)?);
+            builder.arg(&planes).arg(&in_h).arg(&in_w).arg(&band).arg(&out_w_arg);
+            builder.arg(&scale_h).arg(&scale_w).arg(&first_row);
+            // SAFETY: arguments match `(float*, const float*, int x5, float, float, int)`; the
+            // source holds planes*in_h*in_w floats, `out` planes*band*out_w, as `out_shape` says.
+            launch(KERNEL, unsafe { builder.launch(launch_elements(out_len)) })?;
+            Ok(cuda_output(&dev, out, &out_shape))
+        }
+    }
 }
 
 /// Untracked bilinear resize backward: the gradient of the `[N, C, in_h, in_w]` input given the
@@ -457,13 +490,14 @@ fn resize_dispatch(
     }
 }
 
-/// CPU reference forward, one `(n, c)` plane per rayon task:
+/// CPU reference forward of the output rows `band`, one `(n, c)` plane per rayon task:
 /// `y = l0y * (l0x * x[y0,x0] + l1x * x[y0,x1]) + l1y * (l0x * x[y1,x0] + l1x * x[y1,x1])`.
-fn resize_forward_cpu(r: Resize, x: &[f32]) -> Vec<f32> {
+fn resize_forward_cpu(r: Resize, band: Range<usize>, x: &[f32]) -> Vec<f32> {
     let (rows, cols) = (axis_taps(r.in_h, r.out_h), axis_taps(r.in_w, r.out_w));
-    let mut y = host_buffer(r.planes * r.out_h * r.out_w);
-    y.par_chunks_mut(r.out_h * r.out_w).zip(x.par_chunks(r.in_h * r.in_w)).for_each(|(y_plane, x_plane)| {
-        for (y_row, ty) in y_plane.chunks_mut(r.out_w).zip(&rows) {
+    let rows = &rows[band];
+    let mut y = host_buffer(r.planes * rows.len() * r.out_w);
+    y.par_chunks_mut(rows.len() * r.out_w).zip(x.par_chunks(r.in_h * r.in_w)).for_each(|(y_plane, x_plane)| {
+        for (y_row, ty) in y_plane.chunks_mut(r.out_w).zip(rows) {
             let row0 = &x_plane[ty.i0 * r.in_w..][..r.in_w];
             let row1 = &x_plane[ty.i1 * r.in_w..][..r.in_w];
             for (out, tx) in y_row.iter_mut().zip(&cols) {
