@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod fastmath;
 pub mod imaging;
+pub mod limits;
 pub mod model;
 pub mod ops;
 pub mod philox;

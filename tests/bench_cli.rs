@@ -94,9 +94,9 @@ fn train_reports_peak_memory_too_and_bad_arguments_are_sentences() {
     timings(&report, "", 2);
     positive(&report, "images_per_s");
     for (args, expected) in [
-        (&["predict", "--steps", "0"][..], "--steps must be at least 1"),
-        (&["predict", "--samples", "0"][..], "--samples must be at least 1"),
-        (&["attention", "--batch-size", "0"][..], "--batch-size must be at least 1"),
+        (&["predict", "--steps", "0"][..], "0 is not a whole number from 1 to 100000"),
+        (&["predict", "--samples", "0"][..], "0 is not a whole number of at least 1"),
+        (&["attention", "--batch-size", "0"][..], "0 is not a whole number of at least 1"),
         (&["train", "--samples", "3"][..], "--samples is for predict and attention"),
         (&["predict", "--config", "nonesuch"][..], "unknown model config `nonesuch`"),
     ] {

@@ -426,7 +426,7 @@ fn bad_input_names_the_input_and_fails() {
         (eval(s(&no_weights), &[]), vec!["missing model.safetensors"]),
         (predict(&["--model", s(&wider)]), vec!["model.safetensors", "config.json", "vision_model"]),
         (predict(&["--model", s(&tiny_tokenizer)]), vec!["tokenizer.json", "text_vocab_size"]),
-        (eval(&model, &["--threshold", "2"]), vec!["threshold 2"]),
+        (eval(&model, &["--threshold", "2"]), vec!["--threshold", "2 is not a probability in [0, 1]"]),
         (predict(&["--model", &model, "--samples", "0"]), vec!["at least 1"]),
     ];
     for (args, needles) in cases {

@@ -99,7 +99,7 @@ fn segmenter_is_send_and_sync_and_threads_get_the_sequential_results() {
 #[test]
 fn maps_are_at_the_input_size_and_consistent() {
     let (image, prompt) = picture(1, 75, 50);
-    let opts = Options { samples: 6, seed: 3, threshold: 0.4, noise: NoiseMode::Plain };
+    let opts = Options { samples: 6, seed: 3, threshold: 0.4, noise: NoiseMode::Plain, ..Options::default() };
     let r = segmenter().segment(&image, &prompt, &opts).unwrap();
     assert_eq!((r.width, r.height), (75, 50));
     for map in [r.probability.len(), r.uncertainty.len(), r.mask.len()] {

@@ -35,11 +35,11 @@ pub struct EvalArgs {
     sampling: super::SamplingArgs,
     /// Images per forward pass. Default: the batch size the model was trained with, which with
     /// --samples 1 and the training seed reproduces training's validation Dice (the noise is keyed
-    /// by batch row).
-    #[arg(long)]
+    /// by batch row). At least 1.
+    #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     batch_size: Option<usize>,
-    /// NSD tolerance in pixels.
-    #[arg(long, default_value_t = NSD_TOLERANCE)]
+    /// NSD tolerance in pixels (a finite number above 0).
+    #[arg(long, default_value_t = NSD_TOLERANCE, value_parser = super::positive, allow_negative_numbers = true)]
     tolerance: f64,
     /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -65,6 +65,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         batch_size: args.batch_size.unwrap_or(segmenter.config().training.batch_size),
         tolerance: args.tolerance,
     };
+    segmenter.check_options(&options.segment, options.batch_size)?;
     let started = Instant::now();
     let mut summaries = Vec::with_capacity(sets.len());
     for (name, prompts) in &sets {

@@ -11,6 +11,7 @@ pub mod train;
 use std::path::Path;
 
 use mcs_engine::data::Split;
+use mcs_engine::limits;
 use mcs_engine::model::ModelConfig;
 use mcs_engine::segment::Options;
 use mcs_engine::{Device, Error, Result};
@@ -38,31 +39,94 @@ pub fn tune_allocator() {
 /// The Monte-Carlo sampling flags `predict` and `eval` share.
 #[derive(clap::Args)]
 pub struct SamplingArgs {
-    /// Monte-Carlo samples per image (the paper uses 30), stacked in one batched pass.
-    #[arg(long, default_value_t = 30)]
+    /// Monte-Carlo samples per image (the paper uses 30), stacked in one batched pass. At least 1;
+    /// at most what this machine's memory holds: samples x images per pass x (16 x 4 bytes x the
+    /// model's largest activation of one sample) must fit in it (docs/limits.md), checked before
+    /// any image is read.
+    #[arg(long, default_value_t = 30, value_parser = count(), allow_negative_numbers = true)]
     samples: usize,
     /// Seed of the sampling noise: the same seed gives the same maps, bit for bit (train's --seed
     /// reproduces its validation draws).
-    #[arg(long, default_value_t = 666)]
+    #[arg(long, default_value_t = 666, allow_negative_numbers = true)]
     pub seed: u64,
     /// How the Monte-Carlo draws share noise: plain (independent draws, as the official code) or
     /// antithetic (draw 2j+1 uses the negated noise of draw 2j; an odd --samples leaves the last
     /// draw unpaired). Training is not affected.
     #[arg(long, default_value = "plain", value_parser = ["plain", "antithetic"])]
     noise: String,
-    /// A pixel is in the mask when its mean probability is above this.
-    #[arg(long, default_value_t = 0.5)]
+    /// A pixel is in the mask when its mean probability is above this (a probability, 0 to 1).
+    #[arg(long, default_value_t = 0.5, value_parser = probability, allow_negative_numbers = true)]
     threshold: f32,
 }
 
 impl SamplingArgs {
-    /// The segmenter's options, checked.
+    /// The segmenter's options, checked (the default image size limit; `predict --max-pixels`
+    /// sets another).
     pub fn options(&self) -> Result<Options> {
-        let options =
-            Options { samples: self.samples, seed: self.seed, threshold: self.threshold, noise: self.noise.parse()? };
+        let options = Options {
+            samples: self.samples,
+            seed: self.seed,
+            threshold: self.threshold,
+            noise: self.noise.parse()?,
+            ..Options::default()
+        };
         options.check()?;
         Ok(options)
     }
+}
+
+/// clap parser of a count: a whole number, at least 1.
+pub fn count() -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync + 'static {
+    whole(1, usize::MAX)
+}
+
+/// clap parser of a whole number in `least..=most` (`usize::MAX`: no bound above).
+pub fn whole(
+    least: usize,
+    most: usize,
+) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let value = text.parse::<usize>().ok().filter(|value| (least..=most).contains(value));
+        value.ok_or_else(|| match most {
+            usize::MAX => format!("{text} is not a whole number of at least {least}"),
+            _ => format!("{text} is not a whole number from {least} to {most}"),
+        })
+    }
+}
+
+/// clap parser of a probability: a number in [0, 1].
+pub fn probability(text: &str) -> std::result::Result<f32, String> {
+    let value: f32 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    if !(0.0..=1.0).contains(&value) {
+        return Err(format!("{text} is not a probability in [0, 1]"));
+    }
+    Ok(value)
+}
+
+/// clap parser of a finite number above zero.
+pub fn positive(text: &str) -> std::result::Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("{text} is not a finite number above 0"));
+    }
+    Ok(value)
+}
+
+/// clap parser of `predict --max-pixels`: at least 1, at most what this machine's memory holds at
+/// [`limits::BYTES_PER_PIXEL`] bytes a pixel.
+pub fn max_pixels(text: &str) -> std::result::Result<u64, String> {
+    let value: u64 = text.parse().map_err(|_| format!("`{text}` is not a whole number of pixels"))?;
+    let ceiling = limits::max_pixels_ceiling();
+    if value == 0 {
+        return Err("the limit must be at least 1 pixel".into());
+    }
+    if value > ceiling {
+        return Err(format!(
+            "{value} pixels at {} bytes each do not fit in this machine's memory; at most {ceiling}",
+            limits::BYTES_PER_PIXEL
+        ));
+    }
+    Ok(value)
 }
 
 /// A preset name or a config.json path.

@@ -1,14 +1,16 @@
 //! `mcs-engine predict`: one image and prompt, or a whole split of a dataset in the official
 //! layout, through [`Segmenter`]; writes the files of [`mcs_engine::segment::output`] per image.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mcs_engine::data::{self, Image8};
+use mcs_engine::imaging::check_image_file;
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::MedClipSeg;
-use mcs_engine::segment::{read_image, select_device, write_outputs, Options, Segmenter};
+use mcs_engine::segment::{read_image_within, select_device, write_outputs, Options, Segmenter, DEFAULT_MAX_PIXELS};
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
 use mcs_engine::{Error, Result};
 
@@ -55,15 +57,35 @@ pub struct PredictArgs {
     /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Output folder: the maps of one image, or one sub-folder per image of a split.
+    /// Output folder: the maps of one image, or one sub-folder per image of a split, named by the
+    /// image's file name without its extension (case_01.png -> case_01/); images whose names
+    /// differ only in the extension (a.png and a.jpg) keep it instead (a.png/, a.jpg/), so no
+    /// result overwrites another. An image listed twice, or names that still meet (ignoring
+    /// case), are refused before any work. Naming an existing file is an error.
     #[arg(long, default_value = "out")]
     out: PathBuf,
+    /// The most pixels (width x height) an input image may have, checked from the file's header
+    /// before it is decoded (default 100 megapixels; predict holds up to about 32 bytes per
+    /// pixel). At most this machine's memory / 32 bytes (docs/limits.md).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_parser = super::max_pixels, allow_negative_numbers = true)]
+    max_pixels: u64,
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
-    let options = args.sampling.options()?;
+    let options = Options { max_pixels: args.max_pixels, ..args.sampling.options()? };
+    if args.out.is_file() {
+        return Err(Error::Invalid(format!(
+            "--out {}: is a file, not a folder (the maps are written into a folder)",
+            args.out.display()
+        )));
+    }
+    if let Some(path) = &args.image {
+        // A too large or unreadable image is refused from its header, before the model loads.
+        check_image_file(path, options.max_pixels)?;
+    }
     let started = Instant::now();
     let segmenter = load_segmenter(args)?;
+    segmenter.check_options(&options, 1)?;
     let loaded = started.elapsed();
     match &args.data {
         Some(root) => predict_split(&segmenter, args, root, &options),
@@ -111,7 +133,7 @@ fn predict_one(
 ) -> Result<()> {
     let (image, prompt) = match &args.image {
         Some(path) => {
-            let image = read_image(path)?;
+            let image = read_image_within(path, options.max_pixels)?;
             let prompt = args.prompt.clone().ok_or_else(|| {
                 Error::Invalid(format!(
                     "{}: say what to segment with --prompt, e.g. --prompt \"one small round-shaped lesion at the center of the image\"",
@@ -160,26 +182,38 @@ fn predict_split(segmenter: &Segmenter, args: &PredictArgs, root: &Path, options
             split.folder()
         );
     }
+    // Refused up front, before any image is segmented: names that would share a folder, and
+    // images that are no images or are too large (their headers alone).
+    let prompt_file = match &args.prompts {
+        Some(path) => path.clone(),
+        None => data::prompt_file_path(root, split, None)?,
+    };
+    let names: Vec<&str> = index.items.iter().map(|item| item.name.as_str()).collect();
+    let folders = output_folder_names(&names).map_err(|e| Error::Invalid(format!("{}: {e}", prompt_file.display())))?;
+    for item in &index.items {
+        check_image_file(&item.image_path, options.max_pixels)?;
+    }
     let bar = ProgressBar::new(index.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("predict {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}] {msg}")
             .expect("the progress template is valid"),
     );
     let started = Instant::now();
-    for item in &index.items {
+    let mut written = 0;
+    for (item, folder) in index.items.iter().zip(&folders) {
         bar.set_message(item.name.clone());
-        let image: Image8 = read_image(&item.image_path)?;
+        let image: Image8 = read_image_within(&item.image_path, options.max_pixels)?;
         let result = segmenter
             .segment(&image, &item.prompt, options)
             .map_err(|e| Error::Invalid(format!("{}: {e}", item.image_path.display())))?;
-        write_outputs(&args.out.join(output_folder_name(&item.name)), &image, &result)?;
+        write_outputs(&args.out.join(folder), &image, &result)?;
+        written += 1;
         bar.inc(1);
     }
     bar.finish_and_clear();
     println!(
-        "{}: {} images of {} ({} samples each on {}) in {:.2?}",
+        "{}: {written} images of {} ({} samples each on {}) in {:.2?}",
         args.out.display(),
-        index.len(),
         split.folder(),
         options.samples,
         segmenter.device().name(),
@@ -195,7 +229,48 @@ fn builtin_sample() -> data::synthetic::SyntheticSample {
     data::synthetic::sample(666, 2200, 96)
 }
 
-/// The sub-folder of one image: its file name without the extension.
-fn output_folder_name(image_name: &str) -> String {
-    Path::new(image_name).file_stem().map_or_else(|| image_name.to_string(), |s| s.to_string_lossy().into_owned())
+/// The sub-folder of each image, by the rule of `--out`: the file name without its extension; for
+/// names whose stems meet (ignoring case, as some file systems do), the whole file name. Errors:
+/// an image listed more than once, or folders that still meet (`a.png` beside `a.png.jpg`).
+fn output_folder_names(names: &[&str]) -> Result<Vec<String>> {
+    let stem =
+        |name: &str| Path::new(name).file_stem().map_or_else(|| name.to_string(), |s| s.to_string_lossy().into_owned());
+    let mut by_stem: HashMap<String, usize> = HashMap::new();
+    for name in names {
+        *by_stem.entry(stem(name).to_lowercase()).or_default() += 1;
+    }
+    let folders: Vec<String> = names
+        .iter()
+        .map(|name| if by_stem[&stem(name).to_lowercase()] > 1 { name.to_string() } else { stem(name) })
+        .collect();
+    let mut first: HashMap<String, &str> = HashMap::new();
+    for (name, folder) in names.iter().zip(&folders) {
+        if let Some(other) = first.insert(folder.to_lowercase(), name) {
+            let why = if other == *name { "is listed more than once".to_string() } else { format!("and '{other}'") };
+            return Err(Error::Invalid(format!(
+                "image '{name}' {why}: their results would share the output folder '{folder}'; each image needs \
+                 a folder of its own (list it once, or rename one)"
+            )));
+        }
+    }
+    Ok(folders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::output_folder_names;
+
+    #[test]
+    fn folders_drop_the_extension_unless_stems_meet() {
+        let folders = output_folder_names(&["b.png", "a.png", "a.JPG", "c"]).unwrap();
+        assert_eq!(folders, ["b", "a.png", "a.JPG", "c"]);
+    }
+
+    #[test]
+    fn an_image_listed_twice_or_folders_that_still_meet_are_refused() {
+        let twice = output_folder_names(&["a.png", "b.png", "a.png"]).unwrap_err().to_string();
+        assert!(twice.contains("'a.png' is listed more than once"), "{twice}");
+        let meet = output_folder_names(&["a.png", "a.jpg", "a.png.jpg"]).unwrap_err().to_string();
+        assert!(meet.contains("'a.png.jpg' and 'a.png'") || meet.contains("'a.png' and 'a.png.jpg'"), "{meet}");
+    }
 }

@@ -204,15 +204,114 @@ impl ModelConfig {
         if t.temperature.is_nan() || t.temperature <= 0.0 {
             return fail(format!("temperature {} must be positive", t.temperature));
         }
-        let upscaled = self.grid() << self.num_upscale;
-        if upscaled > self.image_size {
+        // Doubling per block, checked: a shift would wrap (or panic) long before it could be
+        // compared with the image size.
+        let upscaled = (0..self.num_upscale).try_fold(self.grid(), |side, _| side.checked_mul(2));
+        if upscaled.is_none_or(|side| side > self.image_size) {
             return fail(format!(
                 "{} upscale blocks take the {}-patch grid past the image size",
                 self.num_upscale,
                 self.grid()
             ));
         }
+        self.check_memory().or_else(fail)
+    }
+
+    /// Errors (as a sentence) when the model cannot fit in this machine's memory, checked before
+    /// anything is allocated: its parameters three times over (the file, the decoded weights and
+    /// the model's own copy live together while loading) or one Monte-Carlo sample's pass
+    /// ([`crate::limits::sample_bytes`]). Every size is computed with checked arithmetic, so an
+    /// absurd depth, width or context length is refused, never wrapped around.
+    fn check_memory(&self) -> std::result::Result<(), String> {
+        let memory = crate::limits::physical_memory();
+        let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+        let parameters = self.parameter_count().ok_or("the parameter count overflows 64 bits")?;
+        let loading = parameters.checked_mul(3 * 4).ok_or("the parameter count overflows 64 bits")?;
+        if memory.is_some_and(|memory| loading > memory) {
+            return Err(format!(
+                "{parameters} parameters need {:.1} GiB while loading (3 copies of 4 bytes each), more than this \
+                 machine's {:.1} GiB of memory",
+                gib(loading),
+                gib(memory.unwrap_or(0))
+            ));
+        }
+        let sample = crate::limits::sample_bytes(self).ok_or("one sample's activations overflow 64 bits")?;
+        if memory.is_some_and(|memory| sample > memory) {
+            return Err(format!(
+                "one Monte-Carlo sample's pass needs about {:.1} GiB, more than this machine's {:.1} GiB of memory",
+                gib(sample),
+                gib(memory.unwrap_or(0))
+            ));
+        }
         Ok(())
+    }
+
+    /// Elements of the largest activation one Monte-Carlo sample of one image has in a pass: the
+    /// decoder's features, a tower's MLP or attention scores, or the logits. `None` on overflow.
+    pub fn sample_activation_elements(&self) -> Option<u64> {
+        let n = |dims: &[u64]| dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let grid = (self.image_size / self.patch_size.max(1)) as u64;
+        let tokens = n(&[grid, grid])?.checked_add(1)?;
+        let side = (0..self.num_upscale).try_fold(grid, |side, _| side.checked_mul(2))?;
+        let ctx = self.text_context_length as u64;
+        [
+            n(&[side, side, self.embed_dim as u64]),
+            n(&[tokens, self.vision_mlp_dim as u64]),
+            n(&[self.vision_heads as u64, tokens, tokens]),
+            n(&[ctx, self.text_intermediate_dim as u64]),
+            n(&[self.text_heads as u64, ctx, ctx]),
+            n(&[3, self.image_size as u64, self.image_size as u64]),
+        ]
+        .into_iter()
+        .try_fold(0u64, |largest, elements| Some(largest.max(elements?)))
+    }
+
+    /// The number of parameters the model loads for this config (every weight the towers, the
+    /// adapters and the decoder take, spec §9), `None` when it overflows 64 bits.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let n = |dims: &[u64]| dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let sum = |parts: &[Option<u64>]| parts.iter().try_fold(0u64, |acc, &part| acc.checked_add(part?));
+        let times = |count: usize, each: Option<u64>| each?.checked_mul(count as u64);
+        let (w, t, e, a) =
+            (self.vision_width as u64, self.text_width as u64, self.embed_dim as u64, self.adapter_dim as u64);
+        let (p, mlp, inter, hidden) = (
+            self.patch_size as u64,
+            self.vision_mlp_dim as u64,
+            self.text_intermediate_dim as u64,
+            self.text_proj_hidden as u64,
+        );
+        let grid = (self.image_size / self.patch_size.max(1)) as u64;
+        let tokens = n(&[grid, grid]).and_then(|g| g.checked_add(1));
+        // Attention in/out projections with biases, two LayerNorms, the MLP with biases.
+        let vision_block = sum(&[n(&[4, w, w]), n(&[2, mlp, w]), Some(mlp), n(&[9, w])]);
+        let vision = sum(&[
+            n(&[w, 3, p, p]),
+            tokens.and_then(|tokens| n(&[tokens.checked_add(1)?, w])), // positions, class embedding
+            n(&[4, w]),                                                // ln_pre, ln_post
+            n(&[w, e]),
+            times(self.vision_layers, vision_block),
+        ]);
+        // Query, key, value and output with biases, two LayerNorms, the feed-forward with biases.
+        let text_layer = sum(&[n(&[4, t, t]), n(&[2, inter, t]), Some(inter), n(&[9, t])]);
+        let table_rows = sum(&[
+            Some(self.text_vocab_size as u64),
+            Some(self.text_max_positions as u64),
+            Some(self.text_type_vocab_size as u64),
+        ]);
+        let text = sum(&[
+            table_rows.and_then(|rows| n(&[rows, t])),
+            n(&[2, t]),
+            times(self.text_layers, text_layer),
+            n(&[hidden, t]),
+            n(&[e, hidden]),
+        ]);
+        // Per direction: q and out projections (d x d), k and v (2d x d), biases, two norms, a gate.
+        let cross_attention = sum(&[n(&[6, a, a]), n(&[10, a]), Some(1)]);
+        let adapter = sum(&[n(&[2, a, w]), n(&[2, a, t]), times(2, cross_attention)]);
+        // Transposed conv with bias, depthwise 3x3, LayerNorm; then the three-layer mask head.
+        let scale_block = sum(&[n(&[4, e, e]), n(&[12, e])]);
+        let decoder = sum(&[times(self.num_upscale, scale_block), n(&[3, e, e]), n(&[3, e])]);
+        sum(&[vision, text, times(self.adapter_layers.len(), adapter), decoder])
     }
 
     /// True when the parameter `key` is trained under this config.

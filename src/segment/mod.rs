@@ -16,7 +16,12 @@
 //! `samples` Monte-Carlo draws in one batched pass, the deterministic part before the first
 //! adapter once; each draw's logits are resized bilinearly to the input's size, then
 //! `sigmoid`, mean over draws (the probability), and the binary entropy of that mean (the
-//! uncertainty, in nats, at most ln 2). The mask is `probability > threshold`.
+//! uncertainty, in nats, at most ln 2), one band of rows at a time so that memory grows with the
+//! input's pixels, not samples x pixels ([`maps`]). The mask is `probability > threshold`.
+//!
+//! Limits (docs/limits.md): an image of more than [`Options::max_pixels`] pixels is refused
+//! ([`read_image_within`] from the file's header, before decoding), and so are more samples than
+//! this machine's memory holds for the model ([`Segmenter::check_options`]).
 //!
 //! Reproducibility: the noise is counter-based and keyed by `(seed, draw, adapter, batch row)`,
 //! so the same image, prompt and options give the same maps bit for bit, on any thread count.
@@ -36,11 +41,14 @@ use crate::cuda::gpu_available;
 use crate::data::{self, Image8};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::imaging::decode_image;
+use crate::limits;
 use crate::model::{MedClipSeg, ModelConfig, Sampling};
 use crate::tensor::Tensor;
 use crate::tokenizer::PromptTokenizer;
 use crate::train::checkpoint::{load_model_folder, CONFIG_FILE};
 
+pub use crate::limits::DEFAULT_MAX_PIXELS;
 pub use crate::philox::NoiseMode;
 pub use maps::{binary_entropy, full_resolution_maps};
 pub use output::{write_npy, write_outputs, OutputFiles};
@@ -56,10 +64,36 @@ pub fn select_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// Reads an image file (PNG or JPEG) as `cv2.imread` does: 8-bit B, G, R. Errors name the file
-/// (missing, unreadable, or not an image).
+/// Reads an image file (PNG or JPEG) as `cv2.imread` does: 8-bit B, G, R. At most
+/// [`DEFAULT_MAX_PIXELS`] pixels: [`read_image_within`] takes another limit. Errors name the file
+/// (missing, a folder, not an image, too large, damaged).
 pub fn read_image(path: &Path) -> Result<Image8> {
-    data::read_bgr(path)
+    read_image_within(path, DEFAULT_MAX_PIXELS)
+}
+
+/// [`read_image`] of an image of at most `max_pixels` pixels, checked from the file's header
+/// before anything is decoded (see [`crate::imaging::decode_image`]).
+pub fn read_image_within(path: &Path, max_pixels: u64) -> Result<Image8> {
+    bgr_from_decoded(decode_image(path, max_pixels)?)
+}
+
+/// A decoded file as `cv2.imread` gives it (what [`data::read_bgr`] does, on a decoded image):
+/// grey replicated, alpha dropped, 16-bit samples cut to their high byte, then B, G, R. An 8-bit
+/// RGB image (the common case) is reordered in place, without a second copy of its pixels.
+fn bgr_from_decoded(decoded: image::DynamicImage) -> Result<Image8> {
+    use image::DynamicImage::{ImageLuma16, ImageLumaA16, ImageRgb16, ImageRgba16};
+    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
+    let data = match decoded {
+        ImageLuma16(_) | ImageLumaA16(_) | ImageRgb16(_) | ImageRgba16(_) => {
+            decoded.to_rgb16().pixels().flat_map(|p| [p[2], p[1], p[0]].map(|v| (v >> 8) as u8)).collect()
+        }
+        eight_bit => {
+            let mut rgb = eight_bit.into_rgb8().into_raw();
+            rgb.chunks_exact_mut(3).for_each(|p| p.swap(0, 2));
+            rgb
+        }
+    };
+    Image8::from_raw(width, height, 3, data)
 }
 
 /// An `image` crate RGB picture as the B, G, R bytes [`Segmenter::segment`] takes.
@@ -83,23 +117,43 @@ pub struct Options {
     /// maps; antithetic pairs can have less Monte-Carlo error at the same number of samples (see
     /// BENCHMARKS.md for what it buys on the demo checkpoint).
     pub noise: NoiseMode,
+    /// The most pixels (width x height) an input image may have; larger ones are refused before
+    /// any work (default [`DEFAULT_MAX_PIXELS`], 100 megapixels). Memory grows with the pixels:
+    /// about 9 bytes per pixel for the maps, docs/limits.md.
+    pub max_pixels: u64,
 }
 
 impl Default for Options {
-    /// 30 samples, seed 666 (the official scripts' seed), threshold 0.5, plain noise.
+    /// 30 samples, seed 666 (the official scripts' seed), threshold 0.5, plain noise, at most 100
+    /// megapixels.
     fn default() -> Options {
-        Options { samples: 30, seed: 666, threshold: 0.5, noise: NoiseMode::Plain }
+        Options { samples: 30, seed: 666, threshold: 0.5, noise: NoiseMode::Plain, max_pixels: DEFAULT_MAX_PIXELS }
     }
 }
 
 impl Options {
-    /// Errors: zero samples, or a threshold outside [0, 1] (or not a number).
+    /// Errors: zero samples, a threshold outside [0, 1] (or not a number), a zero pixel limit.
     pub fn check(&self) -> Result<()> {
         if self.samples == 0 {
             return Err(Error::Invalid("the number of Monte-Carlo samples must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::Invalid(format!("threshold {} is not a probability in [0, 1]", self.threshold)));
+        }
+        if self.max_pixels == 0 {
+            return Err(Error::Invalid("the image size limit (max_pixels) must be at least 1 pixel".into()));
+        }
+        Ok(())
+    }
+
+    /// Errors: an image with more pixels than [`Options::max_pixels`].
+    fn check_size(&self, image: &Image8) -> Result<()> {
+        let pixels = (image.width as u64).saturating_mul(image.height as u64);
+        if pixels > self.max_pixels {
+            return Err(Error::Invalid(format!(
+                "image too large ({}x{}) over the limit of {} pixels (--max-pixels or Options::max_pixels raises it)",
+                image.width, image.height, self.max_pixels
+            )));
         }
         Ok(())
     }
@@ -213,11 +267,37 @@ impl Segmenter {
         self.origin.as_deref()
     }
 
+    /// Checks `options` for a pass of `images` images before any work: [`Options::check`], and
+    /// at most as many samples as this machine's memory holds for this model
+    /// ([`limits::max_samples`]: samples x images x [`limits::sample_bytes`] within its memory).
+    pub fn check_options(&self, options: &Options, images: usize) -> Result<()> {
+        options.check()?;
+        let most = limits::max_samples(self.config(), images);
+        if options.samples as u64 <= most {
+            return Ok(());
+        }
+        let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
+        let per_sample = limits::sample_bytes(self.config()).unwrap_or(u64::MAX);
+        Err(Error::Invalid(format!(
+            "{} Monte-Carlo samples (--samples) of {} image(s) do not fit in this machine's {:.1} GiB of memory: \
+             config `{}` needs about {:.1} MiB per sample and image ({} times its largest activation), so at most \
+             {most} samples fit (docs/limits.md)",
+            options.samples,
+            images.max(1),
+            mib(limits::physical_memory().unwrap_or(0)) / 1024.0,
+            self.config().name,
+            mib(per_sample),
+            limits::SAMPLE_ACTIVATION_COPIES
+        )))
+    }
+
     /// Segments what `prompt` describes in `image` (8-bit B, G, R as [`read_image`] gives, or one
     /// grey channel). Equal to item 0 of a [`Segmenter::segment_batch`] call.
     ///
-    /// Errors: an empty prompt, an image with no pixels or 2 or 4+ channels, invalid options,
-    /// non-finite model output (a damaged image or checkpoint), device failures.
+    /// Errors: an empty prompt, an image with no pixels, 2 or 4+ channels or more than
+    /// [`Options::max_pixels`] pixels, invalid options or more samples than memory holds
+    /// ([`Segmenter::check_options`]), non-finite model output (a damaged image or checkpoint),
+    /// device failures.
     pub fn segment(&self, image: &Image8, prompt: &str, options: &Options) -> Result<Segmentation> {
         let mut results = self.segment_batch(&[(image, prompt)], options)?;
         Ok(results.remove(0))
@@ -232,18 +312,21 @@ impl Segmenter {
     /// at other positions are other, equally valid Monte-Carlo draws. Errors as
     /// [`Segmenter::segment`], naming the item (0-based) at fault when there are several.
     pub fn segment_batch(&self, items: &[(&Image8, &str)], options: &Options) -> Result<Vec<Segmentation>> {
-        options.check()?;
+        self.check_options(options, items.len())?;
         if items.is_empty() {
             return Ok(Vec::new());
+        }
+        // A batch says which item failed; a single call has nothing to add.
+        let at = |i: usize| move |e: Error| if items.len() > 1 { Error::Invalid(format!("item {i}: {e}")) } else { e };
+        for (i, (image, _)) in items.iter().enumerate() {
+            options.check_size(image).map_err(at(i))?;
         }
         let size = self.config().image_size;
         let mut pixels = Vec::with_capacity(items.len() * 3 * size * size);
         let mut ids = Vec::with_capacity(items.len() * self.tokenizer.context_length());
         for (i, (image, prompt)) in items.iter().enumerate() {
-            // A batch says which item failed; a single call has nothing to add.
-            let at = |e: Error| if items.len() > 1 { Error::Invalid(format!("item {i}: {e}")) } else { e };
-            pixels.extend(model_input(image, size).map_err(at)?);
-            ids.extend(self.tokenizer.encode(prompt).map_err(at)?);
+            pixels.extend(model_input(image, size).map_err(at(i))?);
+            ids.extend(self.tokenizer.encode(prompt).map_err(at(i))?);
         }
         let pixels = Tensor::from_slice(&pixels, &[items.len(), 3, size, size], self.device())?;
         let sampling = Sampling { seed: options.seed, first_draw: 0, samples: options.samples, mode: options.noise };

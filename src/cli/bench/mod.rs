@@ -17,6 +17,7 @@ mod attention;
 mod predict;
 mod train;
 
+use mcs_engine::limits;
 use mcs_engine::model::ModelConfig;
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
 use mcs_engine::{Device, Error, Result};
@@ -34,21 +35,23 @@ pub struct BenchArgs {
     /// Model config: a preset (`tiny`, `small`, `paper` = `unimedclip-vit-b16`) or a config.json path.
     #[arg(long, default_value = "small")]
     config: String,
-    /// Images per step (default: the config's recipe for `train`, 1 for the other cases).
-    #[arg(long)]
+    /// Images per step (default: the config's recipe for `train`, 1 for the other cases). At
+    /// least 1; with --samples, at most what memory holds (as for `predict --samples`).
+    #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     batch_size: Option<usize>,
     /// Monte-Carlo samples for `predict` and `attention` (default 30, the paper's); `forward` is
-    /// one sample and `train` follows the recipe, so neither takes it.
-    #[arg(long)]
+    /// one sample and `train` follows the recipe, so neither takes it. At least 1; at most what
+    /// memory holds (as for `predict --samples`).
+    #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     samples: Option<usize>,
-    /// Timed steps (the median and spread are over these).
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps (the median and spread are over these), 1 to 100000.
+    #[arg(long, default_value_t = 10, value_parser = super::whole(1, MAX_STEPS), allow_negative_numbers = true)]
     steps: usize,
-    /// Untimed steps first (allocator and caches warm up).
-    #[arg(long, default_value_t = 2)]
+    /// Untimed steps first (allocator and caches warm up), 0 to 100000.
+    #[arg(long, default_value_t = 2, value_parser = super::whole(0, MAX_STEPS), allow_negative_numbers = true)]
     warmup: usize,
-    /// CPU threads (rayon pool; 0 = all cores).
-    #[arg(long, default_value_t = 0)]
+    /// CPU threads (rayon pool; 0 = all cores), at most 1024.
+    #[arg(long, default_value_t = 0, value_parser = super::whole(0, MAX_THREADS), allow_negative_numbers = true)]
     threads: usize,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -57,6 +60,14 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
 }
+
+/// The most steps a run may time or warm up with: a median over 100000 steps is as good as it
+/// gets, and every timed step keeps its time (8 bytes) for the report.
+const MAX_STEPS: usize = 100_000;
+
+/// The most threads `--threads` may ask for: more than any machine's cores only adds a stack
+/// (2 MiB of address space) and contention per thread.
+const MAX_THREADS: usize = 1024;
 
 /// What every case is given: the checked arguments, the model config and the device.
 pub struct Setup<'a> {
@@ -108,6 +119,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map_err(|e| Error::Invalid(format!("cannot size the thread pool to {}: {e}", args.threads)))?;
     }
     let config = super::load_config(preset_alias(&args.config))?;
+    check_memory(args, &config)?;
     let device = emulated_gpu_refused(super::parse_device(&args.device)?, &args.device)?;
     let setup = Setup { args, config, device };
     let report = match args.case.as_str() {
@@ -149,16 +161,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Argument errors, as sentences, before anything is built.
+/// Argument errors, as sentences, before anything is built (clap has checked each number's
+/// range; these are the combinations).
 fn check(args: &BenchArgs) -> Result<()> {
-    if args.steps == 0 {
-        return Err(Error::Invalid("--steps must be at least 1 (the median is over the timed steps)".into()));
-    }
-    if args.batch_size == Some(0) {
-        return Err(Error::Invalid("--batch-size must be at least 1".into()));
-    }
     match (args.case.as_str(), args.samples) {
-        (_, Some(0)) => Err(Error::Invalid("--samples must be at least 1".into())),
         ("forward", Some(n)) if n != 1 => {
             Err(Error::Invalid(format!("`bench forward` is one sample; use `bench predict --samples {n}`")))
         }
@@ -167,6 +173,25 @@ fn check(args: &BenchArgs) -> Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Errors when the case's samples x images per step would not fit in this machine's memory (the
+/// rule of `predict --samples`, [`limits::max_samples`]); `train` counts one sample per image.
+fn check_memory(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
+    let batch = args.batch_size.unwrap_or(if args.case == "train" { config.training.batch_size } else { 1 });
+    let samples = match args.case.as_str() {
+        "predict" | "attention" => args.samples.unwrap_or(30),
+        _ => 1,
+    };
+    let most = limits::max_samples(config, batch);
+    if samples as u64 > most {
+        return Err(Error::Invalid(format!(
+            "{samples} samples x {batch} images per step do not fit in this machine's memory for config `{}`: at most \
+             {most} samples of {batch} images (docs/limits.md)",
+            config.name
+        )));
+    }
+    Ok(())
 }
 
 /// `paper` names the paper's preset (the issue's and the reference script's short name).
