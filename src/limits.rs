@@ -11,9 +11,9 @@ pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
 
 /// Bytes `predict` holds per input pixel at its peak, rounded up: the B, G, R image (3), the maps
 /// (probability 4, uncertainty 4, mask 1), then while writing a `.npy` copy of a map (4) or a
-/// colour picture and its PNG encoding (up to 6), with the heap the allocator keeps. Measured:
-/// a 5000 x 5000 RGB PNG at 30 samples peaks at 766 MB resident, 31 bytes per pixel with the
-/// model and the program itself (docs/limits.md).
+/// colour picture and its PNG encoding (up to 6), with the heap the allocator keeps. Measured at
+/// 30 samples: a 5000 x 5000 RGB PNG peaks at 766 MB resident (31 bytes per pixel with the model
+/// and the program itself), a 10000 x 10000 one at 2.51 GB (25 bytes per pixel; docs/limits.md).
 pub const BYTES_PER_PIXEL: u64 = 32;
 
 /// How many times the largest activation of one sample ([`ModelConfig::sample_activation_elements`],
