@@ -301,6 +301,12 @@ fn numeric_flags_are_refused_for_their_value_at_parse_time() {
         (&["bench", "predict", "--warmup", "-1"], "-1 is not a whole number from 0 to 100000"),
         (&["bench", "predict", "--threads", "5000"], "5000 is not a whole number from 0 to 1024"),
         (&["bench", "predict", "--batch-size", "-2"], "-2 is not a whole number of at least 1"),
+        (&["synth", "--out", "x", "--size", "95"], "95 is not a whole number of at least 96"),
+        (&["train", "--epochs", "0"], "0 is not a whole number of at least 1"),
+        (&["train", "--batch-size", "-1"], "-1 is not a whole number of at least 1"),
+        (&["train", "--lr", "-0.001"], "-0.001 is not a finite number above 0"),
+        (&["train", "--lr", "1e39"], "1e39 is not a finite number above 0"),
+        (&["train", "--text-dropout", "-0.1"], "-0.1 is not a probability in [0, 1]"),
     ];
     for (args, needle) in cases {
         let out = run(args);

@@ -39,7 +39,7 @@ pub struct EvalArgs {
     #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     batch_size: Option<usize>,
     /// NSD tolerance in pixels (a finite number above 0).
-    #[arg(long, default_value_t = NSD_TOLERANCE, value_parser = super::positive, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = NSD_TOLERANCE, value_parser = super::positive::<f64>, allow_negative_numbers = true)]
     tolerance: f64,
     /// auto (the GPU when one can be used), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]

@@ -103,10 +103,12 @@ pub fn probability(text: &str) -> std::result::Result<f32, String> {
     Ok(value)
 }
 
-/// clap parser of a finite number above zero.
-pub fn positive(text: &str) -> std::result::Result<f64, String> {
-    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
-    if !(value.is_finite() && value > 0.0) {
+/// clap parser of a finite number above zero (`f32` or `f64`; a value past `f32`'s range is
+/// infinite, so refused).
+pub fn positive<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> std::result::Result<T, String> {
+    let value: T = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    let wide: f64 = value.into();
+    if !(wide.is_finite() && wide > 0.0) {
         return Err(format!("{text} is not a finite number above 0"));
     }
     Ok(value)

@@ -13,10 +13,10 @@ pub struct SynthArgs {
     #[arg(long)]
     out: PathBuf,
     /// Seed of the images (train uses the same generator with its --seed).
-    #[arg(long, default_value_t = 666)]
+    #[arg(long, default_value_t = 666, allow_negative_numbers = true)]
     seed: u64,
     /// Side of the square images in pixels (at least 96).
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 96, value_parser = super::whole(96, usize::MAX), allow_negative_numbers = true)]
     size: usize,
     #[arg(long, default_value_t = 2000)]
     train: usize,

@@ -31,22 +31,22 @@ pub struct TrainArgs {
     #[arg(long, value_parser = ["10", "25", "50", "100"])]
     data_percentage: Option<String>,
     /// Epochs (overrides the config's recipe).
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     epochs: Option<usize>,
     /// Images per step (overrides the config's recipe).
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     batch_size: Option<usize>,
     /// Starting learning rate, cosine-annealed per epoch to the recipe's minimum (overrides the recipe).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive::<f32>, allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Soft Dice flavour: `rows` (official row-wise quirk, spec §4.1) or `image` (per image).
     #[arg(long, value_parser = ["rows", "image"])]
     dice_mode: Option<String>,
     /// Text-tower dropout while training (the official code uses 0.1).
-    #[arg(long)]
+    #[arg(long, value_parser = super::probability, allow_negative_numbers = true)]
     text_dropout: Option<f32>,
     /// Seed of the weights, the data order, the augmentation, the noise and the dropout.
-    #[arg(long, default_value_t = 666)]
+    #[arg(long, default_value_t = 666, allow_negative_numbers = true)]
     seed: u64,
     /// Output folder: latest/ and best/ checkpoints, metrics.csv, curves.png. Created, and checked
     /// writable, before the first step.
