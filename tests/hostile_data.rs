@@ -3,6 +3,9 @@
 //! files, prompt files that would exhaust memory, and the `check` command. Each bad input goes to
 //! the library or the `mcs-engine` binary, and the test asserts the refusal and its message.
 
+#[path = "common/png.rs"]
+mod png;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -455,4 +458,27 @@ fn check_passes_a_clean_dataset_and_lists_the_problems_of_a_broken_one() {
     let run = train(&data, &root.join("run"), "1", &[]);
     assert_refused(&run, &["the dataset check found", "mcs-engine check --data"]);
     assert!(!root.join("run/latest").exists());
+}
+
+/// Sizes and counts a user can type that the synthetic generator could never hold end in a
+/// one-line error naming the need and the machine's memory, not an allocation abort; a dataset
+/// image beyond the pixel limit is refused from its header, as in predict.
+#[test]
+fn synthetic_sizes_and_counts_beyond_memory_and_huge_dataset_images_are_refused() {
+    let dir = scratch("synth-huge");
+    let run_synth =
+        run(&["synth", "--out", s(&dir.join("data")), "--size", "200000", "--train", "1", "--val", "1", "--test", "1"]);
+    assert_refused(&run_synth, &["200000x200000", "more than this machine's"]);
+    let run_train = run(&["train", "--synthetic-train", "1000000000", "--epochs", "1", "--out", s(&dir.join("run"))]);
+    assert_refused(&run_train, &["1000000200 synthetic images", "more than this machine's"]);
+
+    // A 20000 x 20000 PNG whose one IDAT chunk holds an empty zlib stream: the decoder reads the
+    // header up to the first IDAT, and the size is refused there, before any pixel is decoded.
+    let huge = dir.join("huge.png");
+    let empty_zlib = [0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+    std::fs::write(&huge, png::png(20000, 20000, &[png::chunk(b"IDAT", &empty_zlib)])).unwrap();
+    let error = error_of(mcs_engine::data::read_bgr(&huge));
+    assert!(error.contains("too large (20000x20000)"), "{error}");
+    let error = error_of(read_mask(&huge));
+    assert!(error.contains("too large (20000x20000)"), "{error}");
 }

@@ -57,8 +57,10 @@ impl Image8 {
     }
 }
 
+/// Decoded through the size check of `imaging::decode_image` (the header first, the decoder held
+/// to that size), so a dataset image of 20000 x 20000 is refused before it is decoded, as in predict.
 fn decode(path: &Path) -> Result<DynamicImage> {
-    decode_bytes(path, &std::fs::read(path).map_err(Error::io(path))?)
+    crate::imaging::decode_image(path, crate::limits::DEFAULT_MAX_PIXELS)
 }
 
 fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
@@ -285,6 +287,7 @@ const LISTED_MASK_VALUES: usize = 8;
 /// 16-bit masks are judged on their 16-bit values (a 0/1 label map keeps its two values),
 /// thresholded officially at the high byte.
 pub fn read_mask(path: &Path) -> Result<Image8> {
+    crate::imaging::check_image_file(path, crate::limits::DEFAULT_MAX_PIXELS)?;
     let bytes = std::fs::read(path).map_err(Error::io(path))?;
     let decoded = decode_bytes(path, &bytes)?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);

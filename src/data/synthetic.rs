@@ -375,11 +375,35 @@ pub fn synthetic_splits(
     n_val: usize,
     n_test: usize,
 ) -> Result<SyntheticSplits> {
+    // Every sample is held twice while a split is made (generated, then as a raw sample).
+    let total = n_train.saturating_add(n_val).saturating_add(n_test);
+    fits_in_memory(&format!("{total} synthetic images of {size}x{size}"), total, size, 2 * SAMPLE_BYTES_PER_PIXEL)?;
     let make = |first: usize, count: usize| {
         InMemoryDataset::new(generate_range(seed, first, count, size).iter().map(SyntheticSample::to_raw).collect())
     };
     let [(_, t0, tn), (_, v0, vn), (_, s0, sn)] = split_ranges(n_train, n_val, n_test);
     Ok(SyntheticSplits { train: make(t0, tn)?, val: make(v0, vn)?, test: make(s0, sn)? })
+}
+
+/// Bytes a synthetic sample holds per pixel: its B, G, R image (3) and its mask (1).
+const SAMPLE_BYTES_PER_PIXEL: u64 = 4;
+
+/// Refuses `count` images of `size` x `size` at `bytes_per_pixel` that would not fit in this
+/// machine's memory (a size or count a user typed must end in an error, not an allocation abort).
+fn fits_in_memory(what: &str, count: usize, size: usize, bytes_per_pixel: u64) -> Result<()> {
+    let Some(memory) = crate::limits::physical_memory() else { return Ok(()) };
+    let needed = (size as u64)
+        .checked_mul(size as u64)
+        .and_then(|pixels| pixels.checked_mul(bytes_per_pixel))
+        .and_then(|bytes| bytes.checked_mul(count as u64));
+    match needed {
+        Some(bytes) if bytes <= memory => Ok(()),
+        _ => Err(Error::Invalid(format!(
+            "{what} need {} of memory, more than this machine's {} GiB: use a smaller size or fewer images",
+            needed.map_or("more than 2^64 bytes".to_string(), |b| format!("{} GiB", b >> 30)),
+            memory >> 30
+        ))),
+    }
 }
 
 fn write_png(path: &Path, width: usize, height: usize, grey: Vec<u8>) -> Result<()> {
@@ -422,7 +446,10 @@ pub fn write_official_layout(
             std::fs::create_dir_all(sub).map_err(Error::io(sub))?;
         }
         let mut rows = Vec::with_capacity(count);
-        for sample in generate_range(seed, first, count, size) {
+        // One image at a time: a split of large images is never held in memory whole. Per image:
+        // the sample (4 bytes a pixel), its grey copy and its mask's PNG rows (2), the encoder (2).
+        fits_in_memory(&format!("synthetic images of {size}x{size}"), 1, size, 8)?;
+        for sample in (first..first + count).map(|id| sample(seed, id, size)) {
             let grey: Vec<u8> = sample.image.data.chunks_exact(3).map(|bgr| bgr[0]).collect();
             write_png(&images.join(&sample.name), size, size, grey)?;
             write_png(&masks.join(&sample.name), size, size, sample.mask.data.iter().map(|&m| m * 255).collect())?;
