@@ -3,19 +3,17 @@
 //! (tools/emulated_gpu.sh) this runs every launcher and kernel of training and inference in CI;
 //! without a GPU it skips (a failure under `REQUIRE_GPU=1`).
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-fn binary() -> std::path::PathBuf {
-    std::env::var_os("MCS_ENGINE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_mcs-engine").into(), Into::into)
-}
-
+/// Runs the binary and insists that it succeeds; its standard output.
 fn run(args: &[&str]) -> String {
-    let out = Command::new(binary()).args(args).output().unwrap();
-    assert!(out.status.success(), "mcs-engine {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let out = cli::run(args);
+    assert!(out.code == Some(0), "mcs-engine {} failed: {}", args.join(" "), out.stderr);
+    out.stdout
 }
 
 /// The per-epoch rows of a run's metrics.csv: (column name, value) for the loss terms and Dice.

@@ -3,46 +3,25 @@
 //! files, prompt files that would exhaust memory, and the `check` command. Each bad input goes to
 //! the library or the `mcs-engine` binary, and the test asserts the refusal and its message.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/png.rs"]
 mod png;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use cli::{run, s, Outcome};
 use mcs_engine::data::{load_pair, open_split, read_grey, read_mask, read_prompt_file, resize_nearest, Split};
 
-/// The binary under test: `MCS_ENGINE_BIN` when set (a packed GPU kit), else the one cargo built.
-fn binary() -> PathBuf {
-    std::env::var_os("MCS_ENGINE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_mcs-engine").into(), Into::into)
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str]) -> Run {
-    let out = Command::new(binary()).args(args).output().unwrap();
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
-}
-
 /// Asserts a refusal as the CLI gives it: exit code 1, every needle in stderr, no panic.
-fn assert_refused(run: &Run, needles: &[&str]) {
+fn assert_refused(run: &Outcome, needles: &[&str]) {
     assert_eq!(run.code, Some(1), "expected exit code 1; stdout: {}\nstderr: {}", run.stdout, run.stderr);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     for needle in needles {
         assert!(run.stderr.contains(needle), "stderr lacks {needle:?}:\n{}", run.stderr);
     }
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// A fresh, empty folder under the system temp dir, unique per test and process.
@@ -171,7 +150,7 @@ fn write_xlsx(path: &Path, rows: &[[&str; 2]]) {
 }
 
 /// `train` of the tiny model for `epochs` on `data` into `out`, with `extra` arguments.
-fn train(data: &Path, out: &Path, epochs: &str, extra: &[&str]) -> Run {
+fn train(data: &Path, out: &Path, epochs: &str, extra: &[&str]) -> Outcome {
     let mut args =
         vec!["train", "--data", s(data), "--config", "tiny", "--epochs", epochs, "--out", s(out), "--workers", "1"];
     args.extend_from_slice(extra);

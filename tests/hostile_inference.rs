@@ -3,38 +3,20 @@
 //! messages that say what is true. Each feeds the bad input to the binary (or the library) and
 //! checks the exit status and the message; none may end in a panic or an abort.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/png.rs"]
 mod png;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use cli::{run, s, Outcome};
 use mcs_engine::data::synthetic;
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::{MedClipSeg, ModelConfig};
 use mcs_engine::segment::{Options, Segmenter};
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
 use mcs_engine::Device;
-
-/// The binary under test: `MCS_ENGINE_BIN` when set (a packed GPU kit), else cargo's.
-fn binary() -> PathBuf {
-    std::env::var_os("MCS_ENGINE_BIN").map_or_else(|| env!("CARGO_BIN_EXE_mcs-engine").into(), Into::into)
-}
-
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(args: &[&str]) -> Outcome {
-    let out = Command::new(binary()).args(args).output().unwrap();
-    Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
-}
 
 /// A run that failed with the CLI's error exit (1), a message holding every needle, on one
 /// `error:` line, and no panic.
@@ -52,10 +34,6 @@ fn assert_one_line_error(args: &[&str], out: &Outcome, needles: &[&str]) {
     for needle in needles {
         assert!(errors[0].contains(needle), "{args:?}: {needle:?} not in {}", out.stderr);
     }
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// Temporary folders of this test binary.
