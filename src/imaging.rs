@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, GrayImage, ImageError, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, GrayImage, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::error::{Error, Result};
 
@@ -21,6 +21,11 @@ const DECODER_WORKSPACE_BYTES: u64 = 64 << 20;
 /// make it allocate more. Errors name the file: missing or unreadable, a folder, not an image,
 /// too large (with its width x height), damaged or truncated.
 pub fn decode_image(path: &Path, max_pixels: u64) -> Result<DynamicImage> {
+    decode_image_and_format(path, max_pixels).map(|(image, _)| image)
+}
+
+/// [`decode_image`], with the format the file's first bytes showed (PNG or JPEG).
+pub fn decode_image_and_format(path: &Path, max_pixels: u64) -> Result<(DynamicImage, ImageFormat)> {
     let (width, height) = check_image_file(path, max_pixels)?;
     let pixels = u64::from(width) * u64::from(height);
     let mut limits = Limits::default();
@@ -29,8 +34,9 @@ pub fn decode_image(path: &Path, max_pixels: u64) -> Result<DynamicImage> {
     let budget = pixels.saturating_mul(DECODED_BYTES_PER_PIXEL).saturating_add(DECODER_WORKSPACE_BYTES);
     limits.max_alloc = Some(budget);
     let mut reader = open_image(path)?;
+    let format = reader.format().ok_or_else(|| not_an_image(path, "its format is unknown"))?;
     reader.limits(limits);
-    reader.decode().map_err(|e| match e {
+    let image = reader.decode().map_err(|e| match e {
         ImageError::Limits(limit) => {
             let why = format!("for the decoder's memory limit of {} MiB: {limit}", budget >> 20);
             too_large(path, width, height, &why)
@@ -39,7 +45,8 @@ pub fn decode_image(path: &Path, max_pixels: u64) -> Result<DynamicImage> {
             "{}: not a readable PNG or JPEG image (damaged or truncated): {other}",
             path.display()
         )),
-    })
+    })?;
+    Ok((image, format))
 }
 
 /// An image file's width and height from its header, checked to be at most `max_pixels` pixels
@@ -81,7 +88,7 @@ fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::Fil
     limits.max_alloc = Some(DECODER_WORKSPACE_BYTES);
     reader.limits(limits);
     match reader.format() {
-        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg) => Ok(reader),
+        Some(ImageFormat::Png | ImageFormat::Jpeg) => Ok(reader),
         _ => Err(not_an_image(path, "its first bytes are neither PNG's nor JPEG's")),
     }
 }

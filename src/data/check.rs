@@ -14,6 +14,8 @@ use rayon::prelude::*;
 use super::layout::{prompt_file_path, Split, SplitFolders, PROMPTS_FOLDER};
 use super::preprocess::read_mask;
 use super::prompts::{read_prompt_file, PromptRow};
+use crate::imaging::check_image_file;
+use crate::limits::DEFAULT_MAX_PIXELS;
 
 /// What the check found in one split.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +114,9 @@ fn read_rows(prompts: &Path) -> Result<Vec<PromptRow>, String> {
 /// foreground pixels.
 fn check_row(folders: &SplitFolders, prompts: &Path, row: &PromptRow) -> Result<u64, String> {
     let item = folders.resolve(prompts, row).map_err(|e| e.to_string())?;
-    let (width, height) = image_size(&item.image_path)?;
+    // The header only, with the same pixel limit that training's reading of the image applies.
+    let (width, height) = check_image_file(&item.image_path, DEFAULT_MAX_PIXELS).map_err(|e| e.to_string())?;
+    let (width, height) = (width as usize, height as usize);
     let mask = read_mask(&item.mask_path).map_err(|e| e.to_string())?;
     if (mask.width, mask.height) != (width, height) {
         return Err(format!(
@@ -124,15 +128,4 @@ fn check_row(folders: &SplitFolders, prompts: &Path, row: &PromptRow) -> Result<
         ));
     }
     Ok(mask.data.iter().filter(|&&v| v != 0).count() as u64)
-}
-
-/// An image's size from its header alone.
-fn image_size(path: &Path) -> Result<(usize, usize), String> {
-    let unreadable = |e: &dyn std::fmt::Display| format!("{}: not a readable PNG or JPEG image: {e}", path.display());
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .with_guessed_format()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let (width, height) = reader.into_dimensions().map_err(|e| unreadable(&e))?;
-    Ok((width as usize, height as usize))
 }

@@ -26,8 +26,8 @@ pub use loader::{
     SampleSource,
 };
 pub use preprocess::{
-    binarise_mask, load_pair, normalise_bgr, read_bgr, read_grey, read_mask, resize_linear, resize_nearest, Image8,
-    IMAGENET_MEAN, IMAGENET_STD,
+    binarise_mask, load_pair, normalise_bgr, read_bgr, read_bgr_within, read_grey, read_mask, resize_linear,
+    resize_nearest, Image8, IMAGENET_MEAN, IMAGENET_STD,
 };
 pub use prompts::{read_prompt_file, write_prompt_xlsx, PromptRow};
 pub use synthetic::{generate, synthetic_splits, write_official_layout, SyntheticSample, SyntheticSplits, WORDS};

@@ -63,33 +63,36 @@ fn decode(path: &Path) -> Result<DynamicImage> {
     crate::imaging::decode_image(path, crate::limits::DEFAULT_MAX_PIXELS)
 }
 
-fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
-    image::load_from_memory(bytes).map_err(|e| {
-        Error::Invalid(format!("{}: not a readable (or a truncated) PNG or JPEG image: {e}", path.display()))
-    })
-}
-
 /// `cv2.imread(path)`: three channels in B, G, R order; grey files are replicated, alpha is
 /// dropped, 16-bit samples keep their high byte (what libpng's strip_16 does under OpenCV).
 /// PNG is bit-exact with cv2; JPEG is decoded by the `image` crate, not libjpeg-turbo, and differs
 /// from cv2 by a few levels on some pixels (chroma upsampling; the official sheets list PNGs).
 pub fn read_bgr(path: &Path) -> Result<Image8> {
-    let decoded = decode(path)?;
+    read_bgr_within(path, crate::limits::DEFAULT_MAX_PIXELS)
+}
+
+/// [`read_bgr`] of an image of at most `max_pixels` pixels, checked from the file's header before
+/// anything is decoded (see [`crate::imaging::decode_image`]).
+pub fn read_bgr_within(path: &Path, max_pixels: u64) -> Result<Image8> {
+    bgr_from(crate::imaging::decode_image(path, max_pixels)?)
+}
+
+/// A decoded file as `cv2.imread` gives it: grey replicated, alpha dropped, 16-bit samples cut to
+/// their high byte, then B, G, R. An 8-bit RGB image (the common case) is reordered in place,
+/// without a second copy of its pixels.
+fn bgr_from(decoded: DynamicImage) -> Result<Image8> {
+    use DynamicImage::{ImageLuma16, ImageLumaA16, ImageRgb16, ImageRgba16};
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
-    let mut data = Vec::with_capacity(width * height * 3);
-    match &decoded {
-        DynamicImage::ImageLuma8(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[p[0]; 3])),
-        DynamicImage::ImageLumaA8(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[p[0]; 3])),
-        DynamicImage::ImageLuma16(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
-        DynamicImage::ImageLumaA16(grey) => grey.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
-        DynamicImage::ImageRgb16(rgb) => {
-            rgb.pixels().for_each(|p| data.extend(p.0.iter().rev().map(|&v| (v >> 8) as u8)))
+    let data = match decoded {
+        ImageLuma16(_) | ImageLumaA16(_) | ImageRgb16(_) | ImageRgba16(_) => {
+            decoded.to_rgb16().pixels().flat_map(|p| [p[2], p[1], p[0]].map(|v| (v >> 8) as u8)).collect()
         }
-        DynamicImage::ImageRgba16(rgba) => {
-            rgba.pixels().for_each(|p| data.extend(p.0[..3].iter().rev().map(|&v| (v >> 8) as u8)))
+        eight_bit => {
+            let mut rgb = eight_bit.into_rgb8().into_raw();
+            rgb.chunks_exact_mut(3).for_each(|p| p.swap(0, 2));
+            rgb
         }
-        other => other.to_rgb8().pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
-    }
+    };
     Image8::from_raw(width, height, 3, data)
 }
 
@@ -287,9 +290,7 @@ const LISTED_MASK_VALUES: usize = 8;
 /// 16-bit masks are judged on their 16-bit values (a 0/1 label map keeps its two values),
 /// thresholded officially at the high byte.
 pub fn read_mask(path: &Path) -> Result<Image8> {
-    crate::imaging::check_image_file(path, crate::limits::DEFAULT_MAX_PIXELS)?;
-    let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    let decoded = decode_bytes(path, &bytes)?;
+    let (decoded, format) = crate::imaging::decode_image_and_format(path, crate::limits::DEFAULT_MAX_PIXELS)?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
     let (samples, threshold): (Vec<u16>, u16) = match &decoded {
         DynamicImage::ImageLuma16(grey) => {
@@ -301,7 +302,7 @@ pub fn read_mask(path: &Path) -> Result<Image8> {
         other => (grey_from(other)?.data.into_iter().map(u16::from).collect(), u16::from(OFFICIAL_MASK_THRESHOLD)),
     };
     let values = distinct_values(&samples, LISTED_MASK_VALUES + 1);
-    let lossy = image::guess_format(&bytes).is_ok_and(|f| f == ImageFormat::Jpeg);
+    let lossy = format == ImageFormat::Jpeg;
     let cut = match values.as_slice() {
         [low, high] if (*low >= threshold) == (*high >= threshold) => {
             note_two_value_masks(path, *low, *high);

@@ -41,7 +41,6 @@ use crate::cuda::gpu_available;
 use crate::data::{self, Image8};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::imaging::decode_image;
 use crate::limits;
 use crate::model::{MedClipSeg, ModelConfig, Sampling};
 use crate::tensor::Tensor;
@@ -74,26 +73,7 @@ pub fn read_image(path: &Path) -> Result<Image8> {
 /// [`read_image`] of an image of at most `max_pixels` pixels, checked from the file's header
 /// before anything is decoded (see [`crate::imaging::decode_image`]).
 pub fn read_image_within(path: &Path, max_pixels: u64) -> Result<Image8> {
-    bgr_from_decoded(decode_image(path, max_pixels)?)
-}
-
-/// A decoded file as `cv2.imread` gives it (what [`data::read_bgr`] does, on a decoded image):
-/// grey replicated, alpha dropped, 16-bit samples cut to their high byte, then B, G, R. An 8-bit
-/// RGB image (the common case) is reordered in place, without a second copy of its pixels.
-fn bgr_from_decoded(decoded: image::DynamicImage) -> Result<Image8> {
-    use image::DynamicImage::{ImageLuma16, ImageLumaA16, ImageRgb16, ImageRgba16};
-    let (width, height) = (decoded.width() as usize, decoded.height() as usize);
-    let data = match decoded {
-        ImageLuma16(_) | ImageLumaA16(_) | ImageRgb16(_) | ImageRgba16(_) => {
-            decoded.to_rgb16().pixels().flat_map(|p| [p[2], p[1], p[0]].map(|v| (v >> 8) as u8)).collect()
-        }
-        eight_bit => {
-            let mut rgb = eight_bit.into_rgb8().into_raw();
-            rgb.chunks_exact_mut(3).for_each(|p| p.swap(0, 2));
-            rgb
-        }
-    };
-    Image8::from_raw(width, height, 3, data)
+    data::read_bgr_within(path, max_pixels)
 }
 
 /// An `image` crate RGB picture as the B, G, R bytes [`Segmenter::segment`] takes.
