@@ -393,7 +393,7 @@ struct Run {
     uint64_t interval = 0, block_serial = 0;
     uintptr_t tls_begin = 0, tls_end = 0;
     uintptr_t dynamic_begin = 0, dynamic_end = 0, dynamic_capacity_end = 0;
-    std::vector<SharedShadow> shared;
+    SharedShadow* shared = nullptr;  // the family's shadow, one record per byte of its shared memory
     Allocation* last_allocation = nullptr;
     bool aborted = false;
 };
@@ -653,7 +653,7 @@ static void check_access(uintptr_t address, size_t bytes, bool write) {
                                               describe_allocation(*a) + " runs past its end");
         }
         if (write) {
-            std::memset(a->initialised.data() + (address - a->begin), 1, bytes);
+            mark_initialised(*a, address, bytes);
         } else if (uintptr_t first = first_uninitialised(*a, address, bytes)) {
             abort_kernel(kIllegalAddress, "uninitialised global memory read in " + where(*t) + ": byte " +
                                               std::to_string(first - a->begin) + " of " + describe_allocation(*a) +
@@ -834,7 +834,12 @@ int run(const Launch& launch) {
     if (family.tls_size > 0 && dlinfo(family.handle, RTLD_DI_TLS_DATA, &tls) == 0 && tls) {
         run.tls_begin = reinterpret_cast<uintptr_t>(tls);
         run.tls_end = run.tls_begin + family.tls_size;
-        run.shared.assign(family.tls_size, SharedShadow{});
+        // One shadow per family for the process, never cleared: its stamps are the interval and
+        // block counters, which only grow, so what an earlier launch left can never match now.
+        static std::map<const Family*, std::vector<SharedShadow>> shadows;
+        std::vector<SharedShadow>& shadow = shadows[&family];
+        if (shadow.size() < family.tls_size) shadow.resize(family.tls_size);
+        run.shared = shadow.data();
     }
     size_t capacity = 0;
     if (void* dynamic = family.dynamic_shared(&capacity)) {
