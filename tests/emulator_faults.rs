@@ -9,6 +9,8 @@
 //! through `MCS_EMU_KERNELS`. The test needs the emulated device: on a real GPU it skips, and
 //! without any GPU it skips (or fails under `REQUIRE_GPU=1`, as the other GPU tests do).
 
+mod common;
+
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -162,7 +164,7 @@ fn check_fault(fault: &Fault, dir: &Path) -> std::result::Result<String, String>
 
 /// A copy of kernels/ with one edit, built by tools/emulated_gpu.sh into `dir/kernels-built`.
 fn build_faulty_kernels(dir: &Path, file: &str, find: &str, replace: &str) -> std::result::Result<PathBuf, String> {
-    let root = repo_root();
+    let root = common::repo_root();
     let source = dir.join("kernels");
     std::fs::create_dir_all(&source).map_err(|e| e.to_string())?;
     for entry in std::fs::read_dir(root.join("kernels")).map_err(|e| e.to_string())? {
@@ -208,13 +210,6 @@ fn run_child(case: &str, kernels: Option<&Path>, report: &Path) -> std::result::
     Ok((output.status.success(), text))
 }
 
-fn repo_root() -> PathBuf {
-    match std::env::var_os("MCS_ROOT") {
-        Some(root) if !root.is_empty() => root.into(),
-        _ => env!("CARGO_MANIFEST_DIR").into(),
-    }
-}
-
 // ---- the child cases ----------------------------------------------------------------------------
 
 fn child(case: &str) -> Result<()> {
@@ -237,22 +232,14 @@ fn rows(rows: usize, cols: usize) -> Vec<f32> {
     (0..rows * cols).map(|i| ((i * 37 % 101) as f32) / 25.0 - 2.0).collect()
 }
 
-fn expect_close(what: &str, got: &[f32], want: &[f32]) -> Result<()> {
-    // Same operations in f32 on both sides; only the summation order differs (1e-5 is ~80 ulp).
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if (g - w).abs() > 1e-5 + 1e-5 * w.abs() {
-            return Err(mcs_engine::Error::Invalid(format!("{what}: element {i} is {g}, the CPU gives {w}")));
-        }
-    }
-    Ok(())
-}
-
 fn softmax_through_the_op(gpu: &Device) -> Result<()> {
     let (r, c) = (3, 300);
     let x = rows(r, c);
     let got = softmax_forward(&Tensor::from_slice(&x, &[r, c], gpu)?, None)?.to_vec()?;
     let want = softmax_forward(&Tensor::from_slice(&x, &[r, c], &Device::Cpu)?, None)?.to_vec()?;
-    expect_close("softmax", &got, &want)
+    // Same operations in f32 on both sides; only the summation order differs (1e-5 is ~80 ulp).
+    common::assert_close("softmax", &got, &want, 1e-5, 1e-5);
+    Ok(())
 }
 
 fn sum_through_the_op(gpu: &Device) -> Result<()> {
@@ -260,7 +247,9 @@ fn sum_through_the_op(gpu: &Device) -> Result<()> {
     let x = rows(r, c);
     let got = sum_to_shape(&Tensor::from_slice(&x, &[r, c], gpu)?, &[c])?.to_vec()?;
     let want = sum_to_shape(&Tensor::from_slice(&x, &[r, c], &Device::Cpu)?, &[c])?.to_vec()?;
-    expect_close("sum_to_shape", &got, &want)
+    // Same operations in f32 on both sides; only the summation order differs (1e-5 is ~80 ulp).
+    common::assert_close("sum_to_shape", &got, &want, 1e-5, 1e-5);
+    Ok(())
 }
 
 /// A copy of softmax's launcher (src/ops/softmax.rs) with the block size and argument order as given.
@@ -285,7 +274,9 @@ fn softmax_launched_here(dev: &std::sync::Arc<CudaDevice>, threads: u32, swap_ou
     unsafe { b.launch(launch_rows(r, threads)?) }.map_err(mcs_engine::Error::driver("launching softmax_forward"))?;
     let got = dev.download(&y, r * c)?;
     let want = softmax_forward(&Tensor::from_slice(&data, &[r, c], &Device::Cpu)?, None)?.to_vec()?;
-    expect_close("softmax", &got, &want)
+    // Same operations in f32 on both sides; only the summation order differs (1e-5 is ~80 ulp).
+    common::assert_close("softmax", &got, &want, 1e-5, 1e-5);
+    Ok(())
 }
 
 /// C = A B (row-major 3x4 times 4x5) through cuBLAS as the engine calls it, with cuBLAS's lda
@@ -336,5 +327,7 @@ fn gemm_launched_here(dev: &std::sync::Arc<CudaDevice>, lda_error: i32) -> Resul
     let got = dev.download(&c, m * n)?;
     let want: Vec<f32> =
         (0..m * n).map(|i| (0..k).map(|p| a_host[(i / n) * k + p] * b_host[p * n + i % n]).sum()).collect();
-    expect_close("gemm", &got, &want)
+    // Same operations in f32 on both sides; only the summation order differs (1e-5 is ~80 ulp).
+    common::assert_close("gemm", &got, &want, 1e-5, 1e-5);
+    Ok(())
 }
