@@ -54,8 +54,7 @@ pub fn decode_image_and_format(path: &Path, max_pixels: u64) -> Result<(DynamicI
 pub fn check_image_file(path: &Path, max_pixels: u64) -> Result<(u32, u32)> {
     let (width, height) = image_size(path)?;
     if u64::from(width) * u64::from(height) > max_pixels {
-        let why = format!("over the limit of {max_pixels} pixels (--max-pixels or Options::max_pixels raises it)");
-        return Err(too_large(path, width, height, &why));
+        return Err(too_large(path, width, height, &over_pixel_limit(max_pixels)));
     }
     Ok((width, height))
 }
@@ -95,6 +94,11 @@ fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::Fil
 
 fn not_an_image(path: &Path, detail: &str) -> Error {
     Error::Invalid(format!("{}: not a readable PNG or JPEG image: {detail}", path.display()))
+}
+
+/// Why an image over `max_pixels` is refused, and how to raise the limit.
+pub(crate) fn over_pixel_limit(max_pixels: u64) -> String {
+    format!("over the limit of {max_pixels} pixels (--max-pixels or Options::max_pixels raises it)")
 }
 
 fn too_large(path: &Path, width: u32, height: u32, why: &str) -> Error {

@@ -131,8 +131,10 @@ impl Options {
         let pixels = (image.width as u64).saturating_mul(image.height as u64);
         if pixels > self.max_pixels {
             return Err(Error::Invalid(format!(
-                "image too large ({}x{}) over the limit of {} pixels (--max-pixels or Options::max_pixels raises it)",
-                image.width, image.height, self.max_pixels
+                "image too large ({}x{}) {}",
+                image.width,
+                image.height,
+                crate::imaging::over_pixel_limit(self.max_pixels)
             )));
         }
         Ok(())
