@@ -24,6 +24,7 @@ enum UnaryOpCode {
     OP_SQRT = 6,
     OP_SQUARE = 7,
     OP_NEG = 8,
+    OP_RELU = 9,
 };
 
 // Output dims (row-major) and each input's element strides, 0 along broadcast dims.
@@ -150,6 +151,8 @@ __device__ __forceinline__ float unary_apply(float x) {
         case OP_LOG: return logf(x);
         case OP_SQRT: return sqrtf(x);
         case OP_SQUARE: return x * x;
+        // Written so that NaN passes through, as torch.relu does (fmaxf would turn it into 0).
+        case OP_RELU: return (x > 0.0f || x != x) ? x : 0.0f;
         default: return -x;  // OP_NEG
     }
 }
@@ -179,6 +182,9 @@ __device__ __forceinline__ float unary_derivative_times(float saved, float dy) {
         case OP_LOG: return dy / saved;
         case OP_SQRT: return dy / (2.0f * saved);
         case OP_SQUARE: return dy * 2.0f * saved;
+        // PyTorch's threshold_backward: 0 where x <= 0 (so 0 at x = 0), dy elsewhere; a select,
+        // not dy * (x > 0), so an infinite dy at x <= 0 still gives 0 rather than NaN.
+        case OP_RELU: return saved <= 0.0f ? 0.0f : dy;
         default: return -dy;  // OP_NEG
     }
 }
@@ -206,6 +212,7 @@ __device__ void unary_backward_loop(float* __restrict__ dx, const float* __restr
         case OP_SQRT: LOOP<OP_SQRT>(__VA_ARGS__); break;                      \
         case OP_SQUARE: LOOP<OP_SQUARE>(__VA_ARGS__); break;                  \
         case OP_NEG: LOOP<OP_NEG>(__VA_ARGS__); break;                        \
+        case OP_RELU: LOOP<OP_RELU>(__VA_ARGS__); break;                      \
     }
 
 extern "C" __global__ void unary_forward(float* __restrict__ y, const float* __restrict__ x, int op,

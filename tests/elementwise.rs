@@ -7,8 +7,8 @@ mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
 use mcs_engine::ops::{
-    add, add_scalar, add_untracked, binary, div, gelu, mul, quick_gelu, scale, sigmoid, softplus, sub, sum_to_shape,
-    unary, unary_backward, unary_forward, BinaryOp, UnaryOp,
+    add, add_scalar, add_untracked, binary, div, gelu, mul, quick_gelu, relu, scale, sigmoid, softplus, sub,
+    sum_to_shape, unary, unary_backward, unary_forward, BinaryOp, UnaryOp,
 };
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
@@ -91,6 +91,7 @@ fn unary_f64(op: UnaryOp, x: f64) -> f64 {
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Square => x * x,
         UnaryOp::Neg => -x,
+        UnaryOp::Relu => x.max(0.0),
     }
 }
 
@@ -112,6 +113,14 @@ fn derivative_f64(op: UnaryOp, x: f64) -> f64 {
         UnaryOp::Sqrt => 0.5 / x.sqrt(),
         UnaryOp::Square => 2.0 * x,
         UnaryOp::Neg => -1.0,
+        // PyTorch's convention: slope 0 at x = 0 itself.
+        UnaryOp::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
     }
 }
 
@@ -132,6 +141,8 @@ fn forward_tolerance(op: UnaryOp) -> (f32, f32) {
     match op {
         // One correctly rounded IEEE operation (sqrt with --prec-sqrt on the GPU): bit-exact.
         UnaryOp::Square | UnaryOp::Neg | UnaryOp::Sqrt => (0.0, 0.0),
+        // A select between x and 0: exact.
+        UnaryOp::Relu => (0.0, 0.0),
         // CUDA's expf is within 2 ulp and logf within 1; glibc's within 1: 3 ulp in all.
         UnaryOp::Exp | UnaryOp::Log => (0.0, 3.6e-7),
         // expf (2 ulp) then one add and one divide (0.5 ulp each), plus the final half ulp.
@@ -152,6 +163,8 @@ fn backward_tolerance(op: UnaryOp) -> (f32, f32) {
     match op {
         // 2*dy is exact, then one rounded multiply; negation is exact.
         UnaryOp::Square | UnaryOp::Neg => (0.0, 0.0),
+        // A select between dy and 0: exact.
+        UnaryOp::Relu => (0.0, 0.0),
         // One divide; for sqrt, the saved y itself is correctly rounded (half an ulp more).
         UnaryOp::Log | UnaryOp::Sqrt => (0.0, 2.5e-7),
         // dy * y with y within 3 ulp.
@@ -313,7 +326,7 @@ fn activations_stay_finite_and_saturate_at_extremes() {
     for device in devices() {
         let xt = Tensor::from_slice(&x, &[x.len()], &device).unwrap();
         let ones = Tensor::full(1.0, &[x.len()], &device).unwrap();
-        for op in [UnaryOp::Gelu, UnaryOp::QuickGelu, UnaryOp::Sigmoid, UnaryOp::Softplus] {
+        for op in [UnaryOp::Gelu, UnaryOp::QuickGelu, UnaryOp::Sigmoid, UnaryOp::Softplus, UnaryOp::Relu] {
             let y = unary_forward(op, &xt).unwrap().to_vec().unwrap();
             let saved = if op.backward_uses_output() {
                 Tensor::from_slice(&y, &[x.len()], &device).unwrap()
@@ -376,7 +389,7 @@ proptest! {
     }
 
     #[test]
-    fn unary_ops_match_f64_on_random_values(len in 1usize..3000, seed in any::<u64>(), which in 0usize..9) {
+    fn unary_ops_match_f64_on_random_values(len in 1usize..3000, seed in any::<u64>(), which in 0usize..UnaryOp::ALL.len()) {
         let op = UnaryOp::ALL[which];
         let (lo, hi) = domain(op);
         check_unary_against_f64(op, &random_vec(seed, len, lo, hi), seed ^ 1);
@@ -437,6 +450,11 @@ fn unary_gradients_match_finite_differences() {
         if op == UnaryOp::Softplus {
             x.extend([25.0, -25.0]); // both sides of the threshold branch
         }
+        if op == UnaryOp::Relu {
+            // Central differences straddling the kink at 0 would see half a slope: keep every
+            // probe point at least 0.1 (10 eps) away from it, on both sides.
+            x.iter_mut().for_each(|v| *v = v.signum() * (v.abs() + 0.1));
+        }
         let shape = vec![x.len()];
         check_gradients(op.name(), &[(x, shape)], &[], FD_EPS, FD_ATOL, FD_RTOL, |tape, p| unary(tape, op, &p[0]));
     }
@@ -449,6 +467,33 @@ fn unary_gradients_match_finite_differences() {
         ("softplus", softplus),
     ] {
         check_gradients(name, &[(x.clone(), vec![2, 3])], &[], FD_EPS, FD_ATOL, FD_RTOL, |tape, p| f(tape, &p[0]));
+    }
+    let away_from_zero = vec![-1.5, -0.3, 0.2, 0.7, -2.0, 1.1];
+    check_gradients("relu", &[(away_from_zero, vec![2, 3])], &[], FD_EPS, FD_ATOL, FD_RTOL, |tape, p| {
+        relu(tape, &p[0])
+    });
+}
+
+/// ReLU at its edge cases, as PyTorch: slope 0 at exactly 0 (both signs of zero), NaN in gives NaN
+/// out, and an infinite upstream gradient where the slope is 0 gives 0, not NaN (a select, not a
+/// product).
+#[test]
+fn relu_at_zero_nan_and_infinities_follows_pytorch() {
+    let x = [0.0f32, -0.0, f32::NAN, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY];
+    let dy = [5.0f32, 5.0, 5.0, f32::INFINITY, f32::INFINITY, 2.0, 2.0];
+    for device in devices() {
+        let tape = Tape::new();
+        let xt = Tensor::from_slice(&x, &[x.len()], &device).unwrap().into_trainable();
+        let y = relu(&tape, &xt).unwrap();
+        let out = y.to_vec().unwrap();
+        let grads = tape.backward_from(&y, Tensor::from_slice(&dy, &[dy.len()], &device).unwrap()).unwrap();
+        let dx = grads.get(&xt).unwrap().to_vec().unwrap();
+        let on = device.name();
+        assert!(out[2].is_nan(), "relu(NaN) must be NaN on {on}: {out:?}");
+        let finite_part = [out[0], out[1], out[3], out[4], out[5], out[6]];
+        assert_eq!(finite_part, [0.0, 0.0, 1.0, 0.0, f32::INFINITY, 0.0], "relu forward on {on}");
+        // PyTorch's threshold_backward passes dy where !(x <= 0), which includes NaN.
+        assert_eq!(dx, [0.0, 0.0, 5.0, f32::INFINITY, 0.0, 2.0, 0.0], "relu backward on {on}");
     }
 }
 

@@ -85,6 +85,7 @@ impl UnaryOp {
             UnaryOp::Sqrt => x.sqrt(),
             UnaryOp::Square => x * x,
             UnaryOp::Neg => -x,
+            UnaryOp::Relu => relu(x),
         }
     }
 
@@ -100,7 +101,29 @@ impl UnaryOp {
             UnaryOp::Sqrt => dy / (2.0 * saved),
             UnaryOp::Square => dy * 2.0 * saved,
             UnaryOp::Neg => -dy,
+            UnaryOp::Relu => relu_backward(saved, dy),
         }
+    }
+}
+
+/// `max(x, 0)` with NaN passed through, as `torch.relu` (and the kernel's `OP_RELU`).
+#[inline(always)]
+fn relu(x: f32) -> f32 {
+    if x > 0.0 || x.is_nan() {
+        x
+    } else {
+        0.0
+    }
+}
+
+/// PyTorch's `threshold_backward`: 0 where `x <= 0`, `dy` elsewhere (a select, so an infinite `dy`
+/// does not become NaN where the gradient is 0).
+#[inline(always)]
+fn relu_backward(x: f32, dy: f32) -> f32 {
+    if x <= 0.0 {
+        0.0
+    } else {
+        dy
     }
 }
 
@@ -122,6 +145,7 @@ pub(super) fn unary_forward(op: UnaryOp, xs: &[f32]) -> Vec<f32> {
         UnaryOp::Sqrt => map_into(o, x, f32::sqrt),
         UnaryOp::Square => map_into(o, x, |v| v * v),
         UnaryOp::Neg => map_into(o, x, |v| -v),
+        UnaryOp::Relu => map_into(o, x, relu),
     });
     out
 }
@@ -135,6 +159,7 @@ pub(super) fn unary_backward(op: UnaryOp, saved: &[f32], dy: &[f32]) -> Vec<f32>
         UnaryOp::QuickGelu => zip_map_into(o, s, g, quick_gelu_backward),
         UnaryOp::Sigmoid => zip_map_into(o, s, g, sigmoid_backward),
         UnaryOp::Softplus => zip_map_into(o, s, g, softplus_backward),
+        UnaryOp::Relu => zip_map_into(o, s, g, relu_backward),
         other => zip_map_into(o, s, g, move |v, d| other.derivative_times(v, d)),
     });
     out

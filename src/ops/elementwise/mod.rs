@@ -1,6 +1,6 @@
 //! Elementwise ops: `add`/`sub`/`mul`/`div` with NumPy broadcasting, `scale` and `add_scalar`,
 //! the unary activations and maths functions (GELU, QuickGELU, sigmoid, softplus, exp, log, sqrt,
-//! square, neg), and [`sum_to_shape`], which takes a broadcast gradient back to an operand's shape.
+//! square, neg, ReLU), and [`sum_to_shape`], which takes a broadcast gradient back to an operand's shape.
 //! Kernels: `kernels/elementwise.cu`. Tests: `tests/elementwise.rs`.
 //!
 //! Broadcasting and reduction both go through a small "layout": the index space with size-1 dims
@@ -84,10 +84,12 @@ pub enum UnaryOp {
     Sqrt,
     Square,
     Neg,
+    /// `max(x, 0)`, NaN passed through (`torch.relu`); gradient `dy` where `x > 0`, else 0.
+    Relu,
 }
 
 impl UnaryOp {
-    pub const ALL: [UnaryOp; 9] = [
+    pub const ALL: [UnaryOp; 10] = [
         UnaryOp::Gelu,
         UnaryOp::QuickGelu,
         UnaryOp::Sigmoid,
@@ -97,6 +99,7 @@ impl UnaryOp {
         UnaryOp::Sqrt,
         UnaryOp::Square,
         UnaryOp::Neg,
+        UnaryOp::Relu,
     ];
 
     pub fn name(self) -> &'static str {
@@ -110,6 +113,7 @@ impl UnaryOp {
             UnaryOp::Sqrt => "sqrt",
             UnaryOp::Square => "square",
             UnaryOp::Neg => "neg",
+            UnaryOp::Relu => "relu",
         }
     }
 
@@ -124,6 +128,7 @@ impl UnaryOp {
             UnaryOp::Sqrt => 6,
             UnaryOp::Square => 7,
             UnaryOp::Neg => 8,
+            UnaryOp::Relu => 9,
         }
     }
 
@@ -221,6 +226,12 @@ pub fn square(tape: &Tape, x: &Tensor) -> Result<Tensor> {
 
 pub fn neg(tape: &Tape, x: &Tensor) -> Result<Tensor> {
     unary(tape, UnaryOp::Neg, x)
+}
+
+/// `max(x, 0)` (`torch.relu`: NaN stays NaN). The gradient is `dy` where `x > 0` and 0 elsewhere,
+/// 0 at `x = 0` included, as PyTorch's.
+pub fn relu(tape: &Tape, x: &Tensor) -> Result<Tensor> {
+    unary(tape, UnaryOp::Relu, x)
 }
 
 // ---------------------------------------------------------------------------------------------
