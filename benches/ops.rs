@@ -66,13 +66,51 @@ fn cases(device: &Device) -> Vec<Case> {
     ]
 }
 
+/// VLSM-Ensemble's CNN branch (UNet-D) at paper size: batch 2 at 224 px, the first stage's 64
+/// channels, and ECA at the 14x14 bottleneck's 1240 channels.
+fn cnn_norm_cases(device: &Device) -> Vec<Case> {
+    let x = random(&[2, 224, 224, 64], 11, device);
+    let bn_w = Tensor::ones(&[64], device).unwrap();
+    let bn_b = Tensor::zeros(&[64], device).unwrap();
+    let bottleneck = random(&[2, 14, 14, 1240], 12, device);
+    let eca_w = random(&[1, 1, 5], 13, device);
+    vec![
+        ("batch_norm_train 2x224x224x64", 0.0, {
+            let (x, w, b) = (x.clone(), bn_w.clone(), bn_b.clone());
+            Box::new(move || ops::batch_norm_train(&Tape::inference(), &x, &w, &b, 1e-5).unwrap().0)
+        }),
+        ("batch_norm_train fwd+bwd 2x224x224x64", 0.0, {
+            let (x, w, b) = (x.clone(), bn_w, bn_b);
+            let dy = random(&[2, 224, 224, 64], 14, device);
+            Box::new(move || {
+                let tape = Tape::new();
+                let (xt, wt, bt) = (x.clone().into_trainable(), w.clone().into_trainable(), b.clone().into_trainable());
+                let (y, _) = ops::batch_norm_train(&tape, &xt, &wt, &bt, 1e-5).unwrap();
+                let grads = tape.backward_from(&y, dy.clone()).unwrap();
+                grads.get(&xt).unwrap().clone()
+            })
+        }),
+        ("max_pool2x2 2x224x224x64", 0.0, {
+            let x = x.clone();
+            Box::new(move || ops::max_pool2x2_nhwc(&Tape::inference(), &x).unwrap())
+        }),
+        (
+            "eca 2x14x14x1240 k=5",
+            0.0,
+            Box::new(move || ops::eca_nhwc(&Tape::inference(), &bottleneck, &eca_w).unwrap()),
+        ),
+        ("relu 2x224x224x64", 0.0, Box::new(move || ops::relu(&Tape::inference(), &x).unwrap())),
+    ]
+}
+
 fn main() {
     let mut devices = vec![Device::Cpu];
     let gpu = gpu_available().then(|| Device::cuda(0).expect("a GPU was detected but could not be opened"));
     if let Some(gpu) = gpu.filter(|g| !g.is_emulated()) {
         devices.push(gpu);
         // Validate first: the GPU results of every case against the CPU reference.
-        let (cpu_cases, gpu_cases) = (cases(&Device::Cpu), cases(&devices[1]));
+        let all_cases = |device: &Device| cases(device).into_iter().chain(cnn_norm_cases(device)).collect::<Vec<_>>();
+        let (cpu_cases, gpu_cases) = (all_cases(&Device::Cpu), all_cases(&devices[1]));
         for ((name, _, mut on_cpu), (_, _, mut on_gpu)) in cpu_cases.into_iter().zip(gpu_cases) {
             let (a, b) = (on_cpu().to_vec().unwrap(), on_gpu().to_vec().unwrap());
             let scale = a.iter().fold(1.0f32, |m, v| m.max(v.abs()));
@@ -87,7 +125,7 @@ fn main() {
     }
     for device in &devices {
         let repeats = if device.is_cuda() { 50 } else { 3 };
-        for (name, gflop, mut run) in cases(device) {
+        for (name, gflop, mut run) in cases(device).into_iter().chain(cnn_norm_cases(device)) {
             let ms = median_ms(device, repeats, &mut run);
             let rate = if gflop > 0.0 { format!("  {:.1} GFLOP/s", gflop / ms * 1e3) } else { String::new() };
             println!("{:<6} {name:<40} {ms:>9.3} ms{rate}", device.name());

@@ -7,12 +7,15 @@
 
 pub mod adam;
 pub mod attention;
+pub mod batchnorm;
 pub mod dropout;
+pub mod eca;
 pub mod elementwise;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod movement;
+pub mod pool;
 pub mod prob_attention;
 pub mod random;
 pub mod reduce;
@@ -23,12 +26,15 @@ pub(crate) mod strided;
 
 pub use adam::*;
 pub use attention::*;
+pub use batchnorm::*;
 pub use dropout::*;
+pub use eca::*;
 pub use elementwise::*;
 pub use layernorm::*;
 pub use loss::*;
 pub use matmul::*;
 pub use movement::*;
+pub use pool::*;
 pub use prob_attention::*;
 pub use random::*;
 pub use reduce::*;
@@ -66,6 +72,11 @@ pub(crate) fn cuda_slice(t: &Tensor) -> Result<&CudaSlice<f32>> {
         Storage::Cuda { data, .. } => Ok(data),
         Storage::Cpu(_) => Err(Error::shape("cuda op", "expected a CUDA tensor, got a CPU one")),
     }
+}
+
+/// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
+pub(crate) fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::shape(op, format!("{what} = {value} exceeds the kernels' 32-bit sizes")))
 }
 
 /// Wraps a kernel's output buffer as a tensor.
