@@ -7,6 +7,7 @@
 
 pub mod adam;
 pub mod attention;
+pub mod conv;
 pub mod dropout;
 pub mod elementwise;
 pub mod layernorm;
@@ -23,6 +24,7 @@ pub(crate) mod strided;
 
 pub use adam::*;
 pub use attention::*;
+pub use conv::*;
 pub use dropout::*;
 pub use elementwise::*;
 pub use layernorm::*;
@@ -47,6 +49,11 @@ use crate::tensor::{Storage, Tensor};
 
 /// Passed for an optional pointer argument that is absent (kernels test it against null).
 pub(crate) const NULL_DEVICE_PTR: u64 = 0;
+
+/// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
+pub(crate) fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::shape(op, format!("{what} = {value} exceeds the kernels' 32-bit sizes")))
+}
 
 /// The device all `tensors` share, or an error naming `op` and the two devices.
 pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {

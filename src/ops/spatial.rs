@@ -12,18 +12,13 @@ use std::ops::Range;
 use cudarc::driver::PushKernelArg;
 use rayon::prelude::*;
 
-use super::{cuda_output, cuda_slice, launch, same_device};
+use super::{cuda_output, cuda_slice, kernel_int, launch, same_device};
 use crate::cuda::{launch_elements, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::fastmath;
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, host_zeros, Tensor};
-
-/// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
-fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
-    i32::try_from(value).map_err(|_| Error::shape(op, format!("{what} = {value} exceeds the kernels' 32-bit sizes")))
-}
 
 // ------------------------------------------------------------------------------------------------
 // Depthwise 3x3 convolution, NHWC
