@@ -24,7 +24,8 @@ use crate::tensor::{host_buffer, Tensor};
 
 /// The most floats of im2col columns a 3x3 convolution holds at once (64 Mi floats, 256 MiB):
 /// the batch is processed in chunks of whole images that fit, at least one image per chunk. The
-/// backward holds two such buffers (the columns and their gradient).
+/// backward's column gradient (for dx) and recomputed columns (for dW) are chunked the same way,
+/// one after the other.
 pub const CONV_COLUMN_BUDGET: usize = 64 << 20;
 
 // ------------------------------------------------------------------------------------------------
@@ -187,8 +188,9 @@ pub fn conv2d_nhwc_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -
 
 /// [`conv2d_nhwc_forward`] with the im2col columns of a 3x3 convolution limited to
 /// `max_column_floats` at a time instead of [`CONV_COLUMN_BUDGET`] (whole images per chunk, at
-/// least one). The result does not depend on the chunking except through the GEMM's rounding
-/// of rows, which is per row; small budgets exist to test the chunked path on small shapes.
+/// least one). Every output row is the same dot products whatever the chunking (only the GEMM
+/// library's blocking for another row count could move last bits); small budgets exist to test
+/// the chunked path on small shapes.
 pub fn conv2d_nhwc_forward_chunked(
     x: &Tensor,
     weight: &Tensor,
