@@ -46,7 +46,7 @@ fn cases(device: &Device) -> Vec<Case> {
     let var = ops::softplus(&t, &random(&[s, 256, 256], 6, device)).unwrap();
     let gemm_flops = 2.0 * (s * 197) as f64 * 768.0 * 3072.0;
     let noise = NoiseKey { seed: 7, first_draw: 0, samples: s, adapter: 0, direction: 0, mode: NoiseMode::Plain };
-    vec![
+    let mut all: Vec<Case> = vec![
         ("linear 5910x768 -> 3072", gemm_flops / 1e9, {
             let (x, w) = (x.clone(), w.clone());
             Box::new(move || {
@@ -63,7 +63,66 @@ fn cases(device: &Device) -> Vec<Case> {
         ("prob_attention S=30 197x256 keys 256", 0.0, {
             Box::new(move || ops::prob_attention(&Tape::inference(), &q, &k, &var, &k, &var, 2.35, noise).unwrap())
         }),
-    ]
+    ];
+    all.extend(conv_cases(device));
+    all
+}
+
+/// The CNN branch of VLSM-Ensemble (UNet-D) at its paper-size shapes: batch 2 at 224 px, so the
+/// stages run at 224, 56, 28 and 14 px. Forward only, plus the first stage's forward+backward.
+fn conv_cases(device: &Device) -> Vec<Case> {
+    let b = 2;
+    // (label, side, Cin, Cout, k): conv3x3 FLOPs 2 * pixels * Cout * k*k*Cin.
+    let convs: [(&'static str, usize, usize, usize, usize); 4] = [
+        ("conv3x3 2x224x224 64 -> 64", 224, 64, 64, 3),
+        ("conv3x3 2x56x56 256 -> 256", 56, 256, 256, 3),
+        ("conv3x3 2x28x28 546 -> 546", 28, 546, 546, 3),
+        ("conv1x1 2x14x14 640 -> 1240", 14, 640, 1240, 1),
+    ];
+    let mut cases: Vec<Case> = Vec::new();
+    for (seed, (label, side, cin, cout, k)) in convs.into_iter().enumerate() {
+        let seed = 100 + 3 * seed as u64;
+        let x = random(&[b, side, side, cin], seed, device);
+        let w = random(&[cout, cin, k, k], seed + 1, device);
+        let bias = random(&[cout], seed + 2, device);
+        let gflop = 2.0 * (b * side * side * cout * k * k * cin) as f64 / 1e9;
+        cases.push((
+            label,
+            gflop,
+            Box::new(move || ops::conv2d_nhwc(&Tape::inference(), &x, &w, Some(&bias)).unwrap()),
+        ));
+    }
+
+    let (side, cin, cout) = (14, 1240, 546);
+    let x = random(&[b, side, side, cin], 120, device);
+    let w = random(&[cin, cout, 2, 2], 121, device);
+    let bias = random(&[cout], 122, device);
+    let gflop = 2.0 * (b * side * side * cin * 4 * cout) as f64 / 1e9;
+    cases.push((
+        "conv_transpose2x2 2x14x14 1240 -> 546",
+        gflop,
+        Box::new(move || ops::conv_transpose2x2_nhwc(&Tape::inference(), &x, &w, Some(&bias)).unwrap()),
+    ));
+
+    // Forward + backward of the first stage: the forward GEMM, then dW (same FLOPs) and dx (same
+    // FLOPs again), so three times the forward's work. Returns dx.
+    let (side, c) = (224, 64);
+    let x = random(&[b, side, side, c], 130, device).into_trainable();
+    let w = random(&[c, c, 3, 3], 131, device).into_trainable();
+    let bias = random(&[c], 132, device).into_trainable();
+    let dy = random(&[b, side, side, c], 133, device);
+    let gflop = 3.0 * 2.0 * (b * side * side * c * 9 * c) as f64 / 1e9;
+    cases.push((
+        "conv3x3 2x224x224 64 -> 64 forward+backward",
+        gflop,
+        Box::new(move || {
+            let tape = Tape::new();
+            let y = ops::conv2d_nhwc(&tape, &x, &w, Some(&bias)).unwrap();
+            let grads = tape.backward_from(&y, dy.clone()).unwrap();
+            grads.get(&x).unwrap().clone()
+        }),
+    ));
+    cases
 }
 
 /// VLSM-Ensemble's CNN branch (UNet-D) at paper size: batch 2 at 224 px, the first stage's 64

@@ -24,7 +24,7 @@ PINNED_NVCC="$HOME/.cache/mcs-engine/cuda-13.0.88/nvidia/cu13/bin/nvcc"
 
 # Test binaries whose GPU tests exercise one kernel family each (memcheck runs on all of them) and
 # the ones with shared-memory cooperation worth a racecheck.
-MEMCHECK_BINARIES="elementwise layernorm softmax reduce movement philox spatial prob_attention matmul attention loss softcon adam dropout batchnorm pool eca"
+MEMCHECK_BINARIES="elementwise layernorm softmax reduce movement philox spatial conv prob_attention matmul attention loss softcon adam dropout batchnorm pool eca"
 RACECHECK_BINARIES="prob_attention softmax layernorm reduce loss softcon"
 
 die() {

@@ -8,6 +8,7 @@
 pub mod adam;
 pub mod attention;
 pub mod batchnorm;
+pub mod conv;
 pub mod dropout;
 pub mod eca;
 pub mod elementwise;
@@ -27,6 +28,7 @@ pub(crate) mod strided;
 pub use adam::*;
 pub use attention::*;
 pub use batchnorm::*;
+pub use conv::*;
 pub use dropout::*;
 pub use eca::*;
 pub use elementwise::*;
@@ -54,6 +56,11 @@ use crate::tensor::{Storage, Tensor};
 /// Passed for an optional pointer argument that is absent (kernels test it against null).
 pub(crate) const NULL_DEVICE_PTR: u64 = 0;
 
+/// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
+pub(crate) fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::shape(op, format!("{what} = {value} exceeds the kernels' 32-bit sizes")))
+}
+
 /// The device all `tensors` share, or an error naming `op` and the two devices.
 pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
     let first = tensors.first().map(|t| t.device()).unwrap_or(Device::Cpu);
@@ -72,11 +79,6 @@ pub(crate) fn cuda_slice(t: &Tensor) -> Result<&CudaSlice<f32>> {
         Storage::Cuda { data, .. } => Ok(data),
         Storage::Cpu(_) => Err(Error::shape("cuda op", "expected a CUDA tensor, got a CPU one")),
     }
-}
-
-/// A size as the `int` a kernel takes, or an error instead of a silent wrap-around.
-pub(crate) fn kernel_int(op: &'static str, what: &str, value: usize) -> Result<i32> {
-    i32::try_from(value).map_err(|_| Error::shape(op, format!("{what} = {value} exceeds the kernels' 32-bit sizes")))
 }
 
 /// Wraps a kernel's output buffer as a tensor.
