@@ -54,7 +54,8 @@ fn loss_terms_and_gradients_match_pytorch() {
     for device in devices() {
         let (model, batch, recipe) = setup(&fixture, &device);
         let tape = Tape::new();
-        let (total, values) = losses(&model, &tape, &batch, &recipe, noise(&fixture, 0)).unwrap();
+        let step = losses(&model, &tape, &batch, &recipe, noise(&fixture, 0)).unwrap();
+        let (total, values) = (step.total, step.values);
         // Loss terms are means of O(1) values through the whole forward pass, whose activations
         // agree with PyTorch to ~1e-5 (tests/model_parity.rs): 1e-5 relative is that budget.
         for (name, got) in [
@@ -116,7 +117,7 @@ fn three_adam_steps_follow_pytorch() {
             // Same budget as the step-0 terms (measured: under 1e-6).
             assert!((values.total - want).abs() <= 1e-5, "loss at step {step}: {} vs PyTorch {want}", values.total);
         }
-        let after = losses(&model, &Tape::inference(), &batch, &recipe, noise(&fixture, 3)).unwrap().1;
+        let after = losses(&model, &Tape::inference(), &batch, &recipe, noise(&fixture, 3)).unwrap().values;
         let want = scalar(&fixture, "loss.step3");
         assert!((after.total - want).abs() <= 1e-5, "loss after 3 steps: {} vs PyTorch {want}", after.total);
         for (key, param) in model.trainable_parameters() {

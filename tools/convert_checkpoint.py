@@ -5,11 +5,18 @@ model   an official MedCLIPSeg .pth ({"model": state_dict, "epoch", "optimizer",
         Every key and shape is checked against the reference model built from --config.
 vocab   a BERT/BiomedBERT vocab.txt -> tokenizer.json (BERT uncased WordPiece pipeline, see
         tools/reference/tokenizer.py).
+cnn     a checkpoint of VLSM-Ensemble's code holding its UNet-D (bare, or under a prefix such as
+        "decoder2." inside the CLIPSeg wrapper) -> its keys added under "cnn." to an engine model
+        folder (model.safetensors + config.json), whose config gains the branch (width read from
+        conv11, decoder convolutions applied twice as that code does; docs/cnn_branch.md). The
+        wrapper's feature-fusion layers (reduce, film_mul, film_add) come along when present and
+        fit; otherwise `mcs-engine train` starts them from random weights.
 
 Examples:
   python tools/convert_checkpoint.py model --checkpoint MedCLIPSeg_unimedclip_ViT-B-16_latest.pth --out ckpt/busi
   python tools/convert_checkpoint.py model --checkpoint unimed_clip_vit_b16.pt --out ckpt/unimedclip
   python tools/convert_checkpoint.py vocab --vocab vocab.txt --out ckpt/busi/tokenizer.json
+  python tools/convert_checkpoint.py cnn --checkpoint vlsm_ensemble.pth --model-dir ckpt/busi
 
 Assumptions about the inputs (see tools/README.md):
   * a "module." prefix (DataParallel / DDP) on every key is stripped;
@@ -31,7 +38,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference.model import Config, expected_shapes, is_trainable  # noqa: E402
+from reference.model import TRAINABLE_PARTS, Config, expected_shapes, is_trainable  # noqa: E402
 from reference.safetensors_io import save_file  # noqa: E402
 from reference.tokenizer import build_tokenizer, read_vocab  # noqa: E402
 
@@ -178,6 +185,82 @@ def convert_vocab(vocab_path, out_path, log=print):
     return tok
 
 
+# UNet-D modules the paper's code defines but its forward never uses, and the batch-norm step
+# counter (unused when momentum is set, as it is).
+CNN_UNUSED_MODULES = ("gn1.",)
+CNN_FUSION_MODULES = ("reduce", "film_mul", "film_add")
+
+
+def convert_cnn(checkpoint, model_dir, trust_pickle=False, log=print):
+    """Adds a UNet-D (and, when they fit, the fusion layers) to the engine model in `model_dir`.
+    Returns the tensors added, by engine key."""
+    from safetensors.torch import load_file
+    from reference.cnn_branch import MedCLIPSegWithCnn
+    notes = []
+    state_dict, where = unwrap_state_dict(load_checkpoint(checkpoint, trust_pickle))
+    keys = list(state_dict)
+    if keys and all(k.startswith("module.") for k in keys):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    anchors = [k for k in state_dict if k.endswith("conv11.weight")]
+    if len(anchors) != 1:
+        raise ConversionError(f"{checkpoint}: expected one UNet-D (one key ending in conv11.weight), found {anchors}")
+    prefix = anchors[0][: -len("conv11.weight")]
+    notes.append(f'UNet-D taken from {where}, prefix "{prefix}"')
+    added = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or key.endswith("num_batches_tracked"):
+            continue
+        rest = key[len(prefix):]
+        if rest.startswith(CNN_UNUSED_MODULES):
+            notes.append(f"dropped {key}: defined by the paper's code but unused by its forward")
+            continue
+        added[f"cnn.{rest}"] = value
+    if prefix:
+        for module in CNN_FUSION_MODULES:
+            for field in ("weight", "bias"):
+                if f"{module}.{field}" in state_dict:
+                    added[f"cnn.{module}.{field}"] = state_dict[f"{module}.{field}"]
+    width = added["cnn.conv11.weight"].shape[0] / 64
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    branch = dict(config.get("cnn_branch") or {})
+    branch.update({"width": width, "repeat_decoder_conv": True})
+    cfg = Config.from_dict(config)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MedCLIPSegWithCnn(cfg, branch).state_dict().items()
+                    if k.startswith("cnn.") and not k.endswith("num_batches_tracked")}
+    problems = [f"{k}: expected shape {list(expected[k])}, found {list(v.shape)}"
+                for k, v in added.items() if k in expected and tuple(v.shape) != expected[k]]
+    fusion_problems = [p for p in problems if p.split(":")[0].split(".")[1] in CNN_FUSION_MODULES]
+    if fusion_problems:
+        for key in [k for k in added if k.split(".")[1] in CNN_FUSION_MODULES]:
+            del added[key]
+        notes.append("the checkpoint's fusion layers do not fit this model (" + "; ".join(fusion_problems) +
+                     "): left out, `mcs-engine train` starts them from random weights")
+        problems = [p for p in problems if p not in fusion_problems]
+    problems += [f"{k}: unexpected key" for k in sorted(set(added) - set(expected))]
+    missing = sorted(k for k in set(expected) - set(added) if k.split(".")[1] not in CNN_FUSION_MODULES)
+    problems += [f"{k}: missing" for k in missing]
+    if problems:
+        raise ConversionError(f"{checkpoint}: not a UNet-D of width {width}:\n  " + "\n  ".join(problems[:40]))
+    model_path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(model_path)
+    tensors.update({k: v.detach().to(torch.float32).contiguous() for k, v in added.items()})
+    save_file(tensors, model_path, {"format": "mcs-engine medclipseg", "config": cfg.name,
+                                    "source": os.path.basename(checkpoint), "cnn_branch": "true"})
+    config["cnn_branch"] = branch
+    trainable = list(config.get("trainable", TRAINABLE_PARTS))
+    if "cnn." not in trainable:
+        config["trainable"] = trainable + ["cnn."]
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+    for note in notes:
+        log(f"note: {note}")
+    log(f"added {len(added)} CNN-branch tensors (width {width}) to {model_path}; config.json gains cnn_branch")
+    return added
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,10 +273,17 @@ def main(argv=None):
     v = sub.add_parser("vocab", help="BERT vocab.txt -> tokenizer.json")
     v.add_argument("--vocab", required=True, help="input vocab.txt (one token per line, id = line number)")
     v.add_argument("--out", required=True, help="output tokenizer.json")
+    c = sub.add_parser("cnn", help="VLSM-Ensemble UNet-D -> added to an engine model folder under cnn.")
+    c.add_argument("--checkpoint", required=True, help="input .pth / .pt holding the UNet-D")
+    c.add_argument("--model-dir", required=True, help="engine model folder (model.safetensors + config.json)")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling when torch.load(weights_only=True) refuses the file")
     args = parser.parse_args(argv)
     try:
         if args.command == "model":
             convert_model(args.checkpoint, args.out, args.config, args.trust_pickle)
+        elif args.command == "cnn":
+            convert_cnn(args.checkpoint, args.model_dir, args.trust_pickle)
         else:
             convert_vocab(args.vocab, args.out)
     except (ConversionError, ValueError) as err:

@@ -45,6 +45,21 @@ pub struct TrainArgs {
     /// Text-tower dropout while training (the official code uses 0.1).
     #[arg(long, value_parser = super::probability, allow_negative_numbers = true)]
     text_dropout: Option<f32>,
+    /// Add VLSM-Ensemble's CNN branch (UNet-D) fused with the model (docs/cnn_branch.md). A
+    /// config that already has one keeps its settings; a --weights file without the branch's keys
+    /// starts the branch from random weights.
+    #[arg(long)]
+    cnn_branch: bool,
+    /// Width factor of the CNN branch's channel counts (1 = the paper's 64 ... 1240 channels).
+    #[arg(long, value_parser = super::positive::<f64>, allow_negative_numbers = true, requires = "cnn_branch")]
+    cnn_width: Option<f64>,
+    /// Apply each decoder stage's 3x3 convolution of the CNN branch twice with the same weights,
+    /// as the paper's code does (needed for checkpoints of that code).
+    #[arg(long, requires = "cnn_branch")]
+    cnn_repeat_decoder_conv: bool,
+    /// Train only the CNN branch and the fusion; MedCLIPSeg stays as loaded (the paper's recipe).
+    #[arg(long, requires = "cnn_branch")]
+    freeze_vlm: bool,
     /// Seed of the weights, the data order, the augmentation, the noise and the dropout.
     #[arg(long, default_value_t = 666, allow_negative_numbers = true)]
     seed: u64,
@@ -89,6 +104,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if let Some(p) = args.text_dropout {
         recipe.text_dropout = p;
     }
+    if args.cnn_branch {
+        config.add_cnn_branch(args.cnn_width, args.freeze_vlm).repeat_decoder_conv |= args.cnn_repeat_decoder_conv;
+    }
     config.validate()?;
     let tokenizer_json = match (&args.tokenizer, preset_tokenizer_json(&config.name)) {
         (Some(path), _) => std::fs::read(path).map_err(Error::io(path))?,
@@ -124,6 +142,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         workers: args.workers.max(1),
     };
     let r = &options.config.training;
+    if let Some(cnn) = &options.config.cnn_branch {
+        eprintln!(
+            "with the CNN branch (width {}, fusion from vision block {}, decoder convolutions {}){}",
+            cnn.width,
+            cnn.resolved_vision_layer(options.config.vision_layers),
+            if cnn.repeat_decoder_conv { "applied twice" } else { "applied once" },
+            if args.freeze_vlm { "; MedCLIPSeg frozen" } else { "; trained jointly with MedCLIPSeg" }
+        );
+    }
     eprintln!(
         "training `{}` on {} for {} epochs (batch {}, lr {:e} -> {:e}, {:?} Dice, text dropout {}) on {}; writing {}",
         options.config.name,

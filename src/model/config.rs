@@ -52,6 +52,152 @@ pub struct ModelConfig {
     /// How `mcs-engine train` trains this model (defaults: the official recipe, spec §4, §6).
     #[serde(default)]
     pub training: TrainRecipe,
+    /// VLSM-Ensemble's CNN branch, fused with the model (docs/cnn_branch.md); absent: MedCLIPSeg
+    /// alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnn_branch: Option<CnnBranchConfig>,
+}
+
+/// The CNN branch (UNet-D) of VLSM-Ensemble and how it is fused with MedCLIPSeg. Every field
+/// defaults to the paper's network with the engine's defaults for the choices the paper's code
+/// leaves open (docs/cnn_branch.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CnnBranchConfig {
+    /// Scales every channel count of the branch (64 ... 1240, and the 128 fusion channels):
+    /// `max(1, floor(n * width + 0.5))`. 1 is the paper's network.
+    pub width: f64,
+    /// The vision block (1-based) whose output tokens feed the feature fusion; 0 picks three
+    /// quarters of the tower's depth, rounded up (9 of 12).
+    pub vision_layer: usize,
+    /// Runs each decoder stage's 3x3 convolution twice with the same weights, as the paper's code
+    /// does (`convup4(convup4(...))`). Off by default: a checkpoint of that code needs it on.
+    pub repeat_decoder_conv: bool,
+    /// Dropout after each encoder stage's ReLU while training.
+    pub dropout: f32,
+    /// Batch norm's running-average momentum and epsilon (PyTorch's defaults).
+    pub bn_momentum: f32,
+    pub bn_eps: f32,
+}
+
+impl Default for CnnBranchConfig {
+    fn default() -> Self {
+        CnnBranchConfig {
+            width: 1.0,
+            vision_layer: 0,
+            repeat_decoder_conv: false,
+            dropout: 0.1,
+            bn_momentum: 0.1,
+            bn_eps: 1e-5,
+        }
+    }
+}
+
+/// Channel counts of the paper's UNet-D, before the width factor.
+pub mod unet_d {
+    /// Encoder stages.
+    pub const ENCODER: [usize; 4] = [64, 128, 256, 512];
+    /// The 1x1 bottleneck (`upconv41`), gated by ECA.
+    pub const BOTTLENECK: usize = 1240;
+    /// Decoder stages, deepest first (`upconv4` ... `upconv1`).
+    pub const DECODER: [usize; 4] = [546, 182, 91, 45];
+    /// The vision features concatenated into the bottleneck.
+    pub const FUSION: usize = 128;
+    /// Four 2x2 poolings: the image side must be a multiple of this.
+    pub const DOWNSAMPLING: usize = 16;
+}
+
+impl CnnBranchConfig {
+    /// `base` channels scaled by the width factor.
+    pub fn channels(&self, base: usize) -> usize {
+        ((base as f64 * self.width + 0.5).floor() as usize).max(1)
+    }
+
+    /// The vision block (1-based) that feeds the fusion, for a tower of `layers` blocks.
+    pub fn resolved_vision_layer(&self, layers: usize) -> usize {
+        if self.vision_layer == 0 {
+            (3 * layers).div_ceil(4).max(1)
+        } else {
+            self.vision_layer
+        }
+    }
+
+    /// ECA's 1-D kernel size for `channels` (ECA-Net's rule, 5 for the paper's 1240):
+    /// `t = floor((log2 C + 1) / 2)`, made odd by adding one.
+    pub fn eca_kernel(channels: usize) -> usize {
+        let t = (((channels as f64).log2() + 1.0) / 2.0).floor() as usize;
+        if t % 2 == 1 {
+            t
+        } else {
+            t + 1
+        }
+    }
+
+    /// Parameters (and batch-norm statistics) of the branch for a model with `vision_width`-wide
+    /// tokens and an `embed_dim` text embedding, `None` on overflow.
+    pub fn parameter_count(&self, vision_width: usize, embed_dim: usize) -> Option<u64> {
+        let c = |n: usize| self.channels(n) as u64;
+        let conv = |i: u64, o: u64, k: u64| i.checked_mul(o)?.checked_mul(k * k)?.checked_add(o);
+        let bn = |ch: u64| ch.checked_mul(4);
+        let mut total = 0u64;
+        let mut add = |part: Option<u64>| -> Option<()> {
+            total = total.checked_add(part?)?;
+            Some(())
+        };
+        let mut inp = 3;
+        for base in unet_d::ENCODER {
+            add(conv(inp, c(base), 3))?;
+            add(conv(c(base), c(base), 3))?;
+            add(bn(c(base)))?;
+            inp = c(base);
+        }
+        let fusion = c(unet_d::FUSION);
+        let bottleneck = c(unet_d::BOTTLENECK);
+        add(conv(fusion + inp, bottleneck, 1))?;
+        add(Some(Self::eca_kernel(bottleneck as usize) as u64))?;
+        let mut inp = bottleneck;
+        for (k, base) in unet_d::DECODER.into_iter().enumerate() {
+            add(conv(inp, c(base), 2))?;
+            add(conv(c(base), c(base), 3))?;
+            add(bn(c(base)))?;
+            inp = c(base) + if k < 3 { c(unet_d::ENCODER[2 - k]) } else { 0 };
+        }
+        add(conv(inp, 1, 1))?;
+        add(conv(2, 1, 1))?;
+        let linear = |i: usize, o: u64| (i as u64).checked_mul(o)?.checked_add(o);
+        add(linear(vision_width, fusion))?;
+        add(linear(embed_dim, fusion))?;
+        add(linear(embed_dim, fusion))?;
+        Some(total)
+    }
+
+    fn validate(&self, image_size: usize, vision_layers: usize) -> std::result::Result<(), String> {
+        if !(self.width.is_finite() && self.width > 0.0 && self.width <= 4.0) {
+            return Err(format!("cnn_branch.width {} is outside (0, 4]", self.width));
+        }
+        if !image_size.is_multiple_of(unet_d::DOWNSAMPLING) {
+            return Err(format!(
+                "the CNN branch pools four times, so image_size {image_size} must be a multiple of {}",
+                unet_d::DOWNSAMPLING
+            ));
+        }
+        if self.vision_layer > vision_layers {
+            return Err(format!(
+                "cnn_branch.vision_layer {} is outside 1..={vision_layers} (0 picks one)",
+                self.vision_layer
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("cnn_branch.dropout {} is outside [0, 1)", self.dropout));
+        }
+        if !(self.bn_momentum > 0.0 && self.bn_momentum <= 1.0) {
+            return Err(format!("cnn_branch.bn_momentum {} is outside (0, 1]", self.bn_momentum));
+        }
+        if !(self.bn_eps > 0.0 && self.bn_eps.is_finite()) {
+            return Err(format!("cnn_branch.bn_eps {} must be positive", self.bn_eps));
+        }
+        Ok(())
+    }
 }
 
 /// The training recipe saved with a model: optimiser schedule, loss weights and the text tower's
@@ -214,6 +360,9 @@ impl ModelConfig {
                 self.grid()
             ));
         }
+        if let Some(cnn) = &self.cnn_branch {
+            cnn.validate(self.image_size, self.vision_layers).or_else(fail)?;
+        }
         self.check_memory().or_else(fail)
     }
 
@@ -254,7 +403,13 @@ impl ModelConfig {
         let tokens = n(&[grid, grid])?.checked_add(1)?;
         let side = (0..self.num_upscale).try_fold(grid, |side, _| side.checked_mul(2))?;
         let ctx = self.text_context_length as u64;
+        // The CNN branch's largest buffer: the 3x3 convolution's columns of the first stage.
+        let cnn_columns = match &self.cnn_branch {
+            Some(cnn) => n(&[self.image_size as u64, self.image_size as u64, 9, cnn.channels(unet_d::ENCODER[0]) as u64]),
+            None => Some(0),
+        };
         [
+            cnn_columns,
             n(&[side, side, self.embed_dim as u64]),
             n(&[tokens, self.vision_mlp_dim as u64]),
             n(&[self.vision_heads as u64, tokens, tokens]),
@@ -311,7 +466,28 @@ impl ModelConfig {
         // Transposed conv with bias, depthwise 3x3, LayerNorm; then the three-layer mask head.
         let scale_block = sum(&[n(&[4, e, e]), n(&[12, e])]);
         let decoder = sum(&[times(self.num_upscale, scale_block), n(&[3, e, e]), n(&[3, e])]);
-        sum(&[vision, text, times(self.adapter_layers.len(), adapter), decoder])
+        let cnn = match &self.cnn_branch {
+            Some(cnn) => cnn.parameter_count(self.vision_width, self.embed_dim),
+            None => Some(0),
+        };
+        sum(&[vision, text, times(self.adapter_layers.len(), adapter), decoder, cnn])
+    }
+
+    /// Adds the CNN branch (keeping the settings of one the config already has), with `width` when
+    /// given, and makes it trainable: on its own with `freeze_vlm`, else beside the config's
+    /// trainable parts. Returns the branch's settings for further changes.
+    pub fn add_cnn_branch(&mut self, width: Option<f64>, freeze_vlm: bool) -> &mut CnnBranchConfig {
+        let part = format!("{}.", crate::model::cnn::PREFIX);
+        if freeze_vlm {
+            self.trainable = vec![part];
+        } else if !self.trainable.contains(&part) {
+            self.trainable.push(part);
+        }
+        let cnn = self.cnn_branch.get_or_insert_with(Default::default);
+        if let Some(width) = width {
+            cnn.width = width;
+        }
+        cnn
     }
 
     /// True when the parameter `key` is trained under this config.

@@ -35,6 +35,13 @@ impl<'a> Loader<'a> {
         let value = if self.config.is_trainable(key) { value.into_trainable() } else { value };
         Ok(Param { key: key.to_string(), value })
     }
+
+    /// The state `key` (batch norm's running statistics), checked to have `shape`; saved with the
+    /// parameters but never trained, whatever the config's `trainable` list says.
+    pub fn buffer(&mut self, key: &str, shape: &[usize]) -> Result<Param> {
+        let value = self.store.take(key, shape, &self.device)?;
+        Ok(Param { key: key.to_string(), value })
+    }
 }
 
 /// `y = x W^T (+ b)` with PyTorch's `[out, in]` weight layout.

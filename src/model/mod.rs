@@ -2,6 +2,7 @@
 //! decoder that turns image tokens and the text embedding into segmentation logits (spec §1-§3, §5).
 
 pub mod adapter;
+pub mod cnn;
 pub mod config;
 pub mod decoder;
 pub mod layers;
@@ -14,9 +15,9 @@ use std::path::Path;
 
 pub use crate::philox::NoiseMode;
 pub use adapter::Sampling;
-pub use config::{DiceModeName, ModelConfig, TrainRecipe};
+pub use config::{CnnBranchConfig, DiceModeName, ModelConfig, TrainRecipe};
 use layers::{repeat_batch, Loader, Param};
-pub use text::TextDropout;
+use text::TextDropout;
 use weights::WeightStore;
 
 use crate::device::Device;
@@ -35,6 +36,8 @@ pub struct MedClipSeg {
     text: text::TextTower,
     adapters: Vec<adapter::PvlAdapter>,
     decoder: decoder::Decoder,
+    /// VLSM-Ensemble's CNN branch, when the config has one.
+    cnn: Option<cnn::CnnBranch>,
     /// Every parameter by key: clones of the layers' handles, for reading and saving. Dropped
     /// while parameters are updated in place (see [`MedClipSeg::update_parameters`]).
     catalogue: BTreeMap<String, Tensor>,
@@ -64,10 +67,27 @@ impl Trace {
     }
 }
 
+/// What makes a forward pass a training pass: dropout masks drawn from the run's seed and the
+/// step, and batch statistics in the CNN branch's batch norms (whose running averages the pass
+/// returns in [`ForwardOutput::running_statistics`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainingPass {
+    pub seed: u64,
+    /// The step's noise draw (keys the dropout masks).
+    pub step: u64,
+    /// The text tower's dropout probability (0: none).
+    pub text_dropout: f32,
+}
+
 /// Everything one forward pass produces (the batch is `samples * B`, sample-major).
 pub struct ForwardOutput {
-    /// `[S*B, H, W]` segmentation logits.
+    /// `[S*B, H, W]` segmentation logits (with a CNN branch: the fused logits).
     pub logits: Tensor,
+    /// `[S*B, H, W]` MedCLIPSeg's own logits before the fusion, when there is a CNN branch.
+    pub vlm_logits: Option<Tensor>,
+    /// The CNN branch's batch-norm running statistics after a training pass, by key (see
+    /// [`MedClipSeg::set_running_statistics`]); empty otherwise.
+    pub running_statistics: Vec<(String, Tensor)>,
     /// `[S*B, Tv, E]` projected image tokens (the contrastive loss uses the patches).
     pub image_tokens: Tensor,
     /// `[S*B, E]` unnormalised text embedding.
@@ -95,9 +115,21 @@ impl MedClipSeg {
             .map(|k| adapter::PvlAdapter::load(&mut l, &config, k))
             .collect::<Result<Vec<_>>>()?;
         let decoder = decoder::Decoder::load(&mut l, &config)?;
+        let cnn = match &config.cnn_branch {
+            Some(cnn) => Some(cnn::CnnBranch::load(&mut l, &config, cnn)?),
+            None => None,
+        };
         store.finish(UNUSED_KEYS)?;
-        let mut model =
-            MedClipSeg { config, device: device.clone(), vision, text, adapters, decoder, catalogue: BTreeMap::new() };
+        let mut model = MedClipSeg {
+            config,
+            device: device.clone(),
+            vision,
+            text,
+            adapters,
+            decoder,
+            cnn,
+            catalogue: BTreeMap::new(),
+        };
         model.rebuild_catalogue();
         Ok(model)
     }
@@ -109,7 +141,38 @@ impl MedClipSeg {
             all.extend(adapter.params_mut());
         }
         all.extend(self.decoder.params_mut());
+        if let Some(cnn) = &mut self.cnn {
+            all.extend(cnn.params_mut());
+        }
         all
+    }
+
+    /// Replaces batch-norm running statistics by key with those a training pass returned
+    /// ([`ForwardOutput::running_statistics`]). Fails, naming the key, for a key the model does
+    /// not hold or a tensor of another shape.
+    pub fn set_running_statistics(&mut self, updates: Vec<(String, Tensor)>) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.catalogue.clear();
+        let result = (|| {
+            let mut params = self.params_mut();
+            for (key, value) in updates {
+                let param = params.iter_mut().find(|p| p.key == key && !p.value.needs_grad()).ok_or_else(|| {
+                    Error::Invalid(format!("the model has no running statistic `{key}` to update"))
+                })?;
+                if param.value.shape() != value.shape() {
+                    return Err(Error::shape(
+                        "set_running_statistics",
+                        format!("`{key}` has shape {:?}, the update {:?}", param.value.shape(), value.shape()),
+                    ));
+                }
+                param.value = value;
+            }
+            Ok(())
+        })();
+        self.rebuild_catalogue();
+        result
     }
 
     fn rebuild_catalogue(&mut self) {
@@ -173,16 +236,25 @@ impl MedClipSeg {
     /// Runs both towers with the adapters, then the decoder. `pixels` is `[B, 3, H, W]`
     /// (normalised), `ids` holds `B * context` token ids. The batch is stacked `sampling.samples`
     /// times at the first adapter (everything before it is deterministic and computed once).
-    /// `text_dropout` switches on the text tower's training-mode dropout.
+    /// `training` makes it a training pass ([`TrainingPass`]).
+    ///
+    /// With a CNN branch, the chosen vision block's tokens and the text embedding are averaged
+    /// over the Monte-Carlo samples, the branch runs once per image, and its logits are fused
+    /// with each sample's MedCLIPSeg logits (with one sample, as in training, that is the
+    /// sample's own tokens).
     pub fn forward(
         &self,
         tape: &Tape,
         pixels: &Tensor,
         ids: &[u32],
         sampling: Sampling,
-        text_dropout: Option<&TextDropout>,
+        training: Option<&TrainingPass>,
         trace: &mut Trace,
     ) -> Result<ForwardOutput> {
+        let text_dropout = training
+            .filter(|t| t.text_dropout > 0.0)
+            .map(|t| TextDropout { p: t.text_dropout, seed: t.seed, step: t.step });
+        let text_dropout = text_dropout.as_ref();
         let c = &self.config;
         if pixels.rank() != 4 || pixels.dim(1) != 3 || pixels.dim(2) != c.image_size || pixels.dim(3) != c.image_size {
             return Err(Error::shape(
@@ -201,6 +273,7 @@ impl MedClipSeg {
         trace.put(|| "act.text.embed".into(), &text);
 
         let mut stacked = sampling.samples == 1;
+        let mut cnn_tokens = None;
         for (i, (vision_block, text_layer)) in self.vision.blocks.iter().zip(&self.text.layers).enumerate() {
             if let Some(k) = c.adapter_layers.iter().position(|&layer| layer == i) {
                 if !stacked {
@@ -219,6 +292,9 @@ impl MedClipSeg {
             }
             image = vision_block.forward(tape, &image)?;
             text = text_layer.forward(tape, &text, &mask, text_dropout, i)?;
+            if self.cnn.as_ref().is_some_and(|cnn| cnn.vision_layer() == i + 1) {
+                cnn_tokens = Some(image.clone());
+            }
             trace.put(|| format!("act.vision.block.{i}"), &image);
             trace.put(|| format!("act.text.block.{i}"), &text);
         }
@@ -236,7 +312,35 @@ impl MedClipSeg {
         trace.put(|| "act.decoder.query".into(), &decoded.query);
         trace.put(|| "act.logits_lowres".into(), &decoded.logits_lowres);
         trace.put(|| "act.logits".into(), &decoded.logits);
-        Ok(ForwardOutput { logits: decoded.logits, image_tokens, text_embedding })
+        let Some(cnn) = &self.cnn else {
+            return Ok(ForwardOutput {
+                logits: decoded.logits,
+                vlm_logits: None,
+                running_statistics: Vec::new(),
+                image_tokens,
+                text_embedding,
+            });
+        };
+        let tokens = cnn_tokens.ok_or_else(|| Error::Invalid("the CNN branch's vision layer was not reached".into()))?;
+        let per_image = |t: &Tensor| -> Result<Tensor> {
+            // Stacking happens at the first adapter: a block before it may still be per image.
+            if t.dim(0) == batch {
+                Ok(t.clone())
+            } else {
+                mean_over_samples(tape, t, sampling.samples)
+            }
+        };
+        let branch = cnn.forward(tape, pixels, &per_image(&tokens)?, &per_image(&text_embedding)?, training, trace)?;
+        let cnn_logits = repeat_batch(tape, &branch.logits, sampling.samples)?;
+        let logits = cnn.fuse(tape, &decoded.logits, &cnn_logits)?;
+        trace.put(|| "act.cnn.fused".into(), &logits);
+        Ok(ForwardOutput {
+            logits,
+            vlm_logits: Some(decoded.logits),
+            running_statistics: branch.running_statistics,
+            image_tokens,
+            text_embedding,
+        })
     }
 
     /// `samples` stochastic passes (draws `0..samples`, all in one batched pass), their mean
@@ -261,6 +365,17 @@ impl MedClipSeg {
         }
         Ok(Prediction { logits, probability, uncertainty })
     }
+}
+
+/// `[S*B, ...]` (sample-major) -> `[B, ...]`, the mean over the `samples` copies.
+fn mean_over_samples(tape: &Tape, x: &Tensor, samples: usize) -> Result<Tensor> {
+    let rest: Vec<usize> = x.shape()[1..].to_vec();
+    let per_sample = x.numel() / samples;
+    let flat = ops::reshape(tape, x, &[samples, per_sample])?;
+    let by_element = ops::permute(tape, &flat, &[1, 0])?;
+    let mut shape = vec![x.dim(0) / samples];
+    shape.extend(rest);
+    ops::reshape(tape, &ops::mean_last(tape, &by_element)?, &shape)
 }
 
 /// Mean of `sigmoid(logits)` over the leading sample axis of `[S, B, H, W]`, and the binary

@@ -20,8 +20,9 @@ pub struct WeightStore {
     tensors: BTreeMap<String, Tensor>,
     taken: BTreeSet<String>,
     metadata: HashMap<String, String>,
-    /// When set, keys that are absent are invented (see [`WeightStore::synthetic`]).
-    synthetic_seed: Option<u64>,
+    /// When set, absent keys that start with the prefix (every key for `""`) are invented from
+    /// the seed (see [`WeightStore::synthetic`]).
+    synthetic: Option<(String, u64)>,
 }
 
 impl WeightStore {
@@ -47,7 +48,7 @@ impl WeightStore {
             })?;
             tensors.insert(name, Tensor::from_vec(data, view.shape())?);
         }
-        Ok(WeightStore { origin: origin.to_string(), tensors, taken: BTreeSet::new(), metadata, synthetic_seed: None })
+        Ok(WeightStore { origin: origin.to_string(), tensors, taken: BTreeSet::new(), metadata, synthetic: None })
     }
 
     /// A store that invents every tensor the model asks for: random weights of the right shapes
@@ -60,8 +61,16 @@ impl WeightStore {
             tensors: BTreeMap::new(),
             taken: BTreeSet::new(),
             metadata: HashMap::new(),
-            synthetic_seed: Some(seed),
+            synthetic: Some((String::new(), seed)),
         }
+    }
+
+    /// This store, with absent keys under `prefix` invented from `seed` as [`WeightStore::synthetic`]
+    /// does: a part the file does not have (a new CNN branch on an official checkpoint) starts
+    /// from random weights while everything else must be in the file.
+    pub fn with_random_part(mut self, prefix: &str, seed: u64) -> WeightStore {
+        self.synthetic = Some((prefix.to_string(), seed));
+        self
     }
 
     /// A store over tensors already in memory (tests, random initialisation).
@@ -71,7 +80,7 @@ impl WeightStore {
             tensors,
             taken: BTreeSet::new(),
             metadata: HashMap::new(),
-            synthetic_seed: None,
+            synthetic: None,
         }
     }
 
@@ -91,8 +100,11 @@ impl WeightStore {
 
     /// The tensor `key`, checked to have `shape`, copied to `device`.
     pub fn take(&mut self, key: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-        if let (Some(seed), false) = (self.synthetic_seed, self.tensors.contains_key(key)) {
-            self.tensors.insert(key.to_string(), invent(seed, key, shape)?);
+        if let Some((prefix, seed)) = &self.synthetic {
+            if key.starts_with(prefix.as_str()) && !self.tensors.contains_key(key) {
+                let invented = invent(*seed, key, shape)?;
+                self.tensors.insert(key.to_string(), invented);
+            }
         }
         let tensor = self.tensors.get(key).ok_or_else(|| {
             Error::Weights(format!("{}: missing key `{key}` (expected shape {shape:?})", self.origin))
@@ -132,9 +144,14 @@ impl WeightStore {
     }
 }
 
-/// A deterministic random tensor for `key` (see [`WeightStore::synthetic`]).
+/// A deterministic random tensor for `key` (see [`WeightStore::synthetic`]); batch norm's running
+/// statistics start as PyTorch's do (mean 0, variance 1).
 fn invent(seed: u64, key: &str, shape: &[usize]) -> Result<Tensor> {
     let n: usize = shape.iter().product();
+    if key.ends_with(".running_mean") || key.ends_with(".running_var") {
+        let value = if key.ends_with(".running_var") { 1.0 } else { 0.0 };
+        return Tensor::from_vec(vec![value; n], shape);
+    }
     let key_hash = key.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3));
     let is_norm_weight = shape.len() == 1 && key.ends_with(".weight");
     let scale = match shape.len() {

@@ -273,6 +273,10 @@ fn start_or_resume(
         )));
     }
     let store = match &options.initial_weights {
+        // A branch added to a checkpoint without one starts from random weights.
+        Some(path) if options.config.cnn_branch.is_some() => {
+            WeightStore::load(path)?.with_random_part(&format!("{}.", crate::model::cnn::PREFIX), options.seed)
+        }
         Some(path) => WeightStore::load(path)?,
         None => WeightStore::synthetic(options.seed),
     };

@@ -3,7 +3,7 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::model::{DiceModeName, MedClipSeg, Sampling, TextDropout, Trace, TrainRecipe};
+use crate::model::{DiceModeName, MedClipSeg, Sampling, Trace, TrainRecipe, TrainingPass};
 use crate::ops::{self, AdamConfig, AdamState, DiceMode, NoiseMode};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
@@ -71,20 +71,28 @@ impl StepNoise {
     }
 }
 
+/// The loss of one training pass and what else the pass produced.
+pub struct StepLosses {
+    /// The weighted total, on the tape.
+    pub total: Tensor,
+    pub values: LossValues,
+    /// The CNN branch's batch-norm running statistics after the pass (empty without a branch).
+    pub running_statistics: Vec<(String, Tensor)>,
+}
+
 /// `dice_weight * Dice + bce_weight * BCE + softcon_weight * SoftCon` on the tape, with the
-/// value of each term.
+/// value of each term. With a CNN branch, Dice and BCE score the fused logits.
 pub fn losses(
     model: &MedClipSeg,
     tape: &Tape,
     batch: &DeviceBatch,
     recipe: &TrainRecipe,
     noise: StepNoise,
-) -> Result<(Tensor, LossValues)> {
+) -> Result<StepLosses> {
     // Training draws independent noise: one sample per step, nothing to pair.
     let sampling = Sampling { seed: noise.seed, first_draw: noise.draw, samples: 1, mode: NoiseMode::Plain };
-    let dropout =
-        (noise.text_dropout > 0.0).then_some(TextDropout { p: noise.text_dropout, seed: noise.seed, step: noise.draw });
-    let out = model.forward(tape, &batch.pixels, &batch.ids, sampling, dropout.as_ref(), &mut Trace::disabled())?;
+    let training = TrainingPass { seed: noise.seed, step: noise.draw, text_dropout: noise.text_dropout };
+    let out = model.forward(tape, &batch.pixels, &batch.ids, sampling, Some(&training), &mut Trace::disabled())?;
     let mode = match recipe.dice_mode {
         DiceModeName::Rows => DiceMode::Rows,
         DiceModeName::Image => DiceMode::Image,
@@ -102,7 +110,7 @@ pub fn losses(
         dice: dice.to_scalar()?,
         softcon: softcon.to_scalar()?,
     };
-    Ok((total, values))
+    Ok(StepLosses { total, values, running_statistics: out.running_statistics })
 }
 
 /// Adam moments for every trainable parameter of `model`, in key order.
@@ -122,7 +130,7 @@ pub fn train_step(
     lr: f32,
 ) -> Result<LossValues> {
     let tape = Tape::new();
-    let (total, values) = losses(model, &tape, batch, recipe, noise)?;
+    let StepLosses { total, values, running_statistics } = losses(model, &tape, batch, recipe, noise)?;
     if !values.total.is_finite() {
         return Err(Error::Invalid(format!(
             "the training loss became non-finite ({}: BCE {}, Dice {}, SoftCon {}); lower the learning rate or check the data",
@@ -142,5 +150,6 @@ pub fn train_step(
         let mut tensors: Vec<&mut Tensor> = params.iter_mut().map(|(_, t)| &mut **t).collect();
         ops::adam_step(&mut tensors, &grad_list, optimizer, f64::from(lr), AdamConfig::default())
     })?;
+    model.set_running_statistics(running_statistics)?;
     Ok(values)
 }

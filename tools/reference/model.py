@@ -80,8 +80,9 @@ class Config:
     @staticmethod
     def from_dict(d):
         # Which parameters train and the training recipe are the engine's business; the
-        # reference model takes its trainable set from TRAINABLE_PARTS.
-        d = {k: v for k, v in d.items() if k not in ("trainable", "training")}
+        # reference model takes its trainable set from TRAINABLE_PARTS. The CNN branch is built
+        # by reference/cnn_branch.py from the `cnn_branch` entry.
+        d = {k: v for k, v in d.items() if k not in ("trainable", "training", "cnn_branch")}
         keys = set(d)
         if keys != set(CONFIG_KEYS):
             raise ValueError(f"config keys differ: missing {sorted(set(CONFIG_KEYS) - keys)}, "

@@ -8,6 +8,7 @@
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -171,6 +172,60 @@ class TinyConversionTests(unittest.TestCase):
                                   "--out", os.path.join(tmp, "o"), "--config", TINY], capture_output=True, text=True)
         self.assertEqual(run.returncode, 1)
         self.assertIn("error: checkpoint does not match config 'tiny'", run.stderr)
+
+
+class CnnBranchTests(unittest.TestCase):
+    """A checkpoint laid out as VLSM-Ensemble's code saves it (UNet-D under "decoder2." with its
+    unused gn1 and the step counters, the fusion layers at the top) goes into a tiny model folder
+    under "cnn." unchanged, and the config gains the branch with the repeated decoder convolutions."""
+
+    def test_paper_layout_converts_exactly(self):
+        fixture = load_file(os.path.join(ROOT, "tests", "fixtures", "tiny_cnn_weights.safetensors"))
+        paper = {}
+        for key, value in fixture.items():
+            rest = key[len("cnn."):]
+            if rest.split(".")[0] in cc.CNN_FUSION_MODULES:
+                paper[rest] = value
+            else:
+                paper[f"decoder2.{rest}"] = value
+                if rest.endswith("running_var"):
+                    paper[f"decoder2.{rest[:-len('running_var')]}num_batches_tracked"] = torch.tensor(7)
+        paper["decoder2.gn1.weight"] = torch.ones(8)
+        paper["decoder2.gn1.bias"] = torch.zeros(8)
+        paper["clipseg.some.weight"] = torch.zeros(3)  # the rest of the wrapper is ignored
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "vlsm.pth")
+            torch.save({"model": paper}, ckpt)
+            model_dir = os.path.join(tmp, "model")
+            os.makedirs(model_dir)
+            save_file(load_file(os.path.join(ROOT, "tests", "fixtures", "tiny_weights.safetensors")),
+                      os.path.join(model_dir, "model.safetensors"))
+            with open(TINY, encoding="utf-8") as f, open(os.path.join(model_dir, "config.json"), "w") as g:
+                g.write(f.read())
+            added = cc.convert_cnn(ckpt, model_dir, log=lambda _: None)
+            self.assertEqual(set(added), set(fixture))
+            written = load_file(os.path.join(model_dir, "model.safetensors"))
+            for key, value in fixture.items():
+                self.assertTrue(torch.equal(written[key], value), key)
+            with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+            self.assertEqual(config["cnn_branch"]["width"], 0.125)
+            self.assertTrue(config["cnn_branch"]["repeat_decoder_conv"])
+            self.assertIn("cnn.", config["trainable"])
+
+    def test_wrong_width_names_the_key(self):
+        fixture = load_file(os.path.join(ROOT, "tests", "fixtures", "tiny_cnn_weights.safetensors"))
+        paper = {f"unet.{k[4:]}": v for k, v in fixture.items()}
+        paper["unet.conv12.weight"] = torch.zeros(8, 8, 1, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "vlsm.pth")
+            torch.save(paper, ckpt)
+            model_dir = os.path.join(tmp, "model")
+            os.makedirs(model_dir)
+            with open(TINY, encoding="utf-8") as f, open(os.path.join(model_dir, "config.json"), "w") as g:
+                g.write(f.read())
+            with self.assertRaisesRegex(cc.ConversionError, "conv12.weight: expected shape"):
+                cc.convert_cnn(ckpt, model_dir, log=lambda _: None)
 
 
 class VocabTests(unittest.TestCase):

@@ -59,6 +59,13 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Add VLSM-Ensemble's CNN branch to the config (docs/cnn_branch.md); a config.json of a
+    /// checkpoint with the branch has it already.
+    #[arg(long)]
+    cnn_branch: bool,
+    /// Width factor of the CNN branch (1 = the paper's channel counts).
+    #[arg(long, value_parser = super::positive::<f64>, allow_negative_numbers = true, requires = "cnn_branch")]
+    cnn_width: Option<f64>,
 }
 
 /// The most steps a run may time or warm up with: a median over 100000 steps is as good as it
@@ -118,7 +125,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .build_global()
             .map_err(|e| Error::Invalid(format!("cannot size the thread pool to {}: {e}", args.threads)))?;
     }
-    let config = super::load_config(preset_alias(&args.config))?;
+    let mut config = super::load_config(preset_alias(&args.config))?;
+    if args.cnn_branch {
+        config.add_cnn_branch(args.cnn_width, false);
+        config.validate()?;
+    }
     check_memory(args, &config)?;
     let device = emulated_gpu_refused(super::parse_device(&args.device)?, &args.device)?;
     let setup = Setup { args, config, device };
@@ -136,6 +147,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut object = serde_json::Map::new();
         object.insert("case".into(), args.case.clone().into());
         object.insert("config".into(), setup.config.name.clone().into());
+        let cnn_width = setup.config.cnn_branch.as_ref().map(|cnn| cnn.width);
+        object.insert("cnn_branch_width".into(), cnn_width.map_or(serde_json::Value::Null, Into::into));
         object.insert("device".into(), setup.device.name().into());
         object.insert("clock".into(), setup.device.clock().into());
         object.insert("threads".into(), threads.into());
@@ -148,8 +161,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         let rss = rss.map_or_else(|| "n/a".to_string(), |mib| format!("{mib:.0} MiB"));
         let clock = setup.device.clock();
+        let branch = setup.config.cnn_branch.as_ref().map_or(String::new(), |cnn| format!(" + CNN branch (width {})", cnn.width));
         println!(
-            "{}, config {} on {} ({threads} threads; clock: {clock}), {} timed steps after {} warm-up:\n{}\npeak RSS of the process: {rss}",
+            "{}, config {}{branch} on {} ({threads} threads; clock: {clock}), {} timed steps after {} warm-up:\n{}\npeak RSS of the process: {rss}",
             args.case,
             setup.config.name,
             setup.device.name(),
