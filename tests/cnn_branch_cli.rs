@@ -3,12 +3,14 @@
 //! statistics), `--freeze-vlm` leaves MedCLIPSeg's weights as they started, and `predict` and
 //! `eval` run on such a checkpoint (Monte-Carlo maps included). Misuse of the flags is refused.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::cli::{run, s};
+use cli::{run, s};
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::train::load_model_folder;
 use mcs_engine::Device;
@@ -75,7 +77,8 @@ fn checkpoints_carry_the_branch_and_its_running_statistics() {
     let cnn = folder.config.cnn_branch.as_ref().expect("the saved config has the branch");
     assert_eq!(cnn.width, 0.125);
     let params = folder.model.parameters();
-    for key in ["cnn.conv11.weight", "cnn.eca4.conv.weight", "cnn.upconv4.weight", "cnn.outconv2.weight", "cnn.reduce.weight"]
+    for key in
+        ["cnn.conv11.weight", "cnn.eca4.conv.weight", "cnn.upconv4.weight", "cnn.outconv2.weight", "cnn.reduce.weight"]
     {
         assert!(params.contains_key(key), "checkpoint lacks {key}");
     }
@@ -156,7 +159,9 @@ fn predict_and_eval_run_on_a_branch_checkpoint() {
     ]);
     assert_eq!(out.code, Some(0), "eval failed: {}", out.stderr);
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let dice = summary["dice"].as_f64().expect("summary has the Dice");
+    let dice = summary[0]["dice"].as_f64().expect("summary has the Dice");
+    let ece = summary[0]["ece"].as_f64().expect("summary has the ECE");
+    assert!((0.0..=1.0).contains(&ece), "ECE {ece}");
     assert!((0.0..=1.0).contains(&dice), "Dice {dice}");
 }
 

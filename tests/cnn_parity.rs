@@ -58,7 +58,11 @@ fn compare(what: &str, got: &Tensor, want: &(Vec<usize>, Vec<f32>), tolerance: f
     assert_eq!(got.shape(), &want.0[..], "{what}: shape");
     let (diff, _) = max_diff(&got.to_vec().unwrap(), &want.1);
     let ok = diff <= tolerance;
-    println!("{what:<44} {:>18} {diff:>12.3e} {tolerance:>12.3e}  {}", format!("{:?}", want.0), if ok { "yes" } else { "NO" });
+    println!(
+        "{what:<44} {:>18} {diff:>12.3e} {tolerance:>12.3e}  {}",
+        format!("{:?}", want.0),
+        if ok { "yes" } else { "NO" }
+    );
     ok
 }
 
@@ -163,18 +167,21 @@ fn training_pass_matches_pytorch() {
             let got = grads.get(param).unwrap_or_else(|| panic!("no gradient for {key}"));
             assert_eq!(got.shape(), &want.0[..], "{key}");
             let (diff, scale) = max_diff(&got.to_vec().unwrap(), &want.1);
-            // The gradient budget of tests/train_parity.rs (2e-4 of the tensor's largest entry);
-            // the absolute 1e-7 covers gradients that are rounding noise on both sides (norm_k.bias).
+            // The gradient budget of tests/train_parity.rs (2e-4 of the tensor's largest entry).
+            // The absolute 1e-7 covers gradients that are zero in exact arithmetic and rounding
+            // noise on both sides: norm_k.bias (spec §11.1), and the bias of a convolution that
+            // feeds a training-mode batch norm, which subtracts every constant shift again.
             let tolerance = 2e-4 * scale + 1e-7;
             assert!(diff <= tolerance, "grad of {key} on {}: max abs diff {diff:e} > {tolerance:e}", device.name());
-            if !key.ends_with("norm_k.bias") && diff / scale.max(1e-12) > worst.0 {
+            if scale > 1e-5 && diff / scale > worst.0 {
                 worst = (diff / scale.max(1e-12), key.clone());
             }
             compared += 1;
         }
         let cnn_trained = model.trainable_parameters().filter(|(k, _)| k.starts_with("cnn.")).count();
         println!(
-            "{}: {compared} gradients ({cnn_trained} of the branch), worst relative to the tensor's largest entry {:.2e} ({})",
+            "{}: {compared} gradients ({cnn_trained} of the branch), worst relative to the tensor's largest entry {:.2e} ({}; \
+             gradients below 1e-5, rounding noise, excluded)",
             device.name(),
             worst.0,
             worst.1

@@ -94,12 +94,8 @@ impl BatchNorm {
             return ops::batch_norm_eval(tape, x, w, b, mean, var, cfg.bn_eps);
         }
         let (y, stats) = ops::batch_norm_train(tape, x, w, b, cfg.bn_eps)?;
-        let (mean, var) = ops::batch_norm_running_update(
-            &self.running_mean.value,
-            &self.running_var.value,
-            &stats,
-            cfg.bn_momentum,
-        )?;
+        let (mean, var) =
+            ops::batch_norm_running_update(&self.running_mean.value, &self.running_var.value, &stats, cfg.bn_momentum)?;
         updates.push((self.running_mean.key.clone(), mean));
         updates.push((self.running_var.key.clone(), var));
         Ok(y)
@@ -127,12 +123,18 @@ struct DecoderStage {
 }
 
 /// The paper code's module names per stage.
-const ENCODER_NAMES: [[&str; 3]; 4] =
-    [["conv11", "conv12", "bn1"], ["conv22", "conv222", "bn2"], ["conv33", "conv333", "bn3"], ["conv44", "conv444", "bn4"]];
-const DECODER_NAMES: [[&str; 3]; 4] =
-    [["upconv4", "convup4", "upbn4"], ["upconv3", "convup3", "upbn3"], ["upconv2", "convup2", "upbn2"], [
-        "upconv1", "convup1", "upbn1",
-    ]];
+const ENCODER_NAMES: [[&str; 3]; 4] = [
+    ["conv11", "conv12", "bn1"],
+    ["conv22", "conv222", "bn2"],
+    ["conv33", "conv333", "bn3"],
+    ["conv44", "conv444", "bn4"],
+];
+const DECODER_NAMES: [[&str; 3]; 4] = [
+    ["upconv4", "convup4", "upbn4"],
+    ["upconv3", "convup3", "upbn3"],
+    ["upconv2", "convup2", "upbn2"],
+    ["upconv1", "convup1", "upbn1"],
+];
 
 pub struct CnnBranch {
     config: CnnBranchConfig,

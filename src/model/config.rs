@@ -405,7 +405,9 @@ impl ModelConfig {
         let ctx = self.text_context_length as u64;
         // The CNN branch's largest buffer: the 3x3 convolution's columns of the first stage.
         let cnn_columns = match &self.cnn_branch {
-            Some(cnn) => n(&[self.image_size as u64, self.image_size as u64, 9, cnn.channels(unet_d::ENCODER[0]) as u64]),
+            Some(cnn) => {
+                n(&[self.image_size as u64, self.image_size as u64, 9, cnn.channels(unet_d::ENCODER[0]) as u64])
+            }
             None => Some(0),
         };
         [

@@ -158,9 +158,10 @@ impl MedClipSeg {
         let result = (|| {
             let mut params = self.params_mut();
             for (key, value) in updates {
-                let param = params.iter_mut().find(|p| p.key == key && !p.value.needs_grad()).ok_or_else(|| {
-                    Error::Invalid(format!("the model has no running statistic `{key}` to update"))
-                })?;
+                let param = params
+                    .iter_mut()
+                    .find(|p| p.key == key && !p.value.needs_grad())
+                    .ok_or_else(|| Error::Invalid(format!("the model has no running statistic `{key}` to update")))?;
                 if param.value.shape() != value.shape() {
                     return Err(Error::shape(
                         "set_running_statistics",
@@ -251,9 +252,11 @@ impl MedClipSeg {
         training: Option<&TrainingPass>,
         trace: &mut Trace,
     ) -> Result<ForwardOutput> {
-        let text_dropout = training
-            .filter(|t| t.text_dropout > 0.0)
-            .map(|t| TextDropout { p: t.text_dropout, seed: t.seed, step: t.step });
+        let text_dropout = training.filter(|t| t.text_dropout > 0.0).map(|t| TextDropout {
+            p: t.text_dropout,
+            seed: t.seed,
+            step: t.step,
+        });
         let text_dropout = text_dropout.as_ref();
         let c = &self.config;
         if pixels.rank() != 4 || pixels.dim(1) != 3 || pixels.dim(2) != c.image_size || pixels.dim(3) != c.image_size {
@@ -321,7 +324,8 @@ impl MedClipSeg {
                 text_embedding,
             });
         };
-        let tokens = cnn_tokens.ok_or_else(|| Error::Invalid("the CNN branch's vision layer was not reached".into()))?;
+        let tokens =
+            cnn_tokens.ok_or_else(|| Error::Invalid("the CNN branch's vision layer was not reached".into()))?;
         let per_image = |t: &Tensor| -> Result<Tensor> {
             // Stacking happens at the first adapter: a block before it may still be per image.
             if t.dim(0) == batch {

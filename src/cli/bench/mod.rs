@@ -161,7 +161,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         let rss = rss.map_or_else(|| "n/a".to_string(), |mib| format!("{mib:.0} MiB"));
         let clock = setup.device.clock();
-        let branch = setup.config.cnn_branch.as_ref().map_or(String::new(), |cnn| format!(" + CNN branch (width {})", cnn.width));
+        let branch = setup
+            .config
+            .cnn_branch
+            .as_ref()
+            .map_or(String::new(), |cnn| format!(" + CNN branch (width {})", cnn.width));
         println!(
             "{}, config {}{branch} on {} ({threads} threads; clock: {clock}), {} timed steps after {} warm-up:\n{}\npeak RSS of the process: {rss}",
             args.case,
