@@ -1,5 +1,5 @@
 //! The segmentation decoder (spec §3), run channels-last (NHWC): normalised patch tokens are
-//! upscaled by ScaleBlocks (2x2 stride-2 transposed conv as a GEMM, GELU, depthwise 3x3 conv,
+//! upscaled by ScaleBlocks (2x2 stride-2 transposed conv, GELU, depthwise 3x3 conv,
 //! LayerNorm2d as a last-dim LayerNorm), the normalised text embedding goes through the MLP mask
 //! head, their per-pixel dot product gives low-resolution logits, bilinearly resized to the image.
 
@@ -19,7 +19,7 @@ pub struct Decoder {
 }
 
 pub struct ScaleBlock {
-    /// `ConvTranspose2d` weight `[in, out, 2, 2]`, used as `[in, (di, dj, out)]` (see `forward`).
+    /// `ConvTranspose2d(E, E, 2, stride=2)` weight `[in, out, 2, 2]` and bias.
     up_weight: Param,
     up_bias: Param,
     depthwise: Param,
@@ -105,24 +105,11 @@ impl Decoder {
 impl ScaleBlock {
     /// `[B, h, w, E]` -> `[B, 2h, 2w, E]`.
     fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, e) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        // Stride equals kernel size, so every output pixel gets exactly one input pixel:
-        // out[b, 2i+di, 2j+dj, o] = sum_c x[b, i, j, c] W[c, o, di, dj] + bias[o].
-        // The weight's columns are reordered (di, dj, o) first (a copy of E x 4E values), so
-        // that the product's rows interleave into the output as contiguous (dj, o) runs of 2E
-        // values instead of a gather with stride 4.
-        let rows = ops::reshape(tape, x, &[b * h * w, e])?;
-        let weight = ops::permute(tape, &self.up_weight.value, &[0, 2, 3, 1])?; // [E, di, dj, o]
-        let weight = ops::reshape(tape, &weight, &[e, e * 4])?;
         // Each step takes the previous activation by value (`&{ y }` moves it into a temporary
         // dropped at the end of the statement): a shadowed `let y` would stay alive to the end of
         // the function, and at 30 samples of the paper config every one of these is 184 MiB.
         // In training the tape keeps what its backward needs either way.
-        let y = ops::matmul(tape, &rows, &weight)?;
-        let y = ops::reshape(tape, &{ y }, &[b, h, w, 2, 2, e])?;
-        let y = ops::permute(tape, &{ y }, &[0, 1, 3, 2, 4, 5])?; // [B, h, di, w, dj, E]
-        let y = ops::reshape(tape, &{ y }, &[b, 2 * h, 2 * w, e])?;
-        let y = ops::add(tape, &{ y }, &self.up_bias.value)?;
+        let y = ops::conv_transpose2x2_nhwc(tape, x, &self.up_weight.value, Some(&self.up_bias.value))?;
         let y = ops::gelu(tape, &{ y })?;
         let y = ops::depthwise_conv3x3_nhwc(tape, &{ y }, &self.depthwise.value)?;
         self.norm.forward(tape, &{ y })
