@@ -46,7 +46,7 @@ fn cases(device: &Device) -> Vec<Case> {
     let var = ops::softplus(&t, &random(&[s, 256, 256], 6, device)).unwrap();
     let gemm_flops = 2.0 * (s * 197) as f64 * 768.0 * 3072.0;
     let noise = NoiseKey { seed: 7, first_draw: 0, samples: s, adapter: 0, direction: 0, mode: NoiseMode::Plain };
-    let mut all: Vec<Case> = vec![
+    vec![
         ("linear 5910x768 -> 3072", gemm_flops / 1e9, {
             let (x, w) = (x.clone(), w.clone());
             Box::new(move || {
@@ -63,8 +63,13 @@ fn cases(device: &Device) -> Vec<Case> {
         ("prob_attention S=30 197x256 keys 256", 0.0, {
             Box::new(move || ops::prob_attention(&Tape::inference(), &q, &k, &var, &k, &var, 2.35, noise).unwrap())
         }),
-    ];
-    all.extend(conv_cases(device));
+    ]
+}
+
+/// Every case of the CNN branch: its convolutions and its other ops.
+fn cnn_cases(device: &Device) -> Vec<Case> {
+    let mut all = conv_cases(device);
+    all.extend(cnn_norm_cases(device));
     all
 }
 
@@ -162,13 +167,29 @@ fn cnn_norm_cases(device: &Device) -> Vec<Case> {
     ]
 }
 
+/// The case groups, by the name the command line picks them with.
+const GROUPS: [(&str, fn(&Device) -> Vec<Case>); 2] = [("model", cases), ("cnn", cnn_cases)];
+
+/// `cargo bench --bench ops [-- [GROUP] [--json]]`: every group, or the one named (`model`: the
+/// towers' ops at paper size; `cnn`: VLSM-Ensemble's CNN branch at paper size); `--json` prints one
+/// JSON object (`tools/bench_reference.py cnn-ops` reads it) instead of the table.
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let json = args.iter().any(|a| a == "--json");
+    let wanted: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "--json").collect();
+    if let Some(unknown) = wanted.iter().find(|w| !GROUPS.iter().any(|(name, _)| name == *w)) {
+        eprintln!("unknown case group `{unknown}`; groups: model, cnn");
+        std::process::exit(2);
+    }
+    let groups: Vec<fn(&Device) -> Vec<Case>> =
+        GROUPS.iter().filter(|(name, _)| wanted.is_empty() || wanted.contains(name)).map(|(_, f)| *f).collect();
+    let all_cases = |device: &Device| groups.iter().flat_map(|group| group(device)).collect::<Vec<_>>();
+
     let mut devices = vec![Device::Cpu];
     let gpu = gpu_available().then(|| Device::cuda(0).expect("a GPU was detected but could not be opened"));
     if let Some(gpu) = gpu.filter(|g| !g.is_emulated()) {
         devices.push(gpu);
         // Validate first: the GPU results of every case against the CPU reference.
-        let all_cases = |device: &Device| cases(device).into_iter().chain(cnn_norm_cases(device)).collect::<Vec<_>>();
         let (cpu_cases, gpu_cases) = (all_cases(&Device::Cpu), all_cases(&devices[1]));
         for ((name, _, mut on_cpu), (_, _, mut on_gpu)) in cpu_cases.into_iter().zip(gpu_cases) {
             let (a, b) = (on_cpu().to_vec().unwrap(), on_gpu().to_vec().unwrap());
@@ -182,12 +203,21 @@ fn main() {
     } else {
         eprintln!("no GPU: timing the CPU backend only");
     }
+    let mut results = Vec::new();
     for device in &devices {
         let repeats = if device.is_cuda() { 50 } else { 3 };
-        for (name, gflop, mut run) in cases(device).into_iter().chain(cnn_norm_cases(device)) {
+        for (name, gflop, mut run) in all_cases(device) {
             let ms = median_ms(device, repeats, &mut run);
+            if json {
+                results
+                    .push(serde_json::json!({"device": device.name(), "name": name, "median_ms": ms, "gflop": gflop}));
+                continue;
+            }
             let rate = if gflop > 0.0 { format!("  {:.1} GFLOP/s", gflop / ms * 1e3) } else { String::new() };
-            println!("{:<6} {name:<40} {ms:>9.3} ms{rate}", device.name());
+            println!("{:<6} {name:<44} {ms:>9.3} ms{rate}", device.name());
         }
+    }
+    if json {
+        println!("{}", serde_json::json!({"threads": rayon::current_num_threads(), "cases": results}));
     }
 }

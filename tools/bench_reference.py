@@ -22,6 +22,12 @@ Cases (random weights; the engine side is `mcs-engine bench CASE --json`):
   term, softmax, sampled V, A V; `prob_attention` below) against the engine's fused op, forward
   under no_grad and forward + autograd backward to all five inputs.
 
+`cnn-ops`: the ops of VLSM-Ensemble's CNN branch (UNet-D) at its paper-size shapes, batch 2 at 224
+  px: the engine side is `cargo bench --bench ops -- cnn --json` (NHWC, im2col + GEMM), the torch
+  side the same ops through torch.nn.functional on NCHW tensors (PyTorch's own layout and its
+  oneDNN convolutions), forward, plus forward+backward for the first convolution and batch norm.
+  Each side's median of 3 repeats per round; `--batch`, `--config`, `--samples` do not apply.
+
 Both sides draw the V noise at run time (torch.randn, as the official code; the engine's Philox in
 its kernels), not the NumPy Philox of the parity fixtures, so the reference is not slowed by NumPy.
 Every torch round runs in its own child process (`--worker`), so its peak resident set
@@ -49,9 +55,10 @@ from reference import losses, model as ref  # noqa: E402
 
 ALIASES = {"paper": "unimedclip-vit-b16"}
 # Defaults per case: a paper-size predict step at 30 samples takes tens of seconds on a 2-core CPU.
-DEFAULTS = {"train": (16, 10, 2), "predict": (1, 1, 1), "forward": (1, 5, 1), "attention": (1, 5, 1)}  # batch, steps, warmup
+DEFAULTS = {"train": (16, 10, 2), "predict": (1, 1, 1), "forward": (1, 5, 1), "attention": (1, 5, 1),
+            "cnn-ops": (2, 3, 1)}  # batch, steps, warmup
 TORCH_VARIANTS = {"train": ["train"], "predict": ["loop", "batched"], "forward": ["forward"],
-                  "attention": ["attention"]}
+                  "attention": ["attention"], "cnn-ops": ["cnn"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,6 +247,62 @@ def worker_attention(args, raw, cfg):
     return {"directions": directions}
 
 
+def eca(x, weight):
+    gate = torch.sigmoid(F.conv1d(x.mean(dim=(2, 3)).unsqueeze(1), weight, padding=weight.shape[-1] // 2))
+    return x * gate.squeeze(1)[:, :, None, None]
+
+
+def cnn_op_cases():
+    """(engine label, callable) of the CNN branch's ops at the shapes of benches/ops.rs, NCHW."""
+    b, cases = 2, []
+    for label, side, cin, cout, k in (("conv3x3 2x224x224 64 -> 64", 224, 64, 64, 3),
+                                      ("conv3x3 2x56x56 256 -> 256", 56, 256, 256, 3),
+                                      ("conv3x3 2x28x28 546 -> 546", 28, 546, 546, 3),
+                                      ("conv1x1 2x14x14 640 -> 1240", 14, 640, 1240, 1)):
+        x, w, bias = torch.randn(b, cin, side, side), torch.randn(cout, cin, k, k), torch.randn(cout)
+        cases.append((label, lambda x=x, w=w, bias=bias, k=k: F.conv2d(x, w, bias, padding=k // 2)))
+    x, w, bias = torch.randn(b, 1240, 14, 14), torch.randn(1240, 546, 2, 2), torch.randn(546)
+    cases.append(("conv_transpose2x2 2x14x14 1240 -> 546", lambda: F.conv_transpose2d(x, w, bias, stride=2)))
+    leaves = [torch.randn(b, 64, 224, 224, requires_grad=True), torch.randn(64, 64, 3, 3, requires_grad=True),
+              torch.randn(64, requires_grad=True)]
+    dy = torch.randn(b, 64, 224, 224)
+
+    def conv_backward():
+        for t in leaves:
+            t.grad = None
+        F.conv2d(leaves[0], leaves[1], leaves[2], padding=1).backward(dy)
+
+    cases.append(("conv3x3 2x224x224 64 -> 64 forward+backward", conv_backward))
+    x = torch.randn(b, 64, 224, 224)
+    w, bias = torch.ones(64), torch.zeros(64)
+    cases.append(("batch_norm_train 2x224x224x64",
+                  lambda: F.batch_norm(x, torch.zeros(64), torch.ones(64), w, bias, training=True, momentum=0.1)))
+    bn_leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
+
+    def bn_backward():
+        for t in bn_leaves:
+            t.grad = None
+        F.batch_norm(bn_leaves[0], None, None, bn_leaves[1], bn_leaves[2], training=True).backward(dy)
+
+    cases.append(("batch_norm_train fwd+bwd 2x224x224x64", bn_backward))
+    cases.append(("max_pool2x2 2x224x224x64", lambda: F.max_pool2d(x, 2)))
+    bottleneck, eca_w = torch.randn(b, 1240, 14, 14), torch.randn(1, 1, 5)
+    cases.append(("eca 2x14x14x1240 k=5", lambda: eca(bottleneck, eca_w)))
+    cases.append(("relu 2x224x224x64", lambda: F.relu(x)))
+    return cases
+
+
+def worker_cnn_ops(args, raw, cfg):
+    out = []
+    for label, run in cnn_op_cases():
+        def step(i, run=run):
+            with torch.enable_grad():
+                run()
+        times = timed(args.warmup, args.steps, step)
+        out.append({"name": label, "median_ms": statistics.median(times) * 1e3})
+    return {"cases": out}
+
+
 def worker(args):
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = False
@@ -247,7 +310,7 @@ def worker(args):
     torch.manual_seed(0)
     ref.adapter_noise = lambda seed, draw, adapter, direction, shape, device=None: torch.randn(shape)
     raw, cfg = load_config(args.config)
-    run = {"train": worker_train, "attention": worker_attention}.get(args.worker, worker_inference)
+    run = {"train": worker_train, "attention": worker_attention, "cnn": worker_cnn_ops}.get(args.worker, worker_inference)
     report = run(args, raw, cfg)
     # ru_maxrss is in KiB on Linux.
     report.update(torch=torch.__version__, threads=torch.get_num_threads(),
@@ -260,14 +323,20 @@ def worker(args):
 # The driver: alternate the sides round by round and summarise
 
 
-def child_json(cmd):
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def child_json(cmd, env=None):
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def engine_report(args):
+    if args.case == "cnn-ops":
+        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+        report = child_json(["cargo", "bench", "--quiet", "--bench", "ops", "--", "cnn", "--json"], env)
+        report["cases"] = [c for c in report["cases"] if c["device"] == "cpu"]
+        report["peak_rss_mib"] = None
+        return report
     cmd = [args.engine, "bench", args.case, "--config", args.config, "--batch-size", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--device", "cpu", "--json"]
@@ -285,6 +354,8 @@ def torch_report(args, variant):
 
 def series(report):
     """{label: [seconds per timed step]} of one report, engine or torch."""
+    if "cases" in report:  # cnn-ops: one median per op and round
+        return {c["name"]: [c["median_ms"] / 1e3] for c in report["cases"]}
     if "directions" in report:
         out = {}
         for d in report["directions"]:
@@ -348,7 +419,7 @@ def main():
         print(f"round {r + 1}: " + "; ".join(line) + " ms", flush=True)
 
     what = {"train": "train step", "predict": f"predict, {args.samples} samples", "forward": "forward, one sample",
-            "attention": f"probabilistic attention, {args.samples} samples"}[args.case]
+            "attention": f"probabilistic attention, {args.samples} samples", "cnn-ops": "CNN-branch ops"}[args.case]
     # Other processes on the cores stall torch's OpenMP barriers far more than the engine's rayon
     # tasks (a stalled thread holds up every op): the load says how much of that a run saw.
     load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(load_before, os.getloadavg()))
@@ -357,6 +428,8 @@ def main():
           f"{args.steps} steps after {args.warmup} warm-up (median over all timed steps; range min-max)")
     if args.case == "attention":
         return attention_summary(times, rss, shapes)
+    if args.case == "cnn-ops":
+        return cnn_ops_summary(times)
     medians = {}
     for side in sides:
         medians[side], text = describe(times[side]["step"], args.batch)
@@ -377,6 +450,15 @@ def attention_summary(times, rss, shapes):
             t_med, t_text = describe(torch_side[label])
             print(f"    {name:<26} {e_text:>28}  {t_text:>28}  {t_med / e_med:.2f}x")
     print(f"  peak RSS: engine {rss['engine']:.0f} MiB, torch {rss['torch attention']:.0f} MiB")
+
+def cnn_ops_summary(times):
+    """Per op, the engine's and torch's median over the rounds, and the ratio."""
+    engine, torch_side = times["engine"], times["torch cnn"]
+    print(f"  {'op (engine NHWC, torch NCHW)':46} {'engine':>12} {'torch':>12}  engine speed-up")
+    for label in engine:
+        e, t = statistics.median(engine[label]), statistics.median(torch_side[label])
+        print(f"  {label:46} {e * 1e3:9.2f} ms {t * 1e3:9.2f} ms  {t / e:.2f}x")
+
 
 if __name__ == "__main__":
     main()

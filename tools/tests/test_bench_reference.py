@@ -20,6 +20,15 @@ from test_model import tiny_model  # noqa: E402
 
 
 class BenchReferenceTests(unittest.TestCase):
+    def test_cnn_ops_eca_equals_the_reference_module(self):
+        from reference.cnn_branch import Eca
+        torch.manual_seed(5)
+        module = Eca(1240)
+        x = torch.randn(2, 1240, 3, 5)
+        with torch.no_grad():
+            self.assertTrue(torch.allclose(bench_reference.eca(x, module.conv.weight), module(x), atol=1e-6))
+
+
     def test_batched_predict_equals_the_official_loop_with_the_same_noise(self):
         model = tiny_model(3)
         cfg = model.cfg
