@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
+use common::{assert_close, assert_sums_close, check_gradients, devices, gpu, random_tensor, random_vec, Sums};
 use mcs_engine::ops::{
     self, conv2d_nhwc, conv2d_nhwc_backward, conv2d_nhwc_backward_chunked, conv2d_nhwc_forward,
     conv2d_nhwc_forward_chunked, conv_transpose2x2_nhwc, conv_transpose2x2_nhwc_backward,
@@ -17,43 +17,6 @@ use proptest::prelude::*;
 // ------------------------------------------------------------------------------------------------
 // f64 references and an error bound for f32 sums
 // ------------------------------------------------------------------------------------------------
-
-/// Unit roundoff of f32.
-const U: f64 = 1.0 / (1u64 << 24) as f64;
-
-/// Sums accumulated in f64 term by term, with each element's term count and sum of magnitudes:
-/// what bounds the rounding error of the same sum computed in f32 in any order.
-struct Sums {
-    value: Vec<f64>,
-    abs: Vec<f64>,
-    terms: Vec<usize>,
-}
-
-impl Sums {
-    fn zeros(n: usize) -> Sums {
-        Sums { value: vec![0.0; n], abs: vec![0.0; n], terms: vec![0; n] }
-    }
-
-    fn add(&mut self, i: usize, term: f64) {
-        self.value[i] += term;
-        self.abs[i] += term.abs();
-        self.terms[i] += 1;
-    }
-}
-
-/// Fails unless every `|got - want| <= 2 (n + 4) u sum|terms|`. An f32 sum of n terms in any order
-/// (blocked, pairwise, with or without FMA) is within `(n - 1) u sum|terms|` of the exact sum
-/// (Higham, "Accuracy and Stability of Numerical Algorithms", §4.2); each term is a product of
-/// two rounded factors, which the "+4" covers, and the factor 2 is slack for the final rounding
-/// and for a weight gradient that adds per-chunk partial sums.
-fn assert_sums_close(what: &str, got: &[f32], want: &Sums) {
-    assert_eq!(got.len(), want.value.len(), "{what}: length");
-    for (i, &g) in got.iter().enumerate() {
-        let bound = 2.0 * (want.terms[i] as f64 + 4.0) * U * want.abs[i];
-        let err = (g as f64 - want.value[i]).abs();
-        assert!(err <= bound, "{what}: element {i} is {g}, expected {} (allowed error {bound:e})", want.value[i]);
-    }
-}
 
 /// The sizes of one convolution test.
 #[derive(Copy, Clone, Debug)]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
+use common::{assert_close, assert_sums_close, check_gradients, devices, gpu, random_tensor, random_vec, Sums};
 use mcs_engine::ops::{
     depthwise_conv3x3_nhwc, depthwise_conv3x3_nhwc_backward_input, depthwise_conv3x3_nhwc_backward_weight,
     depthwise_conv3x3_nhwc_forward, resize_bilinear_nchw, resize_bilinear_nchw_backward, resize_bilinear_nchw_forward,
@@ -12,54 +12,6 @@ use mcs_engine::ops::{
 };
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
-
-// ------------------------------------------------------------------------------------------------
-// f64 references and an error bound for f32 sums
-// ------------------------------------------------------------------------------------------------
-
-/// Unit roundoff of f32.
-const U: f64 = 1.0 / (1u64 << 24) as f64;
-
-/// Sums computed in f64 term by term, remembering for each element how many terms it had and the
-/// sum of their magnitudes: what bounds the rounding error of the same sum done in f32.
-struct Sums {
-    value: Vec<f64>,
-    abs: Vec<f64>,
-    terms: Vec<usize>,
-}
-
-impl Sums {
-    fn zeros(n: usize) -> Sums {
-        Sums { value: vec![0.0; n], abs: vec![0.0; n], terms: vec![0; n] }
-    }
-
-    fn add(&mut self, i: usize, term: f64) {
-        self.value[i] += term;
-        self.abs[i] += term.abs();
-        self.terms[i] += 1;
-    }
-}
-
-/// Fails unless every `|got - want| <= 2 (n + 4) u sum|terms|`. An f32 sum of n terms, in any order
-/// and with or without FMA, is within `(n - 1) u sum|terms|` of the exact sum (Higham, "Accuracy and
-/// Stability of Numerical Algorithms", §4.2); each term here is a product of up to three rounded
-/// factors, which the "+4" covers; the factor 2 is slack for the final rounding to f32.
-fn assert_sums_close(what: &str, got: &[f32], want: &Sums) {
-    assert_eq!(got.len(), want.value.len(), "{what}: length");
-    let mut worst: Option<(usize, f64)> = None;
-    for (i, &g) in got.iter().enumerate() {
-        let bound = 2.0 * (want.terms[i] as f64 + 4.0) * U * want.abs[i];
-        let excess = (g as f64 - want.value[i]).abs() - bound;
-        assert!(!excess.is_nan(), "{what}: element {i} is {g}, expected {}", want.value[i]);
-        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
-            worst = Some((i, excess));
-        }
-    }
-    if let Some((i, _)) = worst {
-        let bound = 2.0 * (want.terms[i] as f64 + 4.0) * U * want.abs[i];
-        panic!("{what}: element {i} is {}, expected {} (allowed error {bound:e})", got[i], want.value[i]);
-    }
-}
 
 /// Index of pixel (b, h, w, c) in an NHWC buffer.
 fn nhwc(b: usize, h: usize, w: usize, c: usize, [_, height, width, channels]: [usize; 4]) -> usize {

@@ -164,21 +164,37 @@ fn image_rows(t: &Tensor, batch: usize, first: usize, images: usize) -> Result<T
 pub fn conv2d_nhwc(tape: &Tape, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = conv2d_nhwc_forward(x, weight, bias)?;
     let c = Conv::of("conv2d_nhwc", x, weight)?;
-    // Keep alive only what the backward will read: x for the weight gradient, the weight for the
-    // input gradient.
+    Ok(record_with_bias(tape, y, x, weight, bias, move |dy, x, weight| {
+        let dx = weight.map(|w| conv2d_input_grad(c, dy, w, CONV_COLUMN_BUDGET)).transpose()?;
+        let dw = x.map(|x| conv2d_weight_grad(c, dy, x, CONV_COLUMN_BUDGET)).transpose()?;
+        Ok((dx, dw))
+    }))
+}
+
+/// Records `y = op(x, weight) + bias` on the tape. Only what the backward reads stays alive: x for
+/// the weight gradient, the weight for the input gradient. `grads(dy, x, weight)` returns
+/// `(dx, dweight)`, each asked for by passing the operand it needs; the bias gradient is the
+/// column sums of `dy`.
+fn record_with_bias(
+    tape: &Tape,
+    y: Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    grads: impl FnOnce(&Tensor, Option<&Tensor>, Option<&Tensor>) -> Result<(Option<Tensor>, Option<Tensor>)> + 'static,
+) -> Tensor {
     let x_for_weight_grad = weight.needs_grad().then(|| x.clone());
     let weight_for_input_grad = x.needs_grad().then(|| weight.clone());
     let bias_needs_grad = bias.is_some_and(|b| b.needs_grad());
     let has_bias = bias.is_some();
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
-    Ok(tape.record(y, &inputs, move |dy| {
-        let dx = weight_for_input_grad.map(|w| conv2d_input_grad(c, dy, &w, CONV_COLUMN_BUDGET)).transpose()?;
-        let dw = x_for_weight_grad.map(|x| conv2d_weight_grad(c, dy, &x, CONV_COLUMN_BUDGET)).transpose()?;
+    tape.record(y, &inputs, move |dy| {
+        let (dx, dw) = grads(dy, x_for_weight_grad.as_ref(), weight_for_input_grad.as_ref())?;
         let db = bias_needs_grad.then(|| column_sums(dy)).transpose()?;
         // One gradient per recorded input: the bias is an input only when given.
         Ok(if has_bias { vec![dx, dw, db] } else { vec![dx, dw] })
-    }))
+    })
 }
 
 /// Untracked [`conv2d_nhwc`].
@@ -496,17 +512,7 @@ fn weight_blocks_last(weight: &Tensor) -> Result<Tensor> {
 pub fn conv_transpose2x2_nhwc(tape: &Tape, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = conv_transpose2x2_nhwc_forward(x, weight, bias)?;
     let t = Transpose::of("conv_transpose2x2_nhwc", x, weight)?;
-    let x_for_weight_grad = weight.needs_grad().then(|| x.clone());
-    let weight_for_input_grad = x.needs_grad().then(|| weight.clone());
-    let bias_needs_grad = bias.is_some_and(|b| b.needs_grad());
-    let has_bias = bias.is_some();
-    let mut inputs = vec![x, weight];
-    inputs.extend(bias);
-    Ok(tape.record(y, &inputs, move |dy| {
-        let (dx, dw) = transpose_grads(t, dy, x_for_weight_grad.as_ref(), weight_for_input_grad.as_ref())?;
-        let db = bias_needs_grad.then(|| column_sums(dy)).transpose()?;
-        Ok(if has_bias { vec![dx, dw, db] } else { vec![dx, dw] })
-    }))
+    Ok(record_with_bias(tape, y, x, weight, bias, move |dy, x, weight| transpose_grads(t, dy, x, weight)))
 }
 
 /// Untracked [`conv_transpose2x2_nhwc`]: the GEMM `x [B*H*W, Cin] x W [Cin, 4*Cout]`, then the

@@ -220,3 +220,52 @@ pub fn read_npy(path: &std::path::Path) -> ((usize, usize), Vec<f32>) {
     assert_eq!(values.len(), dims[0] * dims[1], "{}", path.display());
     ((dims[0], dims[1]), values)
 }
+
+// ------------------------------------------------------------------------------------------------
+// f64 references and an error bound for f32 sums (the spatial and conv families)
+// ------------------------------------------------------------------------------------------------
+
+/// Unit roundoff of f32.
+pub const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// Sums computed in f64 term by term, remembering for each element how many terms it had and the
+/// sum of their magnitudes: what bounds the rounding error of the same sum done in f32.
+pub struct Sums {
+    pub value: Vec<f64>,
+    pub abs: Vec<f64>,
+    pub terms: Vec<usize>,
+}
+
+impl Sums {
+    pub fn zeros(n: usize) -> Sums {
+        Sums { value: vec![0.0; n], abs: vec![0.0; n], terms: vec![0; n] }
+    }
+
+    pub fn add(&mut self, i: usize, term: f64) {
+        self.value[i] += term;
+        self.abs[i] += term.abs();
+        self.terms[i] += 1;
+    }
+}
+
+/// Fails unless every `|got - want| <= 2 (n + 4) u sum|terms|`. An f32 sum of n terms, in any order
+/// and with or without FMA, is within `(n - 1) u sum|terms|` of the exact sum (Higham, "Accuracy and
+/// Stability of Numerical Algorithms", §4.2); each term is a product of up to three rounded
+/// factors, which the "+4" covers; the factor 2 is slack for the final rounding to f32 and for
+/// sums added up from partial sums (a weight gradient over chunks of the batch).
+pub fn assert_sums_close(what: &str, got: &[f32], want: &Sums) {
+    assert_eq!(got.len(), want.value.len(), "{what}: length");
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, &g) in got.iter().enumerate() {
+        let bound = 2.0 * (want.terms[i] as f64 + 4.0) * U * want.abs[i];
+        let excess = (g as f64 - want.value[i]).abs() - bound;
+        assert!(!excess.is_nan(), "{what}: element {i} is {g}, expected {}", want.value[i]);
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        let bound = 2.0 * (want.terms[i] as f64 + 4.0) * U * want.abs[i];
+        panic!("{what}: element {i} is {}, expected {} (allowed error {bound:e})", got[i], want.value[i]);
+    }
+}
