@@ -166,6 +166,25 @@ fn predict_and_eval_run_on_a_branch_checkpoint() {
 }
 
 #[test]
+fn a_resume_must_keep_the_branch() {
+    let run_dir = fixture().frozen.parent().unwrap();
+    let checkpoint = std::fs::read(run_dir.join("latest/model.safetensors")).unwrap();
+    for dropped in [&["--cnn-branch", "--cnn-width", "0.125"][..], &["--freeze-vlm"]] {
+        let mut args = vec!["train", "--data", s(&fixture().data), "--config", "small", "--epochs", "3"];
+        args.extend(["--batch-size", "3", "--seed", SEED, "--out", s(run_dir), "--resume"]);
+        // The frozen run was trained with both; leave one out.
+        let kept: Vec<&str> =
+            if dropped[0] == "--freeze-vlm" { vec!["--cnn-branch", "--cnn-width", "0.125"] } else { vec![] };
+        args.extend(kept);
+        let out = run(&args);
+        assert_eq!(out.code, Some(1), "resuming without {dropped:?}: {}", out.stderr);
+        let named = if dropped[0] == "--freeze-vlm" { "config trainable" } else { "config cnn_branch" };
+        assert!(out.stderr.contains(named), "resuming without {dropped:?}: {}", out.stderr);
+    }
+    assert_eq!(std::fs::read(run_dir.join("latest/model.safetensors")).unwrap(), checkpoint, "a refused resume wrote");
+}
+
+#[test]
 fn branch_flags_without_the_branch_are_refused() {
     for flag in [&["--freeze-vlm"][..], &["--cnn-width", "0.5"], &["--cnn-repeat-decoder-conv"]] {
         let mut args = vec!["train", "--epochs", "1"];

@@ -78,8 +78,10 @@ pub fn compare_configs(saved: &ModelConfig, requested: &ModelConfig, origin: &Pa
     let (saved, requested) = (as_object(saved), as_object(requested));
     let mut differences = Vec::new();
     let mut notes = Vec::new();
-    for (key, wanted) in &requested {
-        let had = saved.get(key).unwrap_or(&Value::Null);
+    // Both sides' keys: a part only the checkpoint has (its CNN branch) is a difference too.
+    let keys: std::collections::BTreeSet<&String> = requested.keys().chain(saved.keys()).collect();
+    for key in keys {
+        let (wanted, had) = (requested.get(key).unwrap_or(&Value::Null), saved.get(key).unwrap_or(&Value::Null));
         if key == "training" {
             for (setting, new) in wanted.as_object().into_iter().flatten() {
                 let old = had.get(setting).unwrap_or(&Value::Null);
