@@ -2,6 +2,7 @@
 //! decoder that turns image tokens and the text embedding into segmentation logits (spec §1-§3, §5).
 
 pub mod adapter;
+pub mod clip;
 pub mod cnn;
 pub mod config;
 pub mod decoder;
