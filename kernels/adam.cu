@@ -1,5 +1,6 @@
-// Adam (PyTorch torch.optim.Adam, no weight decay, no amsgrad): one launch updates every
-// parameter of a model in place. Launcher and CPU reference: src/ops/adam.rs.
+// Adam (PyTorch torch.optim.Adam, no amsgrad) and AdamW (the decoupled weight decay
+// param *= 1 - lr * weight_decay first; decay = 1 for Adam): one launch updates every parameter
+// of a model in place. Launcher and CPU reference: src/ops/adam.rs.
 //
 // The host uploads a table with one row per parameter,
 //   { param ptr, grad ptr, m ptr, v ptr, end },
@@ -20,6 +21,7 @@ struct AdamScalars {
     float bias_correction2_sqrt;
     float eps;
     float neg_step_size;    // -lr / (1 - beta1^t)
+    float decay;            // AdamW's 1 - lr * weight_decay (1: Adam)
 };
 
 static constexpr int ADAM_TABLE_COLUMNS = 5;
@@ -49,7 +51,7 @@ extern "C" __global__ void adam_step(const unsigned long long* __restrict__ tabl
         const float v_new = __fmaf_rn(__fmul_rn(s.one_minus_beta2, g), g, __fmul_rn(v[j], s.beta2));
         // denom = v.sqrt() / bias_correction2_sqrt + eps; param.addcdiv_(m, denom, value=-step_size).
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v_new), s.bias_correction2_sqrt), s.eps);
-        param[j] = __fadd_rn(param[j], __fdiv_rn(__fmul_rn(s.neg_step_size, m_new), denom));
+        param[j] = __fadd_rn(__fmul_rn(param[j], s.decay), __fdiv_rn(__fmul_rn(s.neg_step_size, m_new), denom));
         m[j] = m_new;
         v[j] = v_new;
     }

@@ -35,7 +35,8 @@ fn gradients(seed: u64, t: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// torch.optim.Adam's update in f64, as written in its single-tensor step.
+/// torch.optim.Adam's update in f64, as written in its single-tensor step (AdamW's decoupled
+/// decay `p *= 1 - lr * weight_decay` first, as torch.optim.AdamW).
 struct ReferenceAdam {
     params: Vec<Vec<f64>>,
     m: Vec<Vec<f64>>,
@@ -62,6 +63,7 @@ impl ReferenceAdam {
         let step_size = lr / bias_correction1;
         for (((p, m), v), g) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(grads) {
             for j in 0..p.len() {
+                p[j] *= 1.0 - lr * cfg.weight_decay;
                 let g = g[j] as f64;
                 m[j] = cfg.beta1 * m[j] + (1.0 - cfg.beta1) * g;
                 v[j] = cfg.beta2 * v[j] + (1.0 - cfg.beta2) * g * g;
@@ -95,8 +97,13 @@ fn to_f32(values: &[f64]) -> Vec<f32> {
 
 #[test]
 fn cpu_steps_match_f64_reference_of_pytorch_formula() {
-    // The defaults, and betas whose lerp weight 1 - beta1 = 0.7 takes PyTorch's other lerp branch.
-    let configs = [AdamConfig::default(), AdamConfig { beta1: 0.3, beta2: 0.99, eps: 1e-6 }];
+    // The defaults, betas whose lerp weight 1 - beta1 = 0.7 takes PyTorch's other lerp branch, and
+    // AdamW's decoupled weight decay (MedCLIP-SAMv2's 0.1).
+    let configs = [
+        AdamConfig::default(),
+        AdamConfig { beta1: 0.3, beta2: 0.99, eps: 1e-6, weight_decay: 0.0 },
+        AdamConfig { weight_decay: 0.1, ..AdamConfig::default() },
+    ];
     for cfg in configs {
         let (lr, steps) = (1e-2, 6);
         let (params, state) = run_steps(&Device::Cpu, steps, lr, cfg);
@@ -212,6 +219,9 @@ fn mismatched_shapes_counts_and_hyper_parameters_are_errors() {
     let bad = AdamConfig { eps: 0.0, ..AdamConfig::default() };
     let err = adam_step(&mut [&mut p], &[&g], &mut state, 1e-3, bad).unwrap_err().to_string();
     assert!(err.contains("eps"), "{err}");
+    let bad = AdamConfig { weight_decay: -0.1, ..AdamConfig::default() };
+    let err = adam_step(&mut [&mut p], &[&g], &mut state, 1e-3, bad).unwrap_err().to_string();
+    assert!(err.contains("weight decay") && err.contains("-0.1"), "{err}");
     let err = adam_step(&mut [&mut p], &[&g], &mut state, f64::NAN, AdamConfig::default()).unwrap_err().to_string();
     assert!(err.contains("learning rate") && err.contains("NaN"), "{err}");
     assert_eq!(state.step_count(), 0, "a rejected step must not count");
@@ -255,15 +265,16 @@ fn a_restored_state_continues_exactly() {
 #[test]
 fn gpu_fused_step_matches_cpu_bit_for_bit() {
     let Some(gpu) = gpu() else { return };
-    let cfg = AdamConfig::default();
-    let (on_gpu, gpu_state) = run_steps(&gpu, 5, 1e-2, cfg);
-    let (on_cpu, cpu_state) = run_steps(&Device::Cpu, 5, 1e-2, cfg);
-    assert_eq!(gpu_state.step_count(), 5);
-    let bits = |t: &Tensor| t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    for i in 0..SHAPES.len() {
-        // The kernel performs the CPU's operations with explicitly rounded intrinsics: no tolerance.
-        assert_eq!(bits(&on_gpu[i]), bits(&on_cpu[i]), "parameter {i}: gpu and cpu differ");
-        assert_eq!(bits(&gpu_state.moments()[i].m), bits(&cpu_state.moments()[i].m), "m {i}: gpu and cpu differ");
-        assert_eq!(bits(&gpu_state.moments()[i].v), bits(&cpu_state.moments()[i].v), "v {i}: gpu and cpu differ");
+    for cfg in [AdamConfig::default(), AdamConfig { weight_decay: 0.1, ..AdamConfig::default() }] {
+        let (on_gpu, gpu_state) = run_steps(&gpu, 5, 1e-2, cfg);
+        let (on_cpu, cpu_state) = run_steps(&Device::Cpu, 5, 1e-2, cfg);
+        assert_eq!(gpu_state.step_count(), 5);
+        let bits = |t: &Tensor| t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        for i in 0..SHAPES.len() {
+            // The kernel performs the CPU's operations with explicitly rounded intrinsics: no tolerance.
+            assert_eq!(bits(&on_gpu[i]), bits(&on_cpu[i]), "parameter {i}: gpu and cpu differ");
+            assert_eq!(bits(&gpu_state.moments()[i].m), bits(&cpu_state.moments()[i].m), "m {i}: gpu and cpu differ");
+            assert_eq!(bits(&gpu_state.moments()[i].v), bits(&cpu_state.moments()[i].v), "v {i}: gpu and cpu differ");
+        }
     }
 }

@@ -1,5 +1,7 @@
-//! Adam, as `torch.optim.Adam` computes it (no weight decay, no amsgrad), updating parameters in
-//! place: one fused CUDA launch for every parameter of a model, or rayon over chunks on the CPU.
+//! Adam, as `torch.optim.Adam` computes it (no amsgrad), and AdamW (`torch.optim.AdamW`: the
+//! decoupled weight decay `p.mul_(1 - lr * weight_decay)` before the Adam update; 0 gives Adam
+//! exactly, since multiplying by 1 is exact), updating parameters in place: one fused CUDA launch
+//! for every parameter of a model, or rayon over chunks on the CPU.
 //! Kernel: `kernels/adam.cu`. Tests: `tests/adam.rs`.
 //!
 //! PyTorch's single-tensor step (the CPU default) is
@@ -38,12 +40,14 @@ pub struct AdamConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    /// AdamW's decoupled weight decay (0: plain Adam).
+    pub weight_decay: f64,
 }
 
 impl Default for AdamConfig {
-    /// PyTorch's defaults: betas (0.9, 0.999), eps 1e-8.
+    /// PyTorch's Adam defaults: betas (0.9, 0.999), eps 1e-8, no weight decay.
     fn default() -> Self {
-        AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 }
 
@@ -56,6 +60,12 @@ impl AdamConfig {
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(Error::Invalid(format!("adam: eps must be finite and positive, got {}", self.eps)));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "adam: weight decay must be finite and not negative, got {}",
+                self.weight_decay
+            )));
         }
         Ok(())
     }
@@ -145,9 +155,11 @@ pub struct AdamScalars {
     pub bias_correction2_sqrt: f32,
     pub eps: f32,
     pub neg_step_size: f32,
+    /// AdamW's `1 - lr * weight_decay`, rounded to f32 once (1 for Adam).
+    pub decay: f32,
 }
 
-// SAFETY: #[repr(C)] with six 4-byte f32/i32 fields and no padding, laid out exactly like the
+// SAFETY: #[repr(C)] with eight 4-byte f32/i32 fields and no padding, laid out exactly like the
 // kernel's `AdamScalars`; it is passed by value.
 unsafe impl DeviceRepr for AdamScalars {}
 
@@ -170,6 +182,7 @@ impl AdamScalars {
             bias_correction2_sqrt: bias_correction2.powf(0.5) as f32,
             eps: cfg.eps as f32,
             neg_step_size: (-(lr / bias_correction1)) as f32,
+            decay: (1.0 - lr * cfg.weight_decay) as f32,
         }
     }
 }
@@ -181,7 +194,7 @@ pub fn adam_element(s: &AdamScalars, param: f32, grad: f32, m: f32, v: f32) -> (
     let m = s.lerp_coeff.mul_add(grad - m, base);
     let v = (s.one_minus_beta2 * grad).mul_add(grad, v * s.beta2);
     let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
-    (param + (s.neg_step_size * m) / denom, m, v)
+    (param * s.decay + (s.neg_step_size * m) / denom, m, v)
 }
 
 /// One Adam step: updates every parameter, and its moments in `state`, in place.
