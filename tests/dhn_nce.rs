@@ -35,7 +35,9 @@ fn similarities(v: &[f64], t: &[f64], batch: usize, tau: f64) -> Vec<Vec<f64>> {
     (0..batch)
         .map(|i| {
             (0..batch)
-                .map(|j| v[i * width..][..width].iter().zip(&t[j * width..][..width]).map(|(a, b)| a * b).sum::<f64>() / tau)
+                .map(|j| {
+                    v[i * width..][..width].iter().zip(&t[j * width..][..width]).map(|(a, b)| a * b).sum::<f64>() / tau
+                })
                 .collect()
         })
         .collect()
@@ -223,9 +225,8 @@ fn zero_hardness_is_decoupled_info_nce() {
     let (v, t) = (unit_rows(701, batch, width), unit_rows(702, batch, width));
     let sim = similarities(&to_f64(&v), &to_f64(&t), batch, tau as f64);
     let info_nce = |m: &[Vec<f64>]| -> f64 {
-        let total: f64 = (0..batch)
-            .map(|i| m[i][i] - (0..batch).filter(|&j| j != i).map(|j| m[i][j].exp()).sum::<f64>().ln())
-            .sum();
+        let total: f64 =
+            (0..batch).map(|i| m[i][i] - (0..batch).filter(|&j| j != i).map(|j| m[i][j].exp()).sum::<f64>().ln()).sum();
         -total / batch as f64
     };
     let want = (info_nce(&sim) + info_nce(&transpose(&sim))) as f32;

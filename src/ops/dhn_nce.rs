@@ -81,7 +81,11 @@ fn dims(op: &'static str, image: &Tensor, text: &Tensor, config: DhnNceConfig) -
     if text.shape() != image.shape() {
         return Err(Error::shape(
             op,
-            format!("text embeddings {:?} must have the shape of the image embeddings {:?}", text.shape(), image.shape()),
+            format!(
+                "text embeddings {:?} must have the shape of the image embeddings {:?}",
+                text.shape(),
+                image.shape()
+            ),
         ));
     }
     if batch < 2 {
