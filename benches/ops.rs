@@ -66,6 +66,40 @@ fn cases(device: &Device) -> Vec<Case> {
     ]
 }
 
+/// The "model" group: the towers' ops at paper size, then the fine-tuning loss.
+fn model_cases(device: &Device) -> Vec<Case> {
+    let mut all = cases(device);
+    all.extend(dhn_nce_cases(device));
+    all
+}
+
+/// MedCLIP-SAMv2's DHN-NCE loss on a batch of 64 unit image and text embeddings of width 512,
+/// forward alone and forward+backward (which returns the image gradient). Its GEMMs are tiny
+/// (64x64x512), so no GFLOP rate: the time is the launches and the B x B passes.
+fn dhn_nce_cases(device: &Device) -> Vec<Case> {
+    let t = Tape::inference();
+    let (b, d) = (64, 512);
+    let image = ops::l2_normalize_last(&t, &random(&[b, d], 40, device)).unwrap();
+    let text = ops::l2_normalize_last(&t, &random(&[b, d], 41, device)).unwrap();
+    let config = ops::DhnNceConfig::default();
+    vec![
+        ("dhn_nce B=64 D=512", 0.0, {
+            let (image, text) = (image.clone(), text.clone());
+            Box::new(move || ops::dhn_nce_loss(&Tape::inference(), &image, &text, config).unwrap())
+        }),
+        (
+            "dhn_nce B=64 D=512 forward+backward",
+            0.0,
+            Box::new(move || {
+                let tape = Tape::new();
+                let (v, w) = (image.clone().into_trainable(), text.clone().into_trainable());
+                let loss = ops::dhn_nce_loss(&tape, &v, &w, config).unwrap();
+                tape.backward(&loss).unwrap().get(&v).unwrap().clone()
+            }),
+        ),
+    ]
+}
+
 /// Every case of the CNN branch: its convolutions and its other ops.
 fn cnn_cases(device: &Device) -> Vec<Case> {
     let mut all = conv_cases(device);
@@ -168,7 +202,7 @@ fn cnn_norm_cases(device: &Device) -> Vec<Case> {
 }
 
 /// The case groups, by the name the command line picks them with.
-const GROUPS: [(&str, fn(&Device) -> Vec<Case>); 2] = [("model", cases), ("cnn", cnn_cases)];
+const GROUPS: [(&str, fn(&Device) -> Vec<Case>); 2] = [("model", model_cases), ("cnn", cnn_cases)];
 
 /// `cargo bench --bench ops [-- [GROUP] [--json]]`: every group, or the one named (`model`: the
 /// towers' ops at paper size; `cnn`: VLSM-Ensemble's CNN branch at paper size); `--json` prints one
