@@ -202,7 +202,10 @@ fn cnn_norm_cases(device: &Device) -> Vec<Case> {
 }
 
 /// The case groups, by the name the command line picks them with.
-const GROUPS: [(&str, fn(&Device) -> Vec<Case>); 2] = [("model", model_cases), ("cnn", cnn_cases)];
+/// A function that builds one group's cases on a device.
+type CaseGroup = fn(&Device) -> Vec<Case>;
+
+const GROUPS: [(&str, CaseGroup); 2] = [("model", model_cases), ("cnn", cnn_cases)];
 
 /// `cargo bench --bench ops [-- [GROUP] [--json]]`: every group, or the one named (`model`: the
 /// towers' ops at paper size; `cnn`: VLSM-Ensemble's CNN branch at paper size); `--json` prints one
@@ -215,7 +218,7 @@ fn main() {
         eprintln!("unknown case group `{unknown}`; groups: model, cnn");
         std::process::exit(2);
     }
-    let groups: Vec<fn(&Device) -> Vec<Case>> =
+    let groups: Vec<CaseGroup> =
         GROUPS.iter().filter(|(name, _)| wanted.is_empty() || wanted.contains(name)).map(|(_, f)| *f).collect();
     let all_cases = |device: &Device| groups.iter().flat_map(|group| group(device)).collect::<Vec<_>>();
 

@@ -44,6 +44,9 @@ enum Command {
     /// Score a model folder on a dataset split: DSC, NSD (2 px), ECE, Brier and uncertainty
     /// AUROC per image (CSV) and per split (table, JSON); --prompt-sweep over the prompt styles.
     Eval(cli::eval::EvalArgs),
+    /// Fine-tune the vision and text towers on image-caption pairs with the DHN-NCE loss
+    /// (MedCLIP-SAMv2's first stage), with retrieval recall before and after.
+    FinetuneClip(cli::finetune_clip::FinetuneClipArgs),
     /// Show the devices, how the CUDA kernels are built, and the model presets.
     Info,
 }
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench::run(&args),
         Command::Predict(args) => cli::predict::run(&args),
         Command::Eval(args) => cli::eval::run(&args),
+        Command::FinetuneClip(args) => cli::finetune_clip::run(&args),
         Command::Info => info(),
     };
     match result {

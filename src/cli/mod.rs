@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod check;
 pub mod eval;
+pub mod finetune_clip;
 pub mod predict;
 pub mod synth;
 pub mod train;

@@ -7,6 +7,7 @@
 //! [`Loader`] rotates it (training only) and normalises it into a [`Batch`].
 
 pub mod augment;
+pub mod captions;
 pub mod check;
 pub mod layout;
 pub mod loader;

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod metrics;
+pub mod retrieval;
 
 use std::path::{Path, PathBuf};
 

@@ -32,14 +32,16 @@ impl<'a> Loader<'a> {
     /// The parameter `key`, checked to have `shape`; trainable when the config says so.
     pub fn param(&mut self, key: &str, shape: &[usize]) -> Result<Param> {
         let value = self.store.take(key, shape, &self.device)?;
-        let value = if self.config.is_trainable(key) { value.into_trainable() } else { value };
+        // A tensor handed over from another model may still be marked trainable: the config
+        // alone decides.
+        let value = value.with_needs_grad(self.config.is_trainable(key));
         Ok(Param { key: key.to_string(), value })
     }
 
     /// The state `key` (batch norm's running statistics), checked to have `shape`; saved with the
     /// parameters but never trained, whatever the config's `trainable` list says.
     pub fn buffer(&mut self, key: &str, shape: &[usize]) -> Result<Param> {
-        let value = self.store.take(key, shape, &self.device)?;
+        let value = self.store.take(key, shape, &self.device)?.with_needs_grad(false);
         Ok(Param { key: key.to_string(), value })
     }
 }

@@ -6,6 +6,7 @@
 //! checkpoint, so a run stopped after any epoch and resumed gives the same losses bit for bit.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod metrics;
 pub mod plot;
 pub mod resume;

@@ -46,13 +46,26 @@ fn font_available() -> bool {
     })
 }
 
-/// Draws the curves of `records` to `path` (PNG).
-/// (epoch, value) points of one curve.
+/// (x, value) points of one curve.
 type Curve = Vec<(f64, f64)>;
 
+/// Draws the curves of `records` to `path` (PNG): the training loss and the validation Dice.
 pub fn write_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
+    write_panels(
+        path,
+        [
+            ("training loss", records.iter().map(|r| (r.epoch as f64, r.loss as f64)).collect()),
+            ("validation Dice", records.iter().map(|r| (r.epoch as f64, r.val_dice as f64)).collect()),
+        ],
+        Some(1.0),
+    )
+}
+
+/// Two curves side by side, against the epoch, as a PNG at `path`: the left one scaled to its
+/// largest value, the right one to `right_max` (or its largest value).
+pub fn write_panels(path: &Path, panels: [(&str, Curve); 2], right_max: Option<f64>) -> Result<()> {
     let mut pixels = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
-    draw(&mut pixels, records)
+    draw(&mut pixels, panels, right_max)
         .map_err(|e| Error::Invalid(format!("{}: cannot draw the curves: {e}", path.display())))?;
     let image = image::RgbImage::from_raw(WIDTH, HEIGHT, pixels).expect("the buffer has the image's size");
     let mut png = Vec::new();
@@ -62,19 +75,24 @@ pub fn write_curves(path: &Path, records: &[EpochRecord]) -> Result<()> {
     write_atomically(path, &png)
 }
 
-fn draw(pixels: &mut [u8], records: &[EpochRecord]) -> std::result::Result<(), Box<dyn std::error::Error>> {
+fn draw(
+    pixels: &mut [u8],
+    panels: [(&str, Curve); 2],
+    right_max: Option<f64>,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let labels = font_available();
     let root = BitMapBackend::with_buffer(pixels, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(WIDTH / 2);
-    let epochs = records.last().map_or(1, |r| r.epoch).max(1) as f64;
-    let loss_max = records.iter().map(|r| r.loss).fold(0.0f32, f32::max).max(1e-3) as f64 * 1.05;
-
-    let panels: [(_, _, _, Curve, _); 2] = [
-        (&left, "training loss", loss_max, records.iter().map(|r| (r.epoch as f64, r.loss as f64)).collect(), RED),
-        (&right, "validation Dice", 1.0, records.iter().map(|r| (r.epoch as f64, r.val_dice as f64)).collect(), BLUE),
+    let epochs = panels.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)).fold(1.0f64, f64::max);
+    let largest = |curve: &Curve| curve.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.05;
+    let [(left_title, left_curve), (right_title, right_curve)] = panels;
+    let right_top = right_max.unwrap_or_else(|| largest(&right_curve));
+    let areas = [
+        (&left, left_title, largest(&left_curve), left_curve, RED),
+        (&right, right_title, right_top, right_curve, BLUE),
     ];
-    for (area, title, y_max, points, colour) in panels {
+    for (area, title, y_max, points, colour) in areas {
         let mut builder = ChartBuilder::on(area);
         builder.margin(12);
         if labels {
