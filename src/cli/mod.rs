@@ -5,6 +5,7 @@ pub mod bench;
 pub mod check;
 pub mod eval;
 pub mod predict;
+pub mod saliency;
 pub mod synth;
 pub mod train;
 
