@@ -5,7 +5,8 @@
 //! [`ops`] (every op with its CPU reference, CUDA launcher and backward rule), [`tape`]
 //! (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend); then
 //! [`model`], [`data`] and [`train`]; on top, [`segment`] (the embeddable inference API: load a
-//! model folder once, segment images from prompts) and [`eval`] (DSC, NSD, calibration).
+//! model folder once, segment images from prompts), [`saliency`] (zero-shot M2IB saliency and SAM
+//! prompts) and [`eval`] (DSC, NSD, calibration).
 
 pub mod cuda;
 pub mod data;
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod model;
 pub mod ops;
 pub mod philox;
+pub mod saliency;
 pub mod segment;
 pub mod tape;
 pub mod tensor;

@@ -42,11 +42,17 @@ enum Command {
     /// Monte-Carlo samples) as PNGs and .npy arrays, and an overlay, at the input's own size.
     Predict(cli::predict::PredictArgs),
     /// Score a model folder on a dataset split: DSC, NSD (2 px), ECE, Brier and uncertainty
-    /// AUROC per image (CSV) and per split (table, JSON); --prompt-sweep over the prompt styles.
+    /// AUROC per image (CSV) and per split (table, JSON); --prompt-sweep over the prompt styles;
+    /// --zero-shot scores the coarse masks of `saliency` instead of the segmenter's.
     Eval(cli::eval::EvalArgs),
     /// Fine-tune the vision and text towers on image-caption pairs with the DHN-NCE loss
     /// (MedCLIP-SAMv2's first stage), with retrieval recall before and after.
     FinetuneClip(cli::finetune_clip::FinetuneClipArgs),
+    /// Zero-shot saliency of a text prompt with the Multi-modal Information Bottleneck (M2IB, as
+    /// MedCLIP-SAMv2) on the frozen CLIP towers: writes the saliency map (PNG, .npy), a coarse
+    /// mask (k-means, largest connected components) and SAM's box and point prompts
+    /// (prompts.json) per image. SAM itself is not run.
+    Saliency(cli::saliency::SaliencyArgs),
     /// Show the devices, how the CUDA kernels are built, and the model presets.
     Info,
 }
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => cli::predict::run(&args),
         Command::Eval(args) => cli::eval::run(&args),
         Command::FinetuneClip(args) => cli::finetune_clip::run(&args),
+        Command::Saliency(args) => cli::saliency::run(&args),
         Command::Info => info(),
     };
     match result {

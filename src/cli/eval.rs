@@ -7,6 +7,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use mcs_engine::data::{self, Split};
 use mcs_engine::eval::{self, EvalOptions, Evaluation, Summary, NSD_TOLERANCE};
+use mcs_engine::saliency::{SaliencyModel, SaliencyOptions};
 use mcs_engine::segment::{select_device, Segmenter};
 use mcs_engine::{Error, Result};
 
@@ -33,6 +34,14 @@ pub struct EvalArgs {
     prompt_sweep: bool,
     #[command(flatten)]
     sampling: super::SamplingArgs,
+    /// Score the zero-shot M2IB saliency's coarse masks (`mcs-engine saliency`) instead of the
+    /// segmenter's masks: DSC and NSD of the coarse mask; ECE and Brier with the min-max
+    /// saliency as the probability; no AUROC (there is no uncertainty map). Uses --seed and the
+    /// saliency flags below; --samples, --noise, --threshold and --batch-size do not apply.
+    #[arg(long)]
+    zero_shot: bool,
+    #[command(flatten)]
+    bottleneck: super::saliency::BottleneckArgs,
     /// Images per forward pass. Default: the batch size the model was trained with, which with
     /// --samples 1 and the training seed reproduces training's validation Dice (the noise is keyed
     /// by batch row). At least 1.
@@ -59,6 +68,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     let sets = evaluation_sets(args, split)?;
     let model = super::model_or_demo(args.model.as_deref())?;
+    if args.zero_shot {
+        return run_zero_shot(args, split, &sets, &model);
+    }
     let segmenter = Segmenter::load_on(&model, &select_device(&args.device)?)?;
     let options = EvalOptions {
         segment: args.sampling.options()?,
@@ -73,13 +85,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         eval::write_records_csv(&args.out.join(format!("{name}.csv")), &evaluation.records)?;
         summaries.push(evaluation.summary);
     }
-    print_table(&summaries);
-    let json = serde_json::to_string_pretty(&summaries).expect("summaries always serialise");
-    let summary_path = args.out.join("summary.json");
-    write_text(&summary_path, &json)?;
-    if let Some(path) = &args.json {
-        write_text(path, &json)?;
-    }
+    finish(args, &summaries)?;
     println!(
         "{} samples per image on {} in {:.1?}; per-image scores in {}",
         options.segment.samples,
@@ -88,6 +94,80 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// `eval --zero-shot`: every set scored by [`eval::evaluate_zero_shot`].
+fn run_zero_shot(
+    args: &EvalArgs,
+    split: Split,
+    sets: &[(String, Option<PathBuf>)],
+    model: &std::path::Path,
+) -> Result<()> {
+    let saliency = SaliencyModel::load_on(model, &select_device(&args.device)?)?;
+    let options: SaliencyOptions = args.bottleneck.options(args.sampling.seed);
+    options.check(saliency.config().vision_layers).map_err(|e| Error::Invalid(format!("--layer: {e}")))?;
+    let started = Instant::now();
+    let mut summaries = Vec::with_capacity(sets.len());
+    for (name, prompts) in sets {
+        let (index, prompt_path) = open_set(args, split, prompts.as_deref())?;
+        let bar = progress_bar(index.len(), name);
+        let evaluation =
+            eval::evaluate_zero_shot(&saliency, name, &prompt_path, &index, &options, args.tolerance, &mut |done| {
+                bar.set_position(done as u64)
+            });
+        bar.finish_and_clear();
+        let evaluation = evaluation?;
+        eval::write_records_csv(&args.out.join(format!("{name}.csv")), &evaluation.records)?;
+        summaries.push(evaluation.summary);
+    }
+    finish(args, &summaries)?;
+    println!(
+        "zero-shot M2IB saliency ({} steps x {} copies per image) on {} in {:.1?}; per-image scores in {}",
+        options.steps,
+        options.copies,
+        saliency.device().name(),
+        started.elapsed(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The table, `summary.json` and `--json`.
+fn finish(args: &EvalArgs, summaries: &[Summary]) -> Result<()> {
+    print_table(summaries);
+    let json = serde_json::to_string_pretty(summaries).expect("summaries always serialise");
+    write_text(&args.out.join("summary.json"), &json)?;
+    if let Some(path) = &args.json {
+        write_text(path, &json)?;
+    }
+    Ok(())
+}
+
+/// The index of a set and the prompt file it was read from.
+fn open_set(args: &EvalArgs, split: Split, prompts: Option<&std::path::Path>) -> Result<(data::DatasetIndex, PathBuf)> {
+    let (index, unlisted) = data::open_split(&args.data, split, None, prompts)?;
+    if unlisted > 0 {
+        eprintln!(
+            "note: {unlisted} image(s) in {}/{}/img have no prompt and are not evaluated",
+            args.data.display(),
+            split.folder()
+        );
+    }
+    let prompt_path = match prompts {
+        Some(path) => path.to_path_buf(),
+        None => data::prompt_file_path(&args.data, split, None)?,
+    };
+    Ok((index, prompt_path))
+}
+
+fn progress_bar(len: usize, name: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("eval {msg} {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}]")
+            .expect("the progress template is valid"),
+    );
+    bar.set_message(name.to_string());
+    bar
 }
 
 /// `(name, prompt file override)` of every set to evaluate; for a sweep, every variant file is
@@ -108,24 +188,8 @@ fn evaluate_set(
     prompts: Option<&std::path::Path>,
     options: &EvalOptions,
 ) -> Result<Evaluation> {
-    let (index, unlisted) = data::open_split(&args.data, split, None, prompts)?;
-    if unlisted > 0 {
-        eprintln!(
-            "note: {unlisted} image(s) in {}/{}/img have no prompt and are not evaluated",
-            args.data.display(),
-            split.folder()
-        );
-    }
-    let prompt_path = match prompts {
-        Some(path) => path.to_path_buf(),
-        None => data::prompt_file_path(&args.data, split, None)?,
-    };
-    let bar = ProgressBar::new(index.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("eval {msg} {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}]")
-            .expect("the progress template is valid"),
-    );
-    bar.set_message(name.to_string());
+    let (index, prompt_path) = open_set(args, split, prompts)?;
+    let bar = progress_bar(index.len(), name);
     let evaluation =
         eval::evaluate(segmenter, name, &prompt_path, &index, options, &mut |done| bar.set_position(done as u64));
     bar.finish_and_clear();

@@ -232,7 +232,7 @@ fn builtin_sample() -> data::synthetic::SyntheticSample {
 /// The sub-folder of each image, by the rule of `--out`: the file name without its extension; for
 /// names whose stems meet (ignoring case, as some file systems do), the whole file name. Errors:
 /// an image listed more than once, or folders that still meet (`a.png` beside `a.png.jpg`).
-fn output_folder_names(names: &[&str]) -> Result<Vec<String>> {
+pub(super) fn output_folder_names(names: &[&str]) -> Result<Vec<String>> {
     let mut listed = HashSet::new();
     if let Some(twice) = names.iter().find(|name| !listed.insert(**name)) {
         return Err(Error::Invalid(format!(

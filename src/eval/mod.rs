@@ -10,6 +10,9 @@
 //!   entropy at the image's own size (bilinear logits, [`crate::segment`]); a pixel is
 //!   misclassified when `probability > threshold` differs from the truth.
 //!
+//! [`evaluate_zero_shot`] scores the coarse masks of the zero-shot saliency ([`crate::saliency`])
+//! the same way ([`score_saliency`] says what differs).
+//!
 //! Per-image values are kept at full precision (the official script rounds each to 4 decimals
 //! before the mean, which moves a mean by less than 5e-5).
 
@@ -24,6 +27,7 @@ use serde::Serialize;
 
 use crate::data::{self, DatasetIndex, Image8};
 use crate::error::{Error, Result};
+use crate::saliency::{Saliency, SaliencyModel, SaliencyOptions};
 use crate::segment::{Options, Segmentation, Segmenter};
 use metrics::{auroc, dice, nsd, Calibration};
 
@@ -152,6 +156,99 @@ pub fn score(
     Ok((record, calibration))
 }
 
+/// Scores a zero-shot saliency ([`crate::saliency`]) against its ground truth (one channel, 0/1,
+/// the image's size), as [`score`] scores a segmentation, with these differences:
+/// - DSC and NSD read the coarse mask (the kept components), which is already at the image's
+///   size (the saliency is resized before its k-means), so no nearest resize is involved;
+/// - ECE and Brier read the min-max normalised saliency as the foreground probability (it is no
+///   calibrated probability: these say how far a relative saliency is from one);
+/// - there is no uncertainty map, so the AUROC is `None` and the mean uncertainty 0.
+pub fn score_saliency(
+    name: &str,
+    saliency: &Saliency,
+    truth: &Image8,
+    tolerance: f64,
+) -> Result<(ImageRecord, Calibration)> {
+    let (w, h) = (saliency.width, saliency.height);
+    if (truth.width, truth.height, truth.channels) != (w, h, 1) {
+        return Err(Error::Invalid(format!(
+            "{name}: the ground truth is {}x{} with {} channel(s), the saliency {w}x{h}",
+            truth.width, truth.height, truth.channels
+        )));
+    }
+    let truth_mask: Vec<bool> = truth.data.iter().map(|&v| v != 0).collect();
+    let mut calibration = Calibration::new();
+    calibration.add(&saliency.map, &truth_mask);
+    let record = ImageRecord {
+        image: name.to_string(),
+        width: w,
+        height: h,
+        dice: dice(&saliency.mask, &truth_mask),
+        nsd: nsd(&saliency.mask, &truth_mask, w, h, tolerance),
+        ece: calibration.ece(),
+        brier: calibration.brier(),
+        auroc: None,
+        truth_pixels: truth_mask.iter().filter(|&&t| t).count(),
+        predicted_pixels: saliency.mask.iter().filter(|&&p| p).count(),
+        mean_uncertainty: 0.0,
+    };
+    Ok((record, calibration))
+}
+
+/// `eval --zero-shot`: the saliency coarse mask of every item of `index` scored by
+/// [`score_saliency`], in index order, one image at a time; `progress` hears the number of images
+/// done. The summary's `samples` is the number of noise copies, `noise` is `m2ib` and
+/// `batch_size` 1. Errors name the file at fault.
+pub fn evaluate_zero_shot(
+    model: &SaliencyModel,
+    name: &str,
+    prompts: &Path,
+    index: &DatasetIndex,
+    options: &SaliencyOptions,
+    tolerance: f64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Evaluation> {
+    options.check(model.config().vision_layers)?;
+    if index.is_empty() {
+        return Err(Error::Invalid(format!("{}: lists no images", prompts.display())));
+    }
+    let mut records = Vec::with_capacity(index.len());
+    let mut pooled = Calibration::new();
+    for item in &index.items {
+        let (image, truth) = read_pair(item)?;
+        let saliency = model
+            .saliency(&image, &item.prompt, options)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", item.image_path.display())))?;
+        let (record, calibration) = score_saliency(&item.name, &saliency, &truth, tolerance)?;
+        pooled.merge(&calibration);
+        records.push(record);
+        progress(records.len());
+    }
+    let segment = Options { samples: options.copies, seed: options.seed, ..Options::default() };
+    let eval_options = EvalOptions { segment, batch_size: 1, tolerance };
+    let mut summary = summarise(name, prompts, &records, &pooled, &eval_options);
+    summary.noise = "m2ib".to_string();
+    Ok(Evaluation { records, summary })
+}
+
+/// An item's image and ground truth, checked to have one size.
+fn read_pair(item: &data::Item) -> Result<(Image8, Image8)> {
+    let image = data::read_bgr(&item.image_path)?;
+    let truth = read_truth(&item.mask_path)?;
+    if (image.width, image.height) != (truth.width, truth.height) {
+        return Err(Error::Invalid(format!(
+            "{} is {}x{} but its mask {} is {}x{}",
+            item.image_path.display(),
+            image.width,
+            image.height,
+            item.mask_path.display(),
+            truth.width,
+            truth.height
+        )));
+    }
+    Ok((image, truth))
+}
+
 /// The model-resolution mask resized nearest to `width` x `height`, as the official evaluation
 /// does.
 fn official_mask(segmentation: &Segmentation, threshold: f32, width: usize, height: usize) -> Result<Vec<bool>> {
@@ -194,19 +291,7 @@ pub fn evaluate(
         let mut images = Vec::with_capacity(chunk.len());
         let mut truths = Vec::with_capacity(chunk.len());
         for item in chunk {
-            let image = data::read_bgr(&item.image_path)?;
-            let truth = read_truth(&item.mask_path)?;
-            if (image.width, image.height) != (truth.width, truth.height) {
-                return Err(Error::Invalid(format!(
-                    "{} is {}x{} but its mask {} is {}x{}",
-                    item.image_path.display(),
-                    image.width,
-                    image.height,
-                    item.mask_path.display(),
-                    truth.width,
-                    truth.height
-                )));
-            }
+            let (image, truth) = read_pair(item)?;
             images.push(image);
             truths.push(truth);
         }

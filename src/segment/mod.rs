@@ -335,8 +335,9 @@ impl Segmenter {
     }
 }
 
-/// The training pre-processing of one image: `[3, size, size]` normalised B, G, R planes.
-fn model_input(image: &Image8, size: usize) -> Result<Vec<f32>> {
+/// The training pre-processing of one image: `[3, size, size]` normalised B, G, R planes (also
+/// the saliency's input, [`crate::saliency`]).
+pub(crate) fn model_input(image: &Image8, size: usize) -> Result<Vec<f32>> {
     let bgr = match image.channels {
         3 => std::borrow::Cow::Borrowed(image),
         // One grey channel, replicated as cv2.imread does for a grey file.
