@@ -101,6 +101,16 @@ fn the_parameter_count_is_what_the_model_loads() {
 }
 
 #[test]
+fn the_branch_does_not_count_per_monte_carlo_sample() {
+    // It runs once per image whatever the number of samples, so the samples a pass may stack
+    // (limits::max_samples) stay those of the model without it.
+    for config in [ModelConfig::preset("small").unwrap(), ModelConfig::unimedclip_vit_b16()] {
+        let plain = config.sample_activation_elements();
+        assert_eq!(with_branch(config, 1.0).sample_activation_elements(), plain);
+    }
+}
+
+#[test]
 fn synthetic_running_statistics_start_as_pytorch_does() {
     let model =
         MedClipSeg::from_store(with_branch(ModelConfig::tiny(), 0.125), WeightStore::synthetic(1), &Device::Cpu)

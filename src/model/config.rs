@@ -403,15 +403,9 @@ impl ModelConfig {
         let tokens = n(&[grid, grid])?.checked_add(1)?;
         let side = (0..self.num_upscale).try_fold(grid, |side, _| side.checked_mul(2))?;
         let ctx = self.text_context_length as u64;
-        // The CNN branch's largest buffer: the 3x3 convolution's columns of the first stage.
-        let cnn_columns = match &self.cnn_branch {
-            Some(cnn) => {
-                n(&[self.image_size as u64, self.image_size as u64, 9, cnn.channels(unet_d::ENCODER[0]) as u64])
-            }
-            None => Some(0),
-        };
+        // The CNN branch is left out: it runs once per image whatever the number of samples, and
+        // its largest buffer, a convolution's columns, is capped (ops::CONV_COLUMN_BUDGET).
         [
-            cnn_columns,
             n(&[side, side, self.embed_dim as u64]),
             n(&[tokens, self.vision_mlp_dim as u64]),
             n(&[self.vision_heads as u64, tokens, tokens]),
