@@ -262,7 +262,8 @@ def cnn_op_cases():
         x, w, bias = torch.randn(b, cin, side, side), torch.randn(cout, cin, k, k), torch.randn(cout)
         cases.append((label, lambda x=x, w=w, bias=bias, k=k: F.conv2d(x, w, bias, padding=k // 2)))
     x, w, bias = torch.randn(b, 1240, 14, 14), torch.randn(1240, 546, 2, 2), torch.randn(546)
-    cases.append(("conv_transpose2x2 2x14x14 1240 -> 546", lambda: F.conv_transpose2d(x, w, bias, stride=2)))
+    cases.append(("conv_transpose2x2 2x14x14 1240 -> 546",
+                  lambda x=x, w=w, bias=bias: F.conv_transpose2d(x, w, bias, stride=2)))
     leaves = [torch.randn(b, 64, 224, 224, requires_grad=True), torch.randn(64, 64, 3, 3, requires_grad=True),
               torch.randn(64, requires_grad=True)]
     dy = torch.randn(b, 64, 224, 224)
