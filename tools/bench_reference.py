@@ -22,6 +22,11 @@ Cases (random weights; the engine side is `mcs-engine bench CASE --json`):
   term, softmax, sampled V, A V; `prob_attention` below) against the engine's fused op, forward
   under no_grad and forward + autograd backward to all five inputs.
 
+`saliency`: MedCLIP-SAMv2's M2IB bottleneck for one image, as its official pipeline runs it: 10 Adam
+  steps (lr 1) on alpha [T, W], each a forward and backward pass of 10 noise copies through the vision
+  tower from block L on (L = round(7/12 depth)), objective beta * mean KL - cos(image, text); the
+  engine side is `mcs-engine bench saliency` (`saliency::optimise_bottleneck`), the torch side the
+  same maths on the reference's modules with autograd (`m2ib_bottleneck` below).
 `cnn-ops`: the ops of VLSM-Ensemble's CNN branch (UNet-D) at its paper-size shapes, batch 2 at 224
   px: the engine side is `cargo bench --bench ops -- cnn --json` (NHWC, im2col + GEMM), the torch
   side the same ops through torch.nn.functional on NCHW tensors (PyTorch's own layout and its
@@ -56,9 +61,9 @@ from reference import losses, model as ref  # noqa: E402
 ALIASES = {"paper": "unimedclip-vit-b16"}
 # Defaults per case: a paper-size predict step at 30 samples takes tens of seconds on a 2-core CPU.
 DEFAULTS = {"train": (16, 10, 2), "predict": (1, 1, 1), "forward": (1, 5, 1), "attention": (1, 5, 1),
-            "cnn-ops": (2, 3, 1)}  # batch, steps, warmup
+            "cnn-ops": (2, 3, 1), "saliency": (1, 3, 1)}  # batch, steps, warmup
 TORCH_VARIANTS = {"train": ["train"], "predict": ["loop", "batched"], "forward": ["forward"],
-                  "attention": ["attention"], "cnn-ops": ["cnn"]}
+                  "attention": ["attention"], "cnn-ops": ["cnn"], "saliency": ["saliency"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,6 +309,46 @@ def worker_cnn_ops(args, raw, cfg):
     return {"cases": out}
 
 
+def m2ib_bottleneck(model, pixels, ids, layer, steps=10, copies=10, beta=0.1, lr=1.0):
+    """The bottleneck's optimisation for one image (see the module docs), the towers frozen."""
+    vision, bert = model.vision_model, model.text_model.transformer
+    with torch.no_grad():
+        x = vision.embed(pixels)
+        for block in vision.transformer.resblocks[:layer]:
+            x = block(x)
+        mask = model.text_model.additive_mask(ids)
+        t = bert.embeddings(ids)
+        for bert_layer in bert.encoder.layer:
+            t = bert_layer(t, mask)
+        text = model.text_model.pooled_embedding(t)
+    alpha = torch.full(x.shape[1:], 5.0, requires_grad=True)
+    optimiser = torch.optim.Adam([alpha], lr=lr)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        lam = torch.sigmoid(alpha)
+        mu, sigma = lam * x, 1 - lam
+        z = mu + sigma * torch.randn(copies, *x.shape[1:])
+        for block in vision.transformer.resblocks[layer:]:
+            z = block(z)
+        image = vision.output_tokens(z)[:, 0]
+        kl = 0.5 * (mu ** 2 + sigma ** 2 - 1 - torch.log(sigma ** 2))
+        loss = beta * kl.mean() - F.cosine_similarity(image, text.expand_as(image), dim=-1).mean()
+        loss.backward()
+        optimiser.step()
+    return alpha.detach()
+
+
+def worker_saliency(args, raw, cfg):
+    model = ref.MedCLIPSeg(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    ids = prompt_ids(cfg, 1)
+    layer = (7 * cfg.vision_layers + 6) // 12
+    return {"times_s": timed(args.warmup, args.steps, lambda i: m2ib_bottleneck(model, pixels, ids, layer))}
+
+
 def worker(args):
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = False
@@ -311,7 +356,8 @@ def worker(args):
     torch.manual_seed(0)
     ref.adapter_noise = lambda seed, draw, adapter, direction, shape, device=None: torch.randn(shape)
     raw, cfg = load_config(args.config)
-    run = {"train": worker_train, "attention": worker_attention, "cnn": worker_cnn_ops}.get(args.worker, worker_inference)
+    run = {"train": worker_train, "attention": worker_attention, "cnn": worker_cnn_ops,
+           "saliency": worker_saliency}.get(args.worker, worker_inference)
     report = run(args, raw, cfg)
     # ru_maxrss is in KiB on Linux.
     report.update(torch=torch.__version__, threads=torch.get_num_threads(),
@@ -420,7 +466,8 @@ def main():
         print(f"round {r + 1}: " + "; ".join(line) + " ms", flush=True)
 
     what = {"train": "train step", "predict": f"predict, {args.samples} samples", "forward": "forward, one sample",
-            "attention": f"probabilistic attention, {args.samples} samples", "cnn-ops": "CNN-branch ops"}[args.case]
+            "attention": f"probabilistic attention, {args.samples} samples", "cnn-ops": "CNN-branch ops",
+            "saliency": "M2IB saliency of one image (10 steps x 10 copies)"}[args.case]
     # Other processes on the cores stall torch's OpenMP barriers far more than the engine's rayon
     # tasks (a stalled thread holds up every op): the load says how much of that a run saw.
     load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(load_before, os.getloadavg()))

@@ -332,7 +332,7 @@ impl SaliencyModel {
         let ids = self.tokenizer.encode(prompt)?;
         let size = config.image_size;
         let input = Tensor::from_slice(&model_input(image, size)?, &[1, 3, size, size], self.device())?;
-        let (alpha, objective) = self.optimise(&input, &ids, options)?;
+        let (alpha, objective) = optimise_bottleneck(&self.model, &input, &ids, options)?;
         let layer = options.layer_for(config.vision_layers);
         let grid = config.grid();
         let patch_kl = self.patch_kl(&input, &alpha, layer)?;
@@ -353,38 +353,6 @@ impl SaliencyModel {
         })
     }
 
-    /// Adam on `alpha` for `options.steps` steps; the final `alpha` `[T, W]` and the objective at
-    /// each step.
-    fn optimise(&self, input: &Tensor, ids: &[u32], options: &SaliencyOptions) -> Result<(Tensor, Vec<f32>)> {
-        let layer = options.layer_for(self.config().vision_layers);
-        let frozen = Tape::inference();
-        let x = self.model.vision_tokens_after(&frozen, input, layer)?;
-        let text = self.model.text_embedding(&frozen, ids)?;
-        let (t, w) = (x.dim(1), x.dim(2));
-        let mut alpha = Tensor::full(ALPHA_INIT, &[t, w], self.device())?.into_trainable();
-        let mut state = AdamState::new(&[&alpha])?;
-        let mut objective = Vec::with_capacity(options.steps);
-        for step in 0..options.steps {
-            let noise = ops::normal_noise(self.device(), &[options.copies, t, w], options.seed, step as u64)?;
-            let grad = {
-                let tape = Tape::new();
-                let loss = m2ib_objective(&self.model, &tape, &x, &alpha, &noise, &text, layer, options.beta)?;
-                objective.push(loss.to_scalar()?);
-                let grads = tape.backward(&loss)?;
-                grads.get(&alpha).cloned().ok_or_else(|| {
-                    Error::Invalid("the M2IB objective did not reach the bottleneck (no gradient for alpha)".into())
-                })?
-            };
-            if let Some(last) = objective.last().filter(|v| !v.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "the M2IB objective is {last} at step {step} (is the input image or the checkpoint damaged?)"
-                )));
-            }
-            ops::adam_step(&mut [&mut alpha], &[&grad], &mut state, options.lr, AdamConfig::default())?;
-        }
-        Ok((alpha, objective))
-    }
-
     /// The KL summed over channels per patch token, `[1, 1, g, g]`.
     fn patch_kl(&self, input: &Tensor, alpha: &Tensor, layer: usize) -> Result<Tensor> {
         let tape = Tape::inference();
@@ -398,6 +366,46 @@ impl SaliencyModel {
         let grid = self.config().grid();
         ops::reshape(&tape, &patches, &[1, 1, grid, grid])
     }
+}
+
+/// The bottleneck's optimisation for one image: Adam on `alpha` for `options.steps` steps, each
+/// a forward and backward pass of `options.copies` noise copies through the vision tower from the
+/// bottleneck's layer on. `input` is the normalised `[1, 3, S, S]` image, `ids` the prompt's token
+/// ids; `model` must be frozen. Returns the final `alpha` `[T, W]` and the objective at each step.
+/// (Public for `bench saliency`, which times it with random weights.)
+pub fn optimise_bottleneck(
+    model: &MedClipSeg,
+    input: &Tensor,
+    ids: &[u32],
+    options: &SaliencyOptions,
+) -> Result<(Tensor, Vec<f32>)> {
+    let layer = options.layer_for(model.config().vision_layers);
+    let frozen = Tape::inference();
+    let x = model.vision_tokens_after(&frozen, input, layer)?;
+    let text = model.text_embedding(&frozen, ids)?;
+    let (t, w) = (x.dim(1), x.dim(2));
+    let mut alpha = Tensor::full(ALPHA_INIT, &[t, w], model.device())?.into_trainable();
+    let mut state = AdamState::new(&[&alpha])?;
+    let mut objective = Vec::with_capacity(options.steps);
+    for step in 0..options.steps {
+        let noise = ops::normal_noise(model.device(), &[options.copies, t, w], options.seed, step as u64)?;
+        let grad = {
+            let tape = Tape::new();
+            let loss = m2ib_objective(model, &tape, &x, &alpha, &noise, &text, layer, options.beta)?;
+            objective.push(loss.to_scalar()?);
+            let grads = tape.backward(&loss)?;
+            grads.get(&alpha).cloned().ok_or_else(|| {
+                Error::Invalid("the M2IB objective did not reach the bottleneck (no gradient for alpha)".into())
+            })?
+        };
+        if let Some(last) = objective.last().filter(|v| !v.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "the M2IB objective is {last} at step {step} (is the input image or the checkpoint damaged?)"
+            )));
+        }
+        ops::adam_step(&mut [&mut alpha], &[&grad], &mut state, options.lr, AdamConfig::default())?;
+    }
+    Ok((alpha, objective))
 }
 
 /// The `[1, 1, g, g]` patch map resized bilinearly to `width` x `height` (on its device) and

@@ -8,6 +8,7 @@
 //! | `predict` | `predict.rs` | `--samples` Monte-Carlo draws of a batch, batched as the library does |
 //! | `forward` | `predict.rs` | one inference forward pass, one sample |
 //! | `attention` | `attention.rs` | the fused probabilistic attention alone, forward and forward+backward, both directions |
+//! | `saliency` | `saliency.rs` | the M2IB bottleneck of one image: 10 Adam steps of 10 noise copies through the vision tower |
 //!
 //! Every case warms up for `--warmup` steps, then reports the median, min and max of `--steps`
 //! timed steps. `Device::time` times a step from a drained queue: the host clock on the CPU, CUDA
@@ -15,6 +16,7 @@
 
 mod attention;
 mod predict;
+mod saliency;
 mod train;
 
 use mcs_engine::limits;
@@ -29,8 +31,10 @@ pub struct BenchArgs {
     /// pre-processing, the deterministic prefix once, the samples stacked in the batch, mean
     /// probability and uncertainty maps; no file output); `forward` (one inference forward pass,
     /// one sample); `attention` (the fused probabilistic attention alone, forward and
-    /// forward+backward, image->text and text->image at the config's shapes).
-    #[arg(value_parser = ["train", "predict", "forward", "attention"])]
+    /// forward+backward, image->text and text->image at the config's shapes); `saliency` (the
+    /// M2IB bottleneck of one image, as `mcs-engine saliency` runs it: 10 Adam steps of 10 noise
+    /// copies, each a forward and backward pass of the vision tower from the bottleneck on).
+    #[arg(value_parser = ["train", "predict", "forward", "attention", "saliency"])]
     case: String,
     /// Model config: a preset (`tiny`, `small`, `paper` = `unimedclip-vit-b16`) or a config.json path.
     #[arg(long, default_value = "small")]
@@ -138,6 +142,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "predict" => predict::run_predict(&setup)?,
         "forward" => predict::run_forward(&setup)?,
         "attention" => attention::run(&setup)?,
+        "saliency" => saliency::run(&setup)?,
         other => return Err(Error::Invalid(format!("unknown bench case `{other}`"))),
     };
     // Read last: the high-water mark then covers set-up and every step of this case.
@@ -188,6 +193,11 @@ fn check(args: &BenchArgs) -> Result<()> {
         }
         ("train", Some(_)) => Err(Error::Invalid(
             "`bench train` draws one sample per image, as training does; --samples is for predict and attention".into(),
+        )),
+        ("saliency", samples) if samples.is_some() || args.batch_size.is_some_and(|b| b != 1) => Err(Error::Invalid(
+            "`bench saliency` times one image with the saliency defaults (10 noise copies); it takes neither \
+             --samples nor --batch-size"
+                .into(),
         )),
         _ => Ok(()),
     }

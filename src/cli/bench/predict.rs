@@ -113,7 +113,7 @@ fn with_tensor_peak<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
 
 /// A deterministic 8-bit B, G, R picture at the model's size: a bright disc on a gradient
 /// (the content does not change the cost; it only keeps the input away from a constant).
-fn test_image(size: usize, index: usize) -> Result<Image8> {
+pub(super) fn test_image(size: usize, index: usize) -> Result<Image8> {
     let centre = size as f64 * (0.35 + 0.1 * (index % 3) as f64);
     let mut data = Vec::with_capacity(size * size * 3);
     for y in 0..size {
