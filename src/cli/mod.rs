@@ -204,6 +204,52 @@ pub fn demo_model_dir(cwd: Option<&Path>, exe: Option<&Path>, manifest_dir: &Pat
     )))
 }
 
+/// One split that `predict` or `saliency` writes a folder per image for: the split, its index
+/// and each image's output folder name.
+pub struct SplitOutputs {
+    pub split: Split,
+    pub index: mcs_engine::data::DatasetIndex,
+    pub folders: Vec<String>,
+}
+
+/// Opens `split` of `root` (with `prompts` instead of the split's own prompt file when given) and
+/// refuses, before any image is processed, an empty prompt file, names that would share an output
+/// folder, and images that are no images or exceed `max_pixels` (their headers alone). Images in
+/// `img/` that no prompt lists are noted on stderr.
+pub fn open_split_outputs(root: &Path, split: &str, prompts: Option<&Path>, max_pixels: u64) -> Result<SplitOutputs> {
+    let split = parse_split(split)?;
+    let (index, unlisted) = mcs_engine::data::open_split(root, split, None, prompts)?;
+    if unlisted > 0 {
+        eprintln!(
+            "note: {unlisted} image(s) in {}/{}/img have no prompt and are skipped",
+            root.display(),
+            split.folder()
+        );
+    }
+    let prompt_file = match prompts {
+        Some(path) => path.to_path_buf(),
+        None => mcs_engine::data::prompt_file_path(root, split, None)?,
+    };
+    if index.is_empty() {
+        return Err(Error::Invalid(format!("{}: lists no images", prompt_file.display())));
+    }
+    let names: Vec<&str> = index.items.iter().map(|item| item.name.as_str()).collect();
+    let folders =
+        predict::output_folder_names(&names).map_err(|e| Error::Invalid(format!("{}: {e}", prompt_file.display())))?;
+    for item in &index.items {
+        mcs_engine::imaging::check_image_file(&item.image_path, max_pixels)?;
+    }
+    Ok(SplitOutputs { split, index, folders })
+}
+
+/// A progress bar over `len` images, labelled `what` (`predict`, `saliency`).
+pub fn images_bar(what: &str, len: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    let template = format!("{what} {{bar:30}} {{pos}}/{{len}} images [{{elapsed_precise}} < {{eta_precise}}] {{msg}}");
+    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("the progress template is valid"));
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use mcs_engine::data::{self, Image8};
 use mcs_engine::imaging::check_image_file;
 use mcs_engine::model::weights::WeightStore;
@@ -173,31 +172,9 @@ fn predict_one(
 }
 
 fn predict_split(segmenter: &Segmenter, args: &PredictArgs, root: &Path, options: &Options) -> Result<()> {
-    let split = super::parse_split(&args.split)?;
-    let (index, unlisted) = data::open_split(root, split, None, args.prompts.as_deref())?;
-    if unlisted > 0 {
-        eprintln!(
-            "note: {unlisted} image(s) in {}/{}/img have no prompt and are skipped",
-            root.display(),
-            split.folder()
-        );
-    }
-    // Refused up front, before any image is segmented: names that would share a folder, and
-    // images that are no images or are too large (their headers alone).
-    let prompt_file = match &args.prompts {
-        Some(path) => path.clone(),
-        None => data::prompt_file_path(root, split, None)?,
-    };
-    let names: Vec<&str> = index.items.iter().map(|item| item.name.as_str()).collect();
-    let folders = output_folder_names(&names).map_err(|e| Error::Invalid(format!("{}: {e}", prompt_file.display())))?;
-    for item in &index.items {
-        check_image_file(&item.image_path, options.max_pixels)?;
-    }
-    let bar = ProgressBar::new(index.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("predict {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}] {msg}")
-            .expect("the progress template is valid"),
-    );
+    let outputs = super::open_split_outputs(root, &args.split, args.prompts.as_deref(), options.max_pixels)?;
+    let (split, index, folders) = (outputs.split, outputs.index, outputs.folders);
+    let bar = super::images_bar("predict", index.len());
     let started = Instant::now();
     let mut written = 0;
     for (item, folder) in index.items.iter().zip(&folders) {

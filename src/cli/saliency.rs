@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use mcs_engine::data;
 use mcs_engine::imaging::check_image_file;
 use mcs_engine::saliency::{write_saliency_outputs, SaliencyModel, SaliencyOptions};
 use mcs_engine::segment::{read_image_within, select_device, DEFAULT_MAX_PIXELS};
@@ -166,33 +164,9 @@ fn saliency_one(
 }
 
 fn saliency_split(model: &SaliencyModel, args: &SaliencyArgs, root: &Path, options: &SaliencyOptions) -> Result<()> {
-    let split = super::parse_split(&args.split)?;
-    let (index, unlisted) = data::open_split(root, split, None, args.prompts.as_deref())?;
-    if unlisted > 0 {
-        eprintln!(
-            "note: {unlisted} image(s) in {}/{}/img have no prompt and are skipped",
-            root.display(),
-            split.folder()
-        );
-    }
-    let prompt_file = match &args.prompts {
-        Some(path) => path.clone(),
-        None => data::prompt_file_path(root, split, None)?,
-    };
-    if index.is_empty() {
-        return Err(Error::Invalid(format!("{}: lists no images", prompt_file.display())));
-    }
-    let names: Vec<&str> = index.items.iter().map(|item| item.name.as_str()).collect();
-    let folders = super::predict::output_folder_names(&names)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", prompt_file.display())))?;
-    for item in &index.items {
-        check_image_file(&item.image_path, options.max_pixels)?;
-    }
-    let bar = ProgressBar::new(index.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("saliency {bar:30} {pos}/{len} images [{elapsed_precise} < {eta_precise}] {msg}")
-            .expect("the progress template is valid"),
-    );
+    let outputs = super::open_split_outputs(root, &args.split, args.prompts.as_deref(), options.max_pixels)?;
+    let (split, index, folders) = (outputs.split, outputs.index, outputs.folders);
+    let bar = super::images_bar("saliency", index.len());
     let started = Instant::now();
     for (item, folder) in index.items.iter().zip(&folders) {
         bar.set_message(item.name.clone());
