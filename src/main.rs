@@ -29,7 +29,8 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Time one case with random weights and report median, spread, images/s and peak RSS:
     /// `train` (one optimisation step), `predict` (Monte-Carlo inference), `forward` (one pass),
-    /// `attention` (the probabilistic attention op alone, forward and backward).
+    /// `attention` (the probabilistic attention op alone, forward and backward), `saliency` (the
+    /// M2IB bottleneck of one image).
     Bench(cli::bench::BenchArgs),
     /// Write the built-in synthetic dataset in the official layout (images, masks, xlsx prompts).
     Synth(cli::synth::SynthArgs),

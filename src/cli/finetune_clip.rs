@@ -33,6 +33,7 @@ pub struct FinetuneClipArgs {
     /// Train the last N blocks of each tower (and the projections); 0 trains every layer.
     #[arg(long, default_value_t = 0)]
     layers: usize,
+    /// Passes over the training pairs.
     #[arg(long, default_value_t = 10, value_parser = super::count(), allow_negative_numbers = true)]
     epochs: usize,
     /// Pairs per step (at least 2: each pair's negatives are the others).
@@ -50,9 +51,10 @@ pub struct FinetuneClipArgs {
     /// DHN-NCE temperature.
     #[arg(long, default_value_t = 0.6, value_parser = super::positive::<f32>, allow_negative_numbers = true)]
     temperature: f32,
-    /// DHN-NCE hardness of the image-to-text (beta1) and text-to-image (beta2) negatives.
+    /// DHN-NCE hardness of the image-to-text negatives (beta1; 0 weighs every negative alike).
     #[arg(long, default_value_t = 0.15, value_parser = finite, allow_negative_numbers = true)]
     beta_image: f32,
+    /// DHN-NCE hardness of the text-to-image negatives (beta2).
     #[arg(long, default_value_t = 0.15, value_parser = finite, allow_negative_numbers = true)]
     beta_text: f32,
     /// Seed of the held-out split and the data order.
