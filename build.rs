@@ -1,5 +1,5 @@
 //! Compiles every `kernels/*.cu` to PTX with nvcc when a toolkit is found, and always embeds the
-//! sources so that NVRTC can compile them at run time when no PTX was built (ENGINE.md §3).
+//! sources so that NVRTC can compile them at run time when no PTX was built (docs/architecture.md §4).
 //! Also generates, from the kernel files, what the Rust side would otherwise repeat by hand: the
 //! `KernelFamily` enum (one variant per file) and the tile sizes of kernels/prob_attention.cu.
 //!
@@ -187,7 +187,7 @@ fn list_kernels(dir: &Path) -> Vec<String> {
     stems
 }
 
-/// Looks for nvcc where ENGINE.md §3 says, without running anything.
+/// Looks for nvcc where docs/architecture.md §4 says, without running anything.
 fn find_nvcc() -> Option<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(nvcc) = env::var_os("NVCC") {

@@ -1,6 +1,6 @@
 //! Op microbenchmarks: `cargo bench --bench ops`. Each op is first checked on the GPU against the
 //! CPU reference, then timed on every device on its own clock (CUDA events on a GPU), each repeat
-//! from a drained queue. Figures are only meaningful on the GPU machine (ENGINE.md §6); on a
+//! from a drained queue. Figures are only meaningful on the GPU machine (docs/verification.md §5); on a
 //! machine without one this times the CPU backend.
 
 use mcs_engine::cuda::gpu_available;

@@ -1,4 +1,4 @@
-// Segmentation losses (spec §4.1): BCE with logits (mean over all pixels) and soft Dice over
+// Segmentation losses (docs/model.md §4.1): BCE with logits (mean over all pixels) and soft Dice over
 // groups of pixels (MONAI's row-wise quirk or per image), forward and backward.
 // Launchers and CPU reference: src/ops/loss.rs.
 #include "block_reduce.cuh"

@@ -1,4 +1,4 @@
-// Fused probabilistic cross-attention of MedCLIPSeg (spec §2.3), forward and backward.
+// Fused probabilistic cross-attention of MedCLIPSeg (docs/model.md §2.3), forward and backward.
 // Launchers and the CPU reference: src/ops/prob_attention.rs. Tests: tests/prob_attention.rs.
 //
 //   S_mu    = Q K_mu^T / sqrt(C)                  logits = S_mu - beta * S_sigma

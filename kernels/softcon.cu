@@ -1,4 +1,4 @@
-// Soft patch-level contrastive loss (spec §4.2), forward and backward.
+// Soft patch-level contrastive loss (docs/model.md §4.2), forward and backward.
 // Launchers and CPU reference: src/ops/softcon.rs.
 //
 // Forward: softcon_patch_mean (one block per image: patch norms, mean of unit patch tokens P),

@@ -1,4 +1,4 @@
-//! Image files in and out: decoding, the official pre-processing (spec §6: OpenCV-style bilinear
+//! Image files in and out: decoding, the official pre-processing (docs/model.md §6: OpenCV-style bilinear
 //! resize, BGR channel order, ImageNet mean/std), and writing result maps as PNGs.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! Reverse-mode autograd as an explicit tape (ENGINE.md §4).
+//! Reverse-mode autograd as an explicit tape (docs/architecture.md §5).
 //!
 //! Every differentiable op computes its output with untracked kernels and then calls
 //! [`Tape::record`] with a backward closure. The tape keeps those closures in forward order;

@@ -1,4 +1,4 @@
-//! Prompt text -> token ids, as the official UniMedCLIP `HFTokenizer` does (spec §1.2): clean the
+//! Prompt text -> token ids, as the official UniMedCLIP `HFTokenizer` does (docs/model.md §1.2): clean the
 //! text (HTML entities, whitespace), run the BERT WordPiece tokenizer from a `tokenizer.json`,
 //! truncate to the context length keeping `[CLS]` and `[SEP]`, pad with the pad id.
 

@@ -169,7 +169,7 @@ fn training_pass_matches_pytorch() {
             let (diff, scale) = max_diff(&got.to_vec().unwrap(), &want.1);
             // The gradient budget of tests/train_parity.rs (2e-4 of the tensor's largest entry).
             // The absolute 1e-7 covers gradients that are zero in exact arithmetic and rounding
-            // noise on both sides: norm_k.bias (spec §11.1), and the bias of a convolution that
+            // noise on both sides: norm_k.bias (docs/model.md §10.9), and the bias of a convolution that
             // feeds a training-mode batch norm, which subtracts every constant shift again.
             let tolerance = 2e-4 * scale + 1e-7;
             assert!(diff <= tolerance, "grad of {key} on {}: max abs diff {diff:e} > {tolerance:e}", device.name());

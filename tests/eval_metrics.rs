@@ -1,7 +1,7 @@
 //! The evaluation metrics on hand-computed cases, and NSD against values the official
 //! `surface_distance` code (DeepMind; what MedCLIPSeg's `utils/SurfaceDice.py` is) printed for
 //! the same masks (`compute_surface_distances(gt[..., None], pred[..., None], [1, 1, 1])`, then
-//! `compute_surface_dice_at_tolerance(.., 2)`; the first five values are also quoted in spec §7).
+//! `compute_surface_dice_at_tolerance(.., 2)`; docs/model.md §7 describes what that function computes).
 
 use mcs_engine::eval::metrics::{auroc, dice, nsd, surfel_areas, Calibration};
 

@@ -287,7 +287,7 @@ fn loss_terms_match_pytorch_on_the_training_fixture() {
     for device in devices() {
         let tape = Tape::inference();
         let (logits, masks) = (get("act.logits", &device), get("input.masks", &device));
-        // SoftCon takes the patch tokens without CLS and the raw text embedding (spec §4.2).
+        // SoftCon takes the patch tokens without CLS and the raw text embedding (docs/model.md §4.2).
         let tokens = get("act.vision.tokens", &device);
         let patches = narrow(&tape, &tokens, 1, 1, tokens.dim(1) - 1).unwrap();
         let text = get("act.text.embedding", &device);

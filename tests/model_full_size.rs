@@ -36,7 +36,7 @@ fn paper_config_asks_for_exactly_the_official_keys_and_runs_on_the_cpu() {
         assert_eq!(got.get(key), Some(expected), "key {key}: (shape, trainable)");
     }
     let trainable: usize = model.parameters().values().filter(|t| t.needs_grad()).map(|t| t.numel()).sum();
-    assert_eq!(trainable, 18_677_268, "trainable parameters (spec §1.3)");
+    assert_eq!(trainable, 18_677_268, "trainable parameters (docs/model.md §1.3)");
 
     let pixels = Tensor::from_vec(common::random_vec(5, 3 * 224 * 224, -2.0, 2.0), &[1, 3, 224, 224]).unwrap();
     let mut ids = vec![0u32; config.text_context_length];

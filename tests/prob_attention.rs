@@ -35,7 +35,7 @@ impl Case {
     }
 }
 
-/// The paper's beta (spec §2).
+/// The paper's beta (docs/model.md §2).
 const BETA: f32 = 2.35;
 
 fn noise(samples: usize, first_draw: u64) -> NoiseKey {
@@ -92,7 +92,7 @@ fn forward_backward(
     (out.to_vec().unwrap(), grads)
 }
 
-/// The spec's formula in f64 with plain loops, taking the noise from its definition.
+/// The formula of docs/model.md §2.3 in f64 with plain loops, taking the noise from its definition.
 fn reference_f64(case: Case, data: &[Vec<f32>; 5], key: NoiseKey, beta: f64) -> Vec<f32> {
     let [q, k_mu, k_var, v_mu, v_var] = data;
     let (tq, tk, c) = (case.tq, case.tk, case.c);
@@ -266,7 +266,7 @@ fn fused_gradients_match_finite_differences() {
 
 #[test]
 fn shifting_every_key_mean_by_one_vector_changes_nothing() {
-    // Spec §11.1: adding the same vector u to every key mean adds q.u / sqrt(C) to all of a
+    // docs/model.md §10.9: adding the same vector u to every key mean adds q.u / sqrt(C) to all of a
     // query's logits, and softmax ignores that. So the output does not move, and the gradient of
     // K_mu summed over the keys (the gradient along that shift) is 0 up to rounding.
     let case = Case { samples: 2, batch: 2, tq: 6, tk: 9, c: 8 };

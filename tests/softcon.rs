@@ -1,5 +1,5 @@
 //! SoftCon family (kernels/softcon.cu, src/ops/softcon.rs): the soft patch-level contrastive loss
-//! of spec §4.2 against a literal f64 transcription, gradients against finite differences of that
+//! of docs/model.md §4.2 against a literal f64 transcription, gradients against finite differences of that
 //! transcription with the soft targets held fixed, GPU against CPU, and input errors.
 
 mod common;
@@ -43,7 +43,7 @@ fn split(z: &[f64], t: &[f64], [b, n, e]: [usize; 3]) -> (Vec<Matrix>, Matrix) {
     (tokens, (0..b).map(|i| t[i * e..][..e].to_vec()).collect())
 }
 
-/// The soft targets Y of spec §4.2 from the text embeddings.
+/// The soft targets Y of docs/model.md §4.2 from the text embeddings.
 fn targets_f64(text: &Matrix, tau: f64) -> Matrix {
     let s = matmul_transposed(text, text, 1.0 / tau);
     let normalised: Matrix = s
@@ -56,7 +56,7 @@ fn targets_f64(text: &Matrix, tau: f64) -> Matrix {
     softmax_rows(&normalised)
 }
 
-/// L_SoftCon of spec §4.2 with the soft targets `y` given (so it can be held fixed).
+/// L_SoftCon of docs/model.md §4.2 with the soft targets `y` given (so it can be held fixed).
 fn loss_with_targets(tokens: &[Matrix], text: &Matrix, y: &Matrix, tau: f64) -> f64 {
     let means: Matrix = tokens
         .iter()

@@ -85,7 +85,7 @@ fn loss_terms_and_gradients_match_pytorch() {
             // relative per op accumulate (measured worst: 2.7e-5 of the tensor's largest entry);
             // 2e-4 of it leaves margin and still catches any wrong rule (those are off by O(1)
             // of it). The absolute 1e-7 covers norm_k.bias, whose true gradient is zero and which
-            // both sides only see as rounding noise (spec §11.1).
+            // both sides only see as rounding noise (docs/model.md §10.9).
             let tolerance = 2e-4 * scale + 1e-7;
             assert!(diff <= tolerance, "grad of {key} on {}: max abs diff {diff:e} > {tolerance:e}", device.name());
             if !key.ends_with("norm_k.bias") && diff / scale.max(1e-12) > worst.0 {
@@ -126,7 +126,7 @@ fn three_adam_steps_follow_pytorch() {
             // Adam moves each element by at most ~lr per step whatever the gradient's size, so
             // gradient differences of 1e-3 relative shift parameters by ~1e-6; 1e-5 absolute is
             // well inside one step (1e-3) and catches a wrong update rule. norm_k.bias is the
-            // exception: its gradient is pure rounding noise on both sides (spec §11.1), which
+            // exception: its gradient is pure rounding noise on both sides (docs/model.md §10.9), which
             // Adam's normalisation turns into steps of up to lr in a random direction, so the two
             // sides may drift apart by up to 2 lr per step.
             let tolerance = if key.ends_with("norm_k.bias") { 2.0 * 3.0 * LEARNING_RATE * 1.01 } else { 1e-5 };

@@ -39,7 +39,7 @@ pub struct TrainArgs {
     /// Starting learning rate, cosine-annealed per epoch to the recipe's minimum (overrides the recipe).
     #[arg(long, value_parser = super::positive::<f32>, allow_negative_numbers = true)]
     lr: Option<f32>,
-    /// Soft Dice flavour: `rows` (official row-wise quirk, spec §4.1) or `image` (per image).
+    /// Soft Dice flavour: `rows` (official row-wise quirk, docs/model.md §4.1) or `image` (per image).
     #[arg(long, value_parser = ["rows", "image"])]
     dice_mode: Option<String>,
     /// Text-tower dropout while training (the official code uses 0.1).

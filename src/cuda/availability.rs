@@ -94,7 +94,7 @@ pub fn unavailable_reason() -> Option<&'static str> {
         .as_deref()
 }
 
-/// True when a GPU can be used. Gate every first touch of CUDA with this (ENGINE.md §2).
+/// True when a GPU can be used. Gate every first touch of CUDA with this (docs/architecture.md §3).
 pub fn gpu_available() -> bool {
     unavailable_reason().is_none()
 }

@@ -1,4 +1,4 @@
-//! The only training augmentation of the official code (spec §6.2): with probability 0.5 the
+//! The only training augmentation of the official code (docs/model.md §6.2): with probability 0.5 the
 //! resized image and mask are rotated together by an integer angle in [-20, 20] degrees with
 //! `PIL.Image.rotate` semantics (counter-clockwise for positive angles, about the centre, nearest
 //! neighbour, same canvas, black fill). It runs on the 8-bit arrays, before normalisation.

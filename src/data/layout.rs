@@ -1,4 +1,4 @@
-//! The official dataset layout (LViT / MedCLIPSeg, spec §7):
+//! The official dataset layout (LViT / MedCLIPSeg, docs/model.md §7):
 //!
 //! ```text
 //! <root>/Train_Folder/{img,label}/    <root>/Prompts_Folder/Train_text.xlsx   (Train_text_{10,25,50}.xlsx)

@@ -1,4 +1,4 @@
-//! The official pre-processing (spec §6), bit for bit: `cv2.imread` to BGR bytes, `cv2.resize`
+//! The official pre-processing (docs/model.md §6), bit for bit: `cv2.imread` to BGR bytes, `cv2.resize`
 //! (INTER_LINEAR in OpenCV's fixed point for images, INTER_NEAREST for masks), mask binarisation at
 //! 127, and `to_tensor` + ImageNet `Normalize` applied to the B, G, R planes in that order.
 //!
@@ -15,7 +15,7 @@ use image::{DynamicImage, ImageFormat};
 use crate::error::{Error, Result};
 
 /// ImageNet statistics; the official loader applies them to B, G, R in that order because the
-/// OpenCV array is never converted to RGB (spec §10.3).
+/// OpenCV array is never converted to RGB (docs/model.md §10.3).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -213,7 +213,7 @@ fn vertical_pass(s0: i32, s1: i32, b0: i32, b1: i32) -> u8 {
 }
 
 /// `cv2.resize(src, (width, height), interpolation=INTER_LINEAR)` on 8-bit data, bit-exact with
-/// OpenCV's fixed-point path (spec §6). Equal sizes return a copy, as `cv::resize` does.
+/// OpenCV's fixed-point path (docs/model.md §6). Equal sizes return a copy, as `cv::resize` does.
 pub fn resize_linear(src: &Image8, width: usize, height: usize) -> Result<Image8> {
     check_resize(src, width, height)?;
     if (src.width, src.height) == (width, height) {

@@ -1,6 +1,6 @@
 //! Per-image segmentation and calibration metrics.
 //!
-//! - [`dice`] and [`nsd`] follow the official evaluation (spec §7): binary masks of the ground
+//! - [`dice`] and [`nsd`] follow the official evaluation (docs/model.md §7): binary masks of the ground
 //!   truth's size; both empty gives 1, exactly one empty gives 0.
 //! - [`nsd`] is the official *one-slice volume* surface Dice (DeepMind `surface_distance` on a
 //!   `[H, W, 1]` volume with spacing 1), not a 2-D contour NSD; see its docs.
@@ -26,7 +26,7 @@ pub fn dice(predicted: &[bool], truth: &[bool]) -> f64 {
 }
 
 /// Normalised surface Dice at `tolerance` pixels of two `width` x `height` masks (row-major), as
-/// the official evaluation computes it (spec §7).
+/// the official evaluation computes it (docs/model.md §7).
 ///
 /// The official code treats each mask as a one-slice volume: the 2x2x2 neighbourhoods of the
 /// zero-padded slab are the cube corners of marching cubes, every corner touching a foreground

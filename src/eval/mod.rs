@@ -1,4 +1,4 @@
-//! Evaluation of a split in the official layout (spec §7): per image, the metrics of
+//! Evaluation of a split in the official layout (docs/model.md §7): per image, the metrics of
 //! [`metrics`]; per split, their means (DSC, NSD, AUROC) and the pixel-pooled calibration (ECE,
 //! Brier); the prompt-robustness sweep over the five `Test_text_<variant>.xlsx` files.
 //!
@@ -34,7 +34,7 @@ use metrics::{auroc, dice, nsd, Calibration};
 /// NSD tolerance of the official evaluation, in pixels.
 pub const NSD_TOLERANCE: f64 = 2.0;
 
-/// The prompt styles of the official robustness study (spec §7), in the order they are reported.
+/// The prompt styles of the official robustness study (docs/model.md §7), in the order they are reported.
 pub const PROMPT_VARIANTS: [&str; 5] =
     ["original", "contradictory", "missing_location", "overdescriptive", "underdescriptive"];
 

@@ -1,4 +1,4 @@
-//! The probabilistic vision-language (PVL) adapter (spec §2): down-projections of both towers'
+//! The probabilistic vision-language (PVL) adapter (docs/model.md §2): down-projections of both towers'
 //! hidden states, image->text then text->image probabilistic cross-attention, up-projections.
 
 use super::config::ModelConfig;
@@ -9,7 +9,7 @@ use crate::tape::Tape;
 use crate::tensor::Tensor;
 
 /// Which Monte-Carlo draws a forward pass makes: the batch is stacked `samples` times and copy `s`
-/// draws its noise as draw `first_draw + s` (spec §5; the training step number during training),
+/// draws its noise as draw `first_draw + s` (docs/model.md §5; the training step number during training),
 /// related to the other draws as `mode` says (training: always plain).
 #[derive(Clone, Copy, Debug)]
 pub struct Sampling {
@@ -35,7 +35,7 @@ pub struct PvlAdapter {
 }
 
 /// Single-head cross-attention whose keys carry a variance and whose values are sampled
-/// (spec §2.3), gated against the query tokens by `sigmoid(gate)`.
+/// (docs/model.md §2.3), gated against the query tokens by `sigmoid(gate)`.
 pub struct ProbCrossAttention {
     dim: usize,
     beta: f32,

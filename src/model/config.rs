@@ -49,7 +49,7 @@ pub struct ModelConfig {
     /// lists the towers too.
     #[serde(default = "official_trainable")]
     pub trainable: Vec<String>,
-    /// How `mcs-engine train` trains this model (defaults: the official recipe, spec §4, §6).
+    /// How `mcs-engine train` trains this model (defaults: the official recipe, docs/model.md §4, §6).
     #[serde(default)]
     pub training: TrainRecipe,
     /// VLSM-Ensemble's CNN branch, fused with the model (docs/cnn_branch.md); absent: MedCLIPSeg
@@ -418,7 +418,7 @@ impl ModelConfig {
     }
 
     /// The number of parameters the model loads for this config (every weight the towers, the
-    /// adapters and the decoder take, spec §9), `None` when it overflows 64 bits.
+    /// adapters and the decoder take, docs/model.md §9), `None` when it overflows 64 bits.
     pub fn parameter_count(&self) -> Option<u64> {
         let n = |dims: &[u64]| dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let sum = |parts: &[Option<u64>]| parts.iter().try_fold(0u64, |acc, &part| acc.checked_add(part?));

@@ -1,4 +1,4 @@
-//! The segmentation decoder (spec §3), run channels-last (NHWC): normalised patch tokens are
+//! The segmentation decoder (docs/model.md §3), run channels-last (NHWC): normalised patch tokens are
 //! upscaled by ScaleBlocks (2x2 stride-2 transposed conv, GELU, depthwise 3x3 conv,
 //! LayerNorm2d as a last-dim LayerNorm), the normalised text embedding goes through the MLP mask
 //! head, their per-pixel dot product gives low-resolution logits, bilinearly resized to the image.

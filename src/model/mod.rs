@@ -1,5 +1,5 @@
 //! MedCLIPSeg: the two CLIP towers run in lock-step with PVL adapters between their layers, and a
-//! decoder that turns image tokens and the text embedding into segmentation logits (spec §1-§3, §5).
+//! decoder that turns image tokens and the text embedding into segmentation logits (docs/model.md §1-§3, §5).
 
 pub mod adapter;
 pub mod clip;
@@ -95,7 +95,7 @@ pub struct ForwardOutput {
     pub text_embedding: Tensor,
 }
 
-/// The Monte-Carlo prediction for a batch (spec §5).
+/// The Monte-Carlo prediction for a batch (docs/model.md §5).
 pub struct Prediction {
     /// `[S, B, H, W]` logits of every draw.
     pub logits: Tensor,
@@ -106,7 +106,7 @@ pub struct Prediction {
 }
 
 impl MedClipSeg {
-    /// Builds the model from a weight store holding every key of the config (spec §9).
+    /// Builds the model from a weight store holding every key of the config (docs/model.md §9).
     pub fn from_store(config: ModelConfig, mut store: WeightStore, device: &Device) -> Result<MedClipSeg> {
         config.validate()?;
         let mut l = Loader::new(&mut store, &config, device);
@@ -349,7 +349,7 @@ impl MedClipSeg {
     }
 
     /// `samples` stochastic passes (draws `0..samples`, all in one batched pass), their mean
-    /// probability and its binary entropy (spec §5), with independent (plain) noise.
+    /// probability and its binary entropy (docs/model.md §5), with independent (plain) noise.
     pub fn predict(&self, pixels: &Tensor, ids: &[u32], seed: u64, samples: usize) -> Result<Prediction> {
         self.predict_sampled(pixels, ids, Sampling { seed, first_draw: 0, samples, mode: NoiseMode::Plain })
     }

@@ -1,4 +1,4 @@
-//! The BiomedBERT text tower (spec §1.2) with Hugging Face `BertModel` semantics: word + token
+//! The BiomedBERT text tower (docs/model.md §1.2) with Hugging Face `BertModel` semantics: word + token
 //! type + position embeddings and LayerNorm, post-LN layers with exact-erf GELU, an additive pad
 //! mask on keys, and the projected `[CLS]` token as the text embedding.
 
@@ -37,7 +37,7 @@ pub struct BertLayer {
 
 const PREFIX: &str = "text_model.transformer";
 
-/// Training-mode dropout of the text tower (HF `BertModel` in `train()`, spec §1.3): on the
+/// Training-mode dropout of the text tower (HF `BertModel` in `train()`, docs/model.md §1.3): on the
 /// embeddings, the attention probabilities, and both sub-layer outputs before their residual
 /// LayerNorm. Masks are Philox draws keyed by the training step, so a step is reproducible and
 /// the backward regenerates them instead of storing them.

@@ -1,4 +1,4 @@
-//! The CLIP ViT image tower (spec §1.1): patch embedding, class token, positional embedding,
+//! The CLIP ViT image tower (docs/model.md §1.1): patch embedding, class token, positional embedding,
 //! `ln_pre`, pre-LN blocks with QuickGELU MLPs, and `ln_post` + `proj` applied to every token.
 
 use super::config::ModelConfig;

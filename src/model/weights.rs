@@ -1,5 +1,5 @@
 //! Weights on disk: safetensors files keyed by the official MedCLIPSeg state-dict names
-//! (spec §9). Loading checks every key the model asks for (missing, mis-shaped) and every key it
+//! (docs/model.md §9). Loading checks every key the model asks for (missing, mis-shaped) and every key it
 //! did not ask for (unexpected), each error naming the key, the file and both shapes. Saving goes
 //! through a temporary file and a rename, so an existing checkpoint is never left half-written.
 

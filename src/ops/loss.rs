@@ -1,11 +1,11 @@
-//! Segmentation losses (spec §4.1): BCE with logits and soft Dice, each a scalar mean whose
+//! Segmentation losses (docs/model.md §4.1): BCE with logits and soft Dice, each a scalar mean whose
 //! gradient flows to the logits only (targets are data).
 //! Kernels: `kernels/loss.cu`. Tests: `tests/loss.rs`.
 //!
 //! Soft Dice comes in two modes. [`DiceMode::Rows`] is what the official code computes: MONAI's
 //! `DiceLoss(include_background=False, sigmoid=True)` applied to `[B, H, W]` tensors takes the
-//! image rows for channels, drops row 0 and averages a soft Dice per remaining row (spec §4.1,
-//! §11.3). [`DiceMode::Image`] is the per-image soft Dice the paper presumably meant.
+//! image rows for channels, drops row 0 and averages a soft Dice per remaining row (docs/model.md §4.1,
+//! §10.1). [`DiceMode::Image`] is the per-image soft Dice the paper presumably meant.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;

@@ -1,4 +1,4 @@
-//! Probabilistic cross-attention of MedCLIPSeg's PVL adapters (spec §2.3), fused:
+//! Probabilistic cross-attention of MedCLIPSeg's PVL adapters (docs/model.md §2.3), fused:
 //!
 //! ```text
 //! S_mu    = Q K_mu^T / sqrt(C)              logits = S_mu - beta * S_sigma
@@ -779,7 +779,7 @@ fn cuda_backward(
 
 /// The same function as [`prob_attention`] built from `matmul_with`, elementwise ops,
 /// `softmax_last` and `normal_noise`: slow (it materialises scores, weights and the V sample) but
-/// plainly the formula of spec §2.3, and differentiable through the tape.
+/// plainly the formula of docs/model.md §2.3, and differentiable through the tape.
 #[allow(clippy::too_many_arguments)]
 pub fn prob_attention_composed(
     tape: &Tape,

@@ -1,4 +1,4 @@
-//! The soft patch-level contrastive loss L_SoftCon (spec §4.2) as one fused op.
+//! The soft patch-level contrastive loss L_SoftCon (docs/model.md §4.2) as one fused op.
 //! Kernels: `kernels/softcon.cu`. Tests: `tests/softcon.rs`.
 //!
 //! With `z` the projected patch tokens `[B, N, E]` (CLS removed) and `t` the raw text embeddings

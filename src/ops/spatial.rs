@@ -1,4 +1,4 @@
-//! Spatial ops of the decoder (spec §3):
+//! Spatial ops of the decoder (docs/model.md §3):
 //! - the ScaleBlock's depthwise `Conv2d(C, C, 3, padding=1, groups=C, bias=False)`, on NHWC
 //!   activations (the decoder runs channels-last) with the PyTorch weight layout `[C, 1, 3, 3]`;
 //! - `F.interpolate(mode="bilinear", align_corners=False)` on NCHW tensors (the final 56 -> 224

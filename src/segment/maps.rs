@@ -4,7 +4,7 @@
 //! `align_corners=False`), then `sigmoid`, then the mean over draws, then the entropy. Resizing
 //! the thresholded mask or the probability instead would give blocky or differently shaped
 //! maps; nearest-neighbour resizing is kept only where the official evaluation uses it
-//! (`eval::evaluate`, spec §7).
+//! (`eval::evaluate`, docs/model.md §7).
 
 use crate::error::{Error, Result};
 use crate::model::mean_probability_and_entropy;

@@ -11,7 +11,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! What a call computes (spec §5): the image goes through the training pre-processing (cv2-exact
+//! What a call computes (docs/model.md §5): the image goes through the training pre-processing (cv2-exact
 //! bilinear resize to the model's size, B, G, R planes, ImageNet statistics); the model runs
 //! `samples` Monte-Carlo draws in one batched pass, the deterministic part before the first
 //! adapter once; each draw's logits are resized bilinearly to the input's size, then

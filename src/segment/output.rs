@@ -140,7 +140,7 @@ fn npy_bytes(values: &[f32], rows: usize, cols: usize) -> Vec<u8> {
 
 /// Colour stops of the uncertainty map, from certain (black) through purple, blue, cyan, green,
 /// yellow and red to fully uncertain (white): a spectral ramp in the spirit of the official
-/// `nipy_spectral` pictures (presentation only, spec §10.13).
+/// `nipy_spectral` pictures (presentation only, docs/model.md §10.13).
 const STOPS: [(f32, [f32; 3]); 8] = [
     (0.0, [0.0, 0.0, 0.0]),
     (0.14, [100.0, 0.0, 150.0]),

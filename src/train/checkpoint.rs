@@ -2,7 +2,7 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | `model.safetensors` | every parameter under its official key (spec §9) |
+//! | `model.safetensors` | every parameter under its official key (docs/model.md §9) |
 //! | `config.json` | the model config and training recipe |
 //! | `tokenizer.json` | the prompt tokenizer the model was trained with |
 //! | `optimizer.safetensors` | Adam's moments, `m.<key>` and `v.<key>` (for `--resume`) |

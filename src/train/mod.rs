@@ -1,4 +1,4 @@
-//! Training MedCLIPSeg (spec §4, §6): the loop over epochs with validation, checkpoints that
+//! Training MedCLIPSeg (docs/model.md §4, §6): the loop over epochs with validation, checkpoints that
 //! `--resume` continues exactly, the metrics log and the curve plot.
 //!
 //! Reproducibility: the shuffle and augmentation of epoch `e` are drawn from `(seed, e)`, the

@@ -1,4 +1,4 @@
-//! The learning-rate schedule of the official recipe (spec §6): `CosineAnnealingLR(T_max = epochs,
+//! The learning-rate schedule of the official recipe (docs/model.md §6): `CosineAnnealingLR(T_max = epochs,
 //! eta_min)` stepped once per epoch, so epoch `e` (0-based) trains at
 //! `min + (start - min) * (1 + cos(pi * e / epochs)) / 2`.
 

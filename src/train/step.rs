@@ -1,5 +1,5 @@
 //! One optimisation step: the forward pass on the tape, the three losses of the official recipe
-//! (spec §4), the backward pass, and Adam on the trainable parameters in place.
+//! (docs/model.md §4), the backward pass, and Adam on the trainable parameters in place.
 
 use crate::device::Device;
 use crate::error::{Error, Result};

@@ -1,4 +1,4 @@
-//! Validation as the official code does it (spec §5, §6): one stochastic pass (draw 0), the mean
+//! Validation as the official code does it (docs/model.md §5, §6): one stochastic pass (draw 0), the mean
 //! probability thresholded at 0.5, Dice per image (both empty counts as 1), averaged.
 
 use std::sync::Arc;

@@ -1,12 +1,12 @@
-"""The training losses of MedCLIPSeg in plain PyTorch (spec §4), quirks included.
+"""The training losses of MedCLIPSeg in plain PyTorch (docs/model.md §4), quirks included.
 
   * bce_with_logits: BCEWithLogitsLoss() on [B, H, W] logits, mean over all pixels;
   * dice_rows: what the official monai.losses.DiceLoss(include_background=False, sigmoid=True,
     reduction="mean") computes on [B, H, W] tensors: MONAI reads dim 1 (the image rows) as the
     channel axis, drops "channel" 0 (row 0) and takes one soft Dice per remaining (image, row)
-    over the W pixels of that row (spec §4.1, §11.3);
+    over the W pixels of that row (docs/model.md §4.1, §10.1);
   * dice_image: the per-image soft Dice over all H*W pixels (the paper's presumable intent);
-  * soft_contrastive: L_SoftCon (spec §4.2) on the projected patch tokens (CLS removed) and the raw,
+  * soft_contrastive: L_SoftCon (docs/model.md §4.2) on the projected patch tokens (CLS removed) and the raw,
     unnormalised text embedding, soft targets computed without gradient;
   * total: DICE_WEIGHT * dice_rows + CE_WEIGHT * bce + CLIP_WEIGHT * soft_contrastive.
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 # MONAI DiceLoss defaults smooth_nr = smooth_dr = 1e-5.
 DICE_SMOOTH = 1e-5
-# Loss weights and temperature of the official configs (spec §4).
+# Loss weights and temperature of the official configs (docs/model.md §4).
 DICE_WEIGHT = 0.5
 CE_WEIGHT = 0.5
 CLIP_WEIGHT = 0.1

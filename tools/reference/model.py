@@ -1,4 +1,4 @@
-"""MedCLIPSeg in plain PyTorch, written from the project spec (shared/spec/medclipseg.md) (sections 1-5, 9-11).
+"""MedCLIPSeg in plain PyTorch, written from the official code as docs/model.md describes it (sections 1-5, 9-10).
 
 This is the reference the Rust engine is checked against (through committed fixtures). It follows the
 official code's maths, quirks included:
@@ -6,14 +6,14 @@ official code's maths, quirks included:
   * BERT (HF BertModel semantics, post-LN, exact-erf GELU, additive pad mask on keys, no pooler);
   * text embedding = text MLP projection of the last layer's [CLS] state (not normalised);
   * ViT blocks and BERT layers run in lock-step; PVL adapter k runs before block adapter_layers[k]
-    and adds its outputs to both hidden states (spec §2.1);
-  * ProbCrossAttention (spec §2.3) with the V sample drawn from the shared Philox generator:
+    and adds its outputs to both hidden states (docs/model.md §2.1);
+  * ProbCrossAttention (docs/model.md §2.3) with the V sample drawn from the shared Philox generator:
     noise = philox.normal(seed, philox.stream_id(draw, k, direction), [B, Tk, C]),
     direction 0 = image->text (image queries), 1 = text->image;
-  * decoder (spec §3): normalised patch tokens -> ScaleBlocks -> dot product with the mask-head query
+  * decoder (docs/model.md §3): normalised patch tokens -> ScaleBlocks -> dot product with the mask-head query
     -> bilinear upsampling (align_corners=False).
 
-Parameter names are exactly the official state-dict keys (spec §9). Everything is float32.
+Parameter names are exactly the official state-dict keys (docs/model.md §9). Everything is float32.
 """
 
 import json
@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from . import philox
 
 # HF BertConfig hidden_dropout_prob = attention_probs_dropout_prob = 0.1; active only in training mode
-# (spec §1.3 caveat and §11.4). Not a config key: the official model has no switch for it.
+# (docs/model.md §1.3 and §10.5). Not a config key: the official model has no switch for it.
 TEXT_DROPOUT = 0.1
-# Variance floor added after softplus in ProbCrossAttention (spec §2.3).
+# Variance floor added after softplus in ProbCrossAttention (docs/model.md §2.3).
 VARIANCE_EPS = 1e-6
-# Stabiliser inside the entropy logarithms (spec §5).
+# Stabiliser inside the entropy logarithms (docs/model.md §5).
 ENTROPY_EPS = 1e-8
-# Names containing one of these are trainable (spec §1.3); everything else is frozen.
+# Names containing one of these are trainable (docs/model.md §1.3); everything else is frozen.
 TRAINABLE_PARTS = ("pvl_adapters", "mask_head", "upscale")
 
 CONFIG_KEYS = (
@@ -211,7 +211,7 @@ class VisionTower(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
         return self.ln_pre(x)
 
-    def output_tokens(self, x):  # ln_post and proj on ALL tokens (spec §1.1)
+    def output_tokens(self, x):  # ln_post and proj on ALL tokens (docs/model.md §1.1)
         return self.ln_post(x) @ self.proj
 
 
@@ -403,7 +403,7 @@ class PVLAdapter(nn.Module):
 
     def forward(self, vis, txt, noise_img_to_txt, noise_txt_to_img, record=None):
         """vis [B, Tv, Wv], txt [B, L, Wt] -> (dV, dT, v', t'). Image side first, then the text side
-        attends to the UPDATED image tokens v' (spec §2.2). `record` receives the img->txt internals."""
+        attends to the UPDATED image tokens v' (docs/model.md §2.2). `record` receives the img->txt internals."""
         v = self.proj_vis_down(vis)
         t = self.proj_txt_down(txt)
         v_prime = self.two_way.cross_attn_img_to_txt(v, t, noise_img_to_txt, record)
@@ -444,7 +444,7 @@ class MedCLIPSeg(nn.Module):
         e = cfg.embed_dim
         self.vision_model = VisionTower(cfg)
         self.text_model = TextTower(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # unused (spec §11.6)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # unused (docs/model.md §10.11)
         self.pvl_adapters = nn.ModuleList([PVLAdapter(cfg) for _ in cfg.adapter_layers])
         self.mask_head = nn.Sequential(nn.Linear(e, e), nn.GELU(), nn.Linear(e, e), nn.GELU(), nn.Linear(e, e))
         self.upscale = nn.Sequential(*[ScaleBlock(e, cfg.decoder_ln_eps) for _ in range(cfg.num_upscale)])
@@ -488,7 +488,7 @@ class MedCLIPSeg(nn.Module):
     # -- decoder -----------------------------------------------------------------------------------
 
     def segment(self, tokens, text_embedding, acts=None):
-        """Image tokens [B, Tv, E] and text embedding [B, E] -> logits [B, H, W] (spec §3)."""
+        """Image tokens [B, Tv, E] and text embedding [B, E] -> logits [B, H, W] (docs/model.md §3)."""
         rec = acts if acts is not None else {}
         b, g = tokens.shape[0], self.cfg.grid
         t_n = text_embedding / text_embedding.norm(dim=-1, keepdim=True)
@@ -520,7 +520,7 @@ class MedCLIPSeg(nn.Module):
         return logits, acts
 
     def predict(self, pixels, ids, seed, num_samples):
-        """Monte-Carlo inference (spec §5): draw n uses draw index n. Returns (logits [N, B, H, W],
+        """Monte-Carlo inference (docs/model.md §5): draw n uses draw index n. Returns (logits [N, B, H, W],
         mean probability [B, H, W], entropy [B, H, W] in nats)."""
         samples = torch.stack([self.segment(*self.encode(pixels, ids, seed, n)) for n in range(num_samples)])
         p = torch.sigmoid(samples).mean(dim=0)

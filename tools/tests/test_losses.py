@@ -24,7 +24,7 @@ LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4
 
 
 def monai_channel_dice(p, y):
-    """MONAI's per-channel expression (spec §11.3): 1 - (2 tp + s) / (2 (tp + fp/2 + fn/2) + s)."""
+    """MONAI's per-channel expression (docs/model.md §10.1): 1 - (2 tp + s) / (2 (tp + fp/2 + fn/2) + s)."""
     tp = sum(pi * yi for pi, yi in zip(p, y))
     fp = sum(pi * (1 - yi) for pi, yi in zip(p, y))
     fn = sum((1 - pi) * yi for pi, yi in zip(p, y))
@@ -85,7 +85,7 @@ class BceTests(unittest.TestCase):
 
 
 def softcon_loops(z, t, tau):
-    """spec §4.2 with explicit loops over the batch (float64 lists)."""
+    """docs/model.md §4.2 with explicit loops over the batch (float64 lists)."""
     b = len(t)
     pooled = []
     for image in z:

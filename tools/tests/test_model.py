@@ -1,5 +1,5 @@
 """Checks of the PyTorch reference against independent formulations (torch built-ins, naive loops,
-the spec's numbers) and of the committed fixtures.
+the numbers of docs/model.md §1.3) and of the committed fixtures.
 
     python -m unittest discover -s tools/tests -v
 Optional: MEDCLIPSEG_OFFICIAL_REPO=<checkout of HealthX-Lab/MedCLIPSeg> also compares the PVL adapter
@@ -39,7 +39,7 @@ def tiny_model(seed=0):
 
 class ConfigTests(unittest.TestCase):
     def test_paper_trainable_parameter_count_is_18_677_268(self):
-        # spec §1.3: 10 adapters x 1,577,986 + mask head 787,968 + two ScaleBlocks 2,109,440
+        # docs/model.md §1.3: 10 adapters x 1,577,986 + mask head 787,968 + two ScaleBlocks 2,109,440
         with torch.device("meta"):
             model = MedCLIPSeg(Config.from_json(PAPER))
         self.assertEqual(trainable_parameter_count(model), 18_677_268)
@@ -208,7 +208,7 @@ class ModelTests(unittest.TestCase):
 
     def test_pad_positions_do_not_reach_text_embedding_without_adapters(self):
         # BERT masks pads as keys, so without adapters the [CLS] path ignores pad-token ids. With
-        # adapters it does not (spec §10.4: no mask inside the adapter): changing a pad id's embedding
+        # adapters it does not (docs/model.md §10.4: no mask inside the adapter): changing a pad id's embedding
         # row must then change the output.
         shift = torch.linspace(-1, 1, self.cfg.text_width)  # not a uniform shift, which LayerNorm removes
         model = tiny_model()

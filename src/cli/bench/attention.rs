@@ -1,4 +1,4 @@
-//! `bench attention`: the fused probabilistic attention (`ops::prob_attention`, spec §2.3) alone,
+//! `bench attention`: the fused probabilistic attention (`ops::prob_attention`, docs/model.md §2.3) alone,
 //! at the shapes the config's PVL adapters give it, with `--samples` draws stacked in the batch:
 //! image->text (queries the `1 + grid²` image tokens, keys and values the text context) and
 //! text->image (the reverse). Inputs are random with the model's ranges (variances through
