@@ -1,6 +1,6 @@
 //! mcs-engine: trains and runs MedCLIPSeg on the CPU and on NVIDIA GPUs.
 //!
-//! Layers, bottom up: [`fastmath`] (the branch-free, vectorised f32 maths of the CPU kernels),
+//! Layers, bottom up: [`files`] (crash-safe writes), [`fastmath`] (the branch-free, vectorised f32 maths of the CPU kernels),
 //! [`tensor`] (shape + storage on a [`device`]), [`cuda`] (context, kernel modules, cuBLAS),
 //! [`ops`] (every op with its CPU reference, CUDA launcher and backward rule), [`tape`]
 //! (reverse-mode autograd), [`philox`] (counter-based noise identical on every backend); then
@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fastmath;
+pub mod files;
 pub mod imaging;
 pub mod limits;
 pub mod model;

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod cnn;
 pub mod config;
 pub mod decoder;
+pub mod folder;
 pub mod layers;
 pub mod text;
 pub mod vision;

@@ -5,13 +5,14 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+/// Re-exported where writers of model files have always found it.
+pub use crate::files::write_atomically;
 use crate::tensor::Tensor;
 
 /// Tensors read from a safetensors file (kept on the CPU until the model takes them).
@@ -212,23 +213,4 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Has
     let bytes = safetensors::tensor::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), &metadata)
         .map_err(|e| Error::Weights(format!("{}: cannot serialise: {e}", path.display())))?;
     write_atomically(path, &bytes)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a crash
-/// leaves either the old file or the new one, never a torn one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    let file_name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let temp: PathBuf = dir.join(format!(".{}.partial-{}", file_name.to_string_lossy(), std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&temp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&temp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        Error::Io { path: path.to_path_buf(), source: e }
-    })
 }

@@ -42,10 +42,10 @@ use crate::data::{self, Image8};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::limits;
+use crate::model::folder::{load_model_folder, CONFIG_FILE};
 use crate::model::{MedClipSeg, ModelConfig, Sampling};
 use crate::tensor::Tensor;
 use crate::tokenizer::PromptTokenizer;
-use crate::train::checkpoint::{load_model_folder, CONFIG_FILE};
 
 pub use crate::limits::DEFAULT_MAX_PIXELS;
 pub use crate::philox::NoiseMode;

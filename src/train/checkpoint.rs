@@ -13,21 +13,21 @@
 //! is repaired when the checkpoint is next read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::metrics::EpochRecord;
-use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::model::weights::{save_safetensors, write_atomically, WeightStore};
-use crate::model::{MedClipSeg, ModelConfig};
+use crate::files::write_atomically;
+pub use crate::files::{recover_folder, write_folder_atomically};
+pub use crate::model::folder::{
+    check_tokenizer_fits, load_model_folder, ModelFolder, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE,
+};
+use crate::model::weights::{save_safetensors, WeightStore};
+use crate::model::MedClipSeg;
 use crate::tensor::Tensor;
-use crate::tokenizer::PromptTokenizer;
 
-pub const MODEL_FILE: &str = "model.safetensors";
-pub const CONFIG_FILE: &str = "config.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "training_state.json";
 
@@ -82,116 +82,6 @@ pub fn save_checkpoint(dir: &Path, contents: &CheckpointContents) -> Result<()> 
         let state = serde_json::to_string_pretty(contents.state).expect("the training state always serialises");
         write_atomically(&tmp.join(STATE_FILE), state.as_bytes())
     })
-}
-
-/// Runs `write` on a fresh sibling folder of `dest`, then swaps it in for `dest`.
-pub fn write_folder_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let (parent, name) = split_folder(dest)?;
-    std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
-    // Half-written folders of a run that was killed mid-save (any process id) are dropped.
-    let partial_prefix = format!(".{name}.partial-");
-    for entry in std::fs::read_dir(&parent).map_err(Error::io(&parent))?.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&partial_prefix) {
-            let stale = entry.path();
-            std::fs::remove_dir_all(&stale).map_err(Error::io(&stale))?;
-        }
-    }
-    let tmp = parent.join(format!("{partial_prefix}{}", std::process::id()));
-    std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = retired_path(&parent, &name);
-    if dest.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(Error::io(&old))?;
-        }
-        std::fs::rename(dest, &old).map_err(Error::io(dest))?;
-    }
-    std::fs::rename(&tmp, dest).map_err(Error::io(dest))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(Error::io(&old))?;
-    }
-    Ok(())
-}
-
-fn split_folder(dest: &Path) -> Result<(PathBuf, String)> {
-    let name = dest
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a folder path", dest.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    Ok((parent, name))
-}
-
-/// Where the previous version of `name` waits while the new one is renamed in.
-fn retired_path(parent: &Path, name: &str) -> PathBuf {
-    parent.join(format!(".{name}.previous"))
-}
-
-/// The checkpoint folder to read for `dir`: `dir` itself, or — when a swap was cut short
-/// between its two renames — the previous version kept beside it, which is moved back.
-pub fn recover_folder(dir: &Path) -> Result<PathBuf> {
-    if dir.is_dir() {
-        return Ok(dir.to_path_buf());
-    }
-    let (parent, name) = split_folder(dir)?;
-    let old = retired_path(&parent, &name);
-    if old.is_dir() {
-        std::fs::rename(&old, dir).map_err(Error::io(dir))?;
-        return Ok(dir.to_path_buf());
-    }
-    Err(Error::Invalid(format!("{}: no such checkpoint folder", dir.display())))
-}
-
-/// A model folder read back: config, weights and tokenizer.
-pub struct ModelFolder {
-    pub config: ModelConfig,
-    pub model: MedClipSeg,
-    pub tokenizer: PromptTokenizer,
-    pub tokenizer_json: Vec<u8>,
-}
-
-/// Reads `config.json`, `model.safetensors` and `tokenizer.json` of a model folder onto `device`;
-/// each error names the file at fault.
-pub fn load_model_folder(dir: &Path, device: &Device) -> Result<ModelFolder> {
-    let dir = recover_folder(dir)?;
-    let file = |name: &str| -> Result<PathBuf> {
-        let path = dir.join(name);
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(Error::Invalid(format!(
-                "{}: missing {name} (a model folder holds {MODEL_FILE}, {CONFIG_FILE} and {TOKENIZER_FILE})",
-                dir.display()
-            )))
-        }
-    };
-    let config = ModelConfig::load(&file(CONFIG_FILE)?)?;
-    let tokenizer_path = file(TOKENIZER_FILE)?;
-    let tokenizer_json = std::fs::read(&tokenizer_path).map_err(Error::io(&tokenizer_path))?;
-    let tokenizer = PromptTokenizer::from_bytes(&tokenizer_json, config.text_context_length, config.text_pad_id)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", tokenizer_path.display())))?;
-    check_tokenizer_fits(&tokenizer, &config, &tokenizer_path)?;
-    let model = MedClipSeg::load(config.clone(), &file(MODEL_FILE)?, device)?;
-    Ok(ModelFolder { config, model, tokenizer, tokenizer_json })
-}
-
-/// A tokenizer whose vocabulary differs from the config's would index past the embedding table
-/// or silently mean other words.
-pub fn check_tokenizer_fits(tokenizer: &PromptTokenizer, config: &ModelConfig, origin: &Path) -> Result<()> {
-    let size = tokenizer.vocab_size();
-    if size != config.text_vocab_size {
-        return Err(Error::Invalid(format!(
-            "{}: the tokenizer has {size} tokens but config `{}` expects text_vocab_size {}",
-            origin.display(),
-            config.name,
-            config.text_vocab_size
-        )));
-    }
-    Ok(())
 }
 
 /// Reads what `--resume` needs from a checkpoint folder: the optimiser tensors and the state.
