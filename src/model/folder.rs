@@ -26,6 +26,17 @@ pub struct ModelFolder {
 /// Reads `config.json`, `model.safetensors` and `tokenizer.json` of a model folder onto `device`;
 /// each error names the file at fault.
 pub fn load_model_folder(dir: &Path, device: &Device) -> Result<ModelFolder> {
+    read_folder(dir, device, false)
+}
+
+/// [`load_model_folder`] with every parameter of the model frozen, whatever the config's
+/// `trainable` list says (inference that differentiates through the model with respect to
+/// something else, such as the saliency bottleneck). `ModelFolder::config` is the file's own.
+pub fn load_frozen_model_folder(dir: &Path, device: &Device) -> Result<ModelFolder> {
+    read_folder(dir, device, true)
+}
+
+fn read_folder(dir: &Path, device: &Device, frozen: bool) -> Result<ModelFolder> {
     let dir = recover_folder(dir)?;
     let file = |name: &str| -> Result<PathBuf> {
         let path = dir.join(name);
@@ -44,7 +55,12 @@ pub fn load_model_folder(dir: &Path, device: &Device) -> Result<ModelFolder> {
     let tokenizer = PromptTokenizer::from_bytes(&tokenizer_json, config.text_context_length, config.text_pad_id)
         .map_err(|e| Error::Invalid(format!("{}: {e}", tokenizer_path.display())))?;
     check_tokenizer_fits(&tokenizer, &config, &tokenizer_path)?;
-    let model = MedClipSeg::load(config.clone(), &file(MODEL_FILE)?, device)?;
+    let mut model_config = config.clone();
+    if frozen {
+        // The loader marks trainable exactly what this list names.
+        model_config.trainable.clear();
+    }
+    let model = MedClipSeg::load(model_config, &file(MODEL_FILE)?, device)?;
     Ok(ModelFolder { config, model, tokenizer, tokenizer_json })
 }
 

@@ -46,6 +46,7 @@ use std::path::Path;
 use crate::data::Image8;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::model::folder::load_frozen_model_folder;
 use crate::model::{MedClipSeg, ModelConfig};
 use crate::ops::{self, AdamConfig, AdamState};
 use crate::segment::{model_input, select_device, DEFAULT_MAX_PIXELS};
@@ -229,11 +230,6 @@ pub struct SaliencyModel {
     tokenizer: PromptTokenizer,
 }
 
-/// The files of a model folder (as `mcs-engine train` writes it).
-const CONFIG_FILE: &str = "config.json";
-const MODEL_FILE: &str = "model.safetensors";
-const TOKENIZER_FILE: &str = "tokenizer.json";
-
 impl SaliencyModel {
     /// Loads a model folder (`config.json`, `model.safetensors`, `tokenizer.json`) onto the GPU
     /// when one can be used, else the CPU, frozen whatever the config's `trainable` list says.
@@ -244,33 +240,14 @@ impl SaliencyModel {
     /// [`SaliencyModel::load`] onto `device`. Errors name the file at fault.
     pub fn load_on(model_dir: impl AsRef<Path>, device: &Device) -> Result<SaliencyModel> {
         let dir = model_dir.as_ref();
-        if !dir.is_dir() {
-            return Err(Error::Invalid(format!("{}: no such model folder", dir.display())));
-        }
-        let file = |name: &str| {
-            let path = dir.join(name);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(Error::Invalid(format!(
-                    "{}: missing {name} (a model folder holds {MODEL_FILE}, {CONFIG_FILE} and {TOKENIZER_FILE})",
-                    dir.display()
-                )))
-            }
-        };
-        let mut config = ModelConfig::load(&file(CONFIG_FILE)?)?;
-        // Frozen: the loader marks trainable exactly what this list names.
-        config.trainable.clear();
-        let tokenizer_path = file(TOKENIZER_FILE)?;
-        let tokenizer = PromptTokenizer::load(&tokenizer_path, config.text_context_length, config.text_pad_id)?;
-        let weights = file(MODEL_FILE)?;
-        let model = MedClipSeg::load(config, &weights, device).map_err(|e| match e {
-            Error::Weights(detail) => {
-                Error::Weights(format!("{detail} (the weights do not fit {})", dir.join(CONFIG_FILE).display()))
-            }
+        let folder = load_frozen_model_folder(dir, device).map_err(|e| match e {
+            Error::Weights(detail) => Error::Weights(format!(
+                "{detail} (the weights do not fit {})",
+                dir.join(crate::model::folder::CONFIG_FILE).display()
+            )),
             other => other,
         })?;
-        Self::new(model, tokenizer)
+        Self::new(folder.model, folder.tokenizer)
     }
 
     /// Wraps a model already in memory. Errors: a model with a parameter that needs a gradient
