@@ -4,7 +4,7 @@
 //! machine without one this times the CPU backend.
 
 use mcs_engine::cuda::gpu_available;
-use mcs_engine::ops::{self, MatmulOpts, NoiseKey, NoiseMode};
+use mcs_engine::ops::{self, ItemNoise, MatmulOpts, NoiseKey, NoiseMode};
 use mcs_engine::{Device, Tape, Tensor};
 
 /// Median time of `repeats` runs of `f` on the device's clock (CUDA events on a GPU, so a
@@ -45,7 +45,15 @@ fn cases(device: &Device) -> Vec<Case> {
     let k = random(&[s, 256, 256], 5, device);
     let var = ops::softplus(&t, &random(&[s, 256, 256], 6, device)).unwrap();
     let gemm_flops = 2.0 * (s * 197) as f64 * 768.0 * 3072.0;
-    let noise = NoiseKey { seed: 7, first_draw: 0, samples: s, adapter: 0, direction: 0, mode: NoiseMode::Plain };
+    let noise = NoiseKey {
+        seed: 7,
+        first_draw: 0,
+        samples: s,
+        adapter: 0,
+        direction: 0,
+        mode: NoiseMode::Plain,
+        items: ItemNoise::ByRow,
+    };
     vec![
         ("linear 5910x768 -> 3072", gemm_flops / 1e9, {
             let (x, w) = (x.clone(), w.clone());

@@ -6,8 +6,11 @@
 //   V_s     = V_mu + sqrt(V_var) * eps            O      = A V_s
 //
 // Tensors are [rows, T, C] with rows = samples * batch (sample s = row / batch). The noise eps of
-// element (row, key, c) is philox_normal(seed, stream_first + s * stream_stride, (b * Tk + key) * C + c)
-// with b = row % batch: the same value the CPU draws, so both backends see bit-identical noise.
+// element (row, key, c) is philox_normal(seed, stream_first + s * stream_stride,
+// b * item_noise_stride + key * C + c) with b = row % batch: the same value the CPU draws, so both
+// backends see bit-identical noise. item_noise_stride is Tk * C when each batch item draws its own
+// noise (training) and 0 when every item reads the same elements (inference: an image's maps do
+// not depend on its batch; ItemNoise in src/philox.rs).
 // Antithetic mode (NoiseMode in src/philox.rs) passes negate_bit != 0: a sample whose nominal
 // stream has that bit set reads the stream without it, negated (plain mode passes 0).
 // It is drawn here, in the kernels, and never stored: the backward kernels draw it again.
@@ -96,7 +99,8 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
                            const float* __restrict__ k_mu, const float* __restrict__ k_var,
                            const float* __restrict__ v_mu, const float* __restrict__ v_var, int batch, int Tq,
                            int Tk, int C, float beta, unsigned long long seed, unsigned long long stream_first,
-                           unsigned long long stream_stride, unsigned long long negate_bit) {
+                           unsigned long long stream_stride, unsigned long long negate_bit,
+                           unsigned long long item_noise_stride) {
     constexpr int QPT = PA_TQ / PA_WARPS;  // queries per thread in the accumulation
     extern __shared__ float smem[];
     const int ld = C + 1;
@@ -114,7 +118,7 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
     const size_t q_base = (size_t)row * Tq * C, k_base = (size_t)row * Tk * C;
     float sign;
     const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride, negate_bit, &sign);
-    const unsigned long long noise_first = (unsigned long long)(row % batch) * Tk * C;
+    const unsigned long long noise_first = (unsigned long long)(row % batch) * item_noise_stride;
     const float inv_sqrt_c = 1.0f / sqrtf((float)C), inv_c = 1.0f / (float)C;
 
     pa_stage_rows(q_s, ld, q + q_base, q0, nq, C);
@@ -221,14 +225,15 @@ __device__ void pa_forward(float* __restrict__ out, float* __restrict__ lse, con
     if (tid < nq) lse[(size_t)row * Tq + q0 + tid] = max_s[tid] + logf(sum_s[tid]);
 }
 
-#define PA_FORWARD(CPT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(PA_THREADS, 2) prob_attention_forward_c##CPT(                     \
+#define PA_FORWARD(CPT)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(PA_THREADS, 2) prob_attention_forward_c##CPT(                  \
         float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,                          \
         const float* __restrict__ k_mu, const float* __restrict__ k_var, const float* __restrict__ v_mu,        \
         const float* __restrict__ v_var, int batch, int Tq, int Tk, int C, float beta, unsigned long long seed, \
-        unsigned long long stream_first, unsigned long long stream_stride, unsigned long long negate_bit) {     \
+        unsigned long long stream_first, unsigned long long stream_stride, unsigned long long negate_bit,       \
+        unsigned long long item_noise_stride) {                                                                 \
         pa_forward<CPT>(out, lse, q, k_mu, k_var, v_mu, v_var, batch, Tq, Tk, C, beta, seed, stream_first,      \
-                        stream_stride, negate_bit);                                                              \
+                        stream_stride, negate_bit, item_noise_stride);                                          \
     }
 PA_FORWARD(1)
 PA_FORWARD(2)
@@ -283,7 +288,8 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
                                const float* __restrict__ k_var, const float* __restrict__ v_mu,
                                const float* __restrict__ v_var, int batch, int Tq, int Tk, int C, float beta,
                                unsigned long long seed, unsigned long long stream_first,
-                               unsigned long long stream_stride, unsigned long long negate_bit) {
+                               unsigned long long stream_stride, unsigned long long negate_bit,
+                               unsigned long long item_noise_stride) {
     constexpr int QPT = PA_TQ / PA_WARPS;
     extern __shared__ float smem[];
     const int ld = C + 1;
@@ -303,7 +309,7 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
     const size_t q_base = (size_t)row * Tq * C, k_base = (size_t)row * Tk * C;
     float sign;
     const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride, negate_bit, &sign);
-    const unsigned long long noise_first = (unsigned long long)(row % batch) * Tk * C;
+    const unsigned long long noise_first = (unsigned long long)(row % batch) * item_noise_stride;
     const float inv_sqrt_c = 1.0f / sqrtf((float)C), inv_c = 1.0f / (float)C;
 
     pa_stage_rows(q_s, ld, q + q_base, q0, nq, C);
@@ -374,15 +380,16 @@ __device__ void pa_backward_dq(float* __restrict__ dq, const float* __restrict__
     }
 }
 
-#define PA_BACKWARD_DQ(CPT)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(PA_THREADS, 2) prob_attention_backward_dq_c##CPT(                 \
+#define PA_BACKWARD_DQ(CPT)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(PA_THREADS, 2) prob_attention_backward_dq_c##CPT(              \
         float* __restrict__ dq, const float* __restrict__ d_out, const float* __restrict__ lse,                 \
         const float* __restrict__ delta, const float* __restrict__ q, const float* __restrict__ k_mu,           \
         const float* __restrict__ k_var, const float* __restrict__ v_mu, const float* __restrict__ v_var,       \
         int batch, int Tq, int Tk, int C, float beta, unsigned long long seed, unsigned long long stream_first, \
-        unsigned long long stream_stride, unsigned long long negate_bit) {                                      \
+        unsigned long long stream_stride, unsigned long long negate_bit,                                        \
+        unsigned long long item_noise_stride) {                                                                 \
         pa_backward_dq<CPT>(dq, d_out, lse, delta, q, k_mu, k_var, v_mu, v_var, batch, Tq, Tk, C, beta, seed,   \
-                            stream_first, stream_stride, negate_bit);                                           \
+                            stream_first, stream_stride, negate_bit, item_noise_stride);                        \
     }
 PA_BACKWARD_DQ(1)
 PA_BACKWARD_DQ(2)
@@ -405,7 +412,8 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
                                 const float* __restrict__ k_var, const float* __restrict__ v_mu,
                                 const float* __restrict__ v_var, int batch, int Tq, int Tk, int C, float beta,
                                 unsigned long long seed, unsigned long long stream_first,
-                                unsigned long long stream_stride, unsigned long long negate_bit) {
+                                unsigned long long stream_stride, unsigned long long negate_bit,
+                                unsigned long long item_noise_stride) {
     constexpr int KPT = PA_KV_TK / PA_WARPS;  // keys per thread in the accumulation
     extern __shared__ float smem[];
     const int ld = C + 1;
@@ -426,7 +434,7 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
     const size_t q_base = (size_t)row * Tq * C, k_base = (size_t)row * Tk * C;
     float sign;
     const unsigned long long stream = pa_stream(row, batch, stream_first, stream_stride, negate_bit, &sign);
-    const unsigned long long noise_first = (unsigned long long)(row % batch) * Tk * C;
+    const unsigned long long noise_first = (unsigned long long)(row % batch) * item_noise_stride;
     const float inv_sqrt_c = 1.0f / sqrtf((float)C), inv_c = 1.0f / (float)C;
 
     pa_stage_rows(kmu_s, ld, k_mu + k_base, k0, nk, C);
@@ -505,16 +513,18 @@ __device__ void pa_backward_dkv(float* __restrict__ dk_mu, float* __restrict__ d
     }
 }
 
-#define PA_BACKWARD_DKV(CPT)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(PA_THREADS, 2) prob_attention_backward_dkv_c##CPT(                \
+#define PA_BACKWARD_DKV(CPT)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(PA_THREADS, 2) prob_attention_backward_dkv_c##CPT(             \
         float* __restrict__ dk_mu, float* __restrict__ dk_var, float* __restrict__ dv_mu,                       \
         float* __restrict__ dv_var, const float* __restrict__ d_out, const float* __restrict__ lse,             \
         const float* __restrict__ delta, const float* __restrict__ q, const float* __restrict__ k_mu,           \
         const float* __restrict__ k_var, const float* __restrict__ v_mu, const float* __restrict__ v_var,       \
         int batch, int Tq, int Tk, int C, float beta, unsigned long long seed, unsigned long long stream_first, \
-        unsigned long long stream_stride, unsigned long long negate_bit) {                                      \
+        unsigned long long stream_stride, unsigned long long negate_bit,                                        \
+        unsigned long long item_noise_stride) {                                                                 \
         pa_backward_dkv<CPT>(dk_mu, dk_var, dv_mu, dv_var, d_out, lse, delta, q, k_mu, k_var, v_mu, v_var,      \
-                             batch, Tq, Tk, C, beta, seed, stream_first, stream_stride, negate_bit);            \
+                             batch, Tq, Tk, C, beta, seed, stream_first, stream_stride, negate_bit,             \
+                             item_noise_stride);                                                                \
     }
 PA_BACKWARD_DKV(1)
 PA_BACKWARD_DKV(2)

@@ -40,6 +40,11 @@ pub enum Error {
     /// A value the user supplied (config, argument, data) is invalid.
     #[error("{0}")]
     Invalid(String),
+
+    /// Another error, with what the engine was doing when it happened (the file, the batch item,
+    /// the flag). The source keeps its kind: [`Error::kind`] finds it under any number of layers.
+    #[error("{context}: {source}")]
+    Context { context: String, source: Box<Error> },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -62,5 +67,40 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Error::Io { path, source }
+    }
+
+    /// This error under `context` (a file name, `item 3`, `--layer`): shown as `context: error`,
+    /// its kind kept.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context { context: context.into(), source: Box::new(self) }
+    }
+
+    /// For `map_err`: wraps an error in `context` ([`Error::context`]).
+    pub fn within(context: impl Into<String>) -> impl FnOnce(Error) -> Self {
+        let context = context.into();
+        move |error| error.context(context)
+    }
+
+    /// The error under every [`Error::Context`] layer: what kind of failure it was.
+    pub fn kind(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.kind(),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn context_keeps_the_kind_and_shows_every_layer() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = Error::io("weights.safetensors")(missing).context("item 2").context("run.csv");
+        assert_eq!(error.to_string(), "run.csv: item 2: weights.safetensors: no such file");
+        assert!(matches!(error.kind(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound));
+        let invalid = Error::Invalid("empty prompt".into());
+        assert!(matches!(Error::within("item 0")(invalid).kind(), Error::Invalid(text) if text == "empty prompt"));
     }
 }

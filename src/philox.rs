@@ -305,6 +305,36 @@ impl NoiseMode {
     }
 }
 
+/// Where the items of a batch read their noise in a draw's stream.
+///
+/// One item's noise is a block of consecutive elements of the stream (`n` elements: keys x
+/// channels of an attention). Which block an item reads decides whether batching changes its
+/// result: see docs/model.md §5.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ItemNoise {
+    /// Item `b` reads elements `b * n ..`: every item of a batch draws its own noise. Training and
+    /// the official code (and the parity fixtures) draw this way; an image's draws then depend on
+    /// its row in the batch.
+    ByRow,
+    /// Every item reads elements `0 .. n`: an item's noise depends only on the seed and the draw,
+    /// so an image gets the same maps alone or at any position of any batch. Inference uses it
+    /// (`segment`, `predict`, `eval`, training's validation). Items of one batch see the same
+    /// Gaussian vectors, which leaves each image's maps an unbiased estimate (a map is computed from
+    /// its own image only).
+    Shared,
+}
+
+impl ItemNoise {
+    /// The index of the first noise element of batch item `item`, whose noise is `per_item`
+    /// consecutive elements.
+    pub fn first_element(self, item: usize, per_item: usize) -> u64 {
+        match self {
+            ItemNoise::ByRow => (item as u64) * per_item as u64,
+            ItemNoise::Shared => 0,
+        }
+    }
+}
+
 impl std::fmt::Display for NoiseMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

@@ -17,7 +17,7 @@ impl PromptTokenizer {
     /// Loads a Hugging Face `tokenizer.json` and fixes padding/truncation to `context_length`.
     pub fn load(path: &Path, context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
         let bytes = std::fs::read(path).map_err(Error::io(path))?;
-        Self::from_bytes(&bytes, context_length, pad_id).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+        Self::from_bytes(&bytes, context_length, pad_id).map_err(Error::within(path.display().to_string()))
     }
 
     pub fn from_bytes(bytes: &[u8], context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {

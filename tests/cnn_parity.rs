@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use common::{devices, read_fixture, Fixture};
 use mcs_engine::model::weights::WeightStore;
-use mcs_engine::model::{CnnBranchConfig, MedClipSeg, ModelConfig, NoiseMode, Sampling, Trace, TrainRecipe};
+use mcs_engine::model::{CnnBranchConfig, ItemNoise, MedClipSeg, ModelConfig, NoiseMode, Sampling, Trace, TrainRecipe};
 use mcs_engine::train::step::{losses, DeviceBatch, StepNoise};
 use mcs_engine::{Device, Tape, Tensor};
 
@@ -85,7 +85,8 @@ fn eval_forward_and_monte_carlo_match_pytorch() {
     let fixture = read_fixture(FORWARD);
     for device in devices() {
         let pixels = tensor(&fixture, "input.pixels", &device);
-        let sampling = Sampling { seed: fixture.seed, first_draw: 0, samples: 1, mode: NoiseMode::Plain };
+        let sampling =
+            Sampling { seed: fixture.seed, first_draw: 0, samples: 1, mode: NoiseMode::Plain, items: ItemNoise::ByRow };
         let mut failures = Vec::new();
         println!("\nCNN-branch parity on {}", device.name());
         for repeat in [true, false] {
@@ -110,7 +111,9 @@ fn eval_forward_and_monte_carlo_match_pytorch() {
             // 4 encoder stages, features, bottleneck, 4 decoder stages, logits, fused, and
             // MedCLIPSeg's own logits.
             assert_eq!(compared, 13, "activations compared");
-            let prediction = model.predict(&pixels, &fixture.ids, fixture.seed, 3).unwrap();
+            // The reference keys each batch item's noise by its row.
+            let sampling = Sampling { samples: 3, ..sampling };
+            let prediction = model.predict_sampled(&pixels, &fixture.ids, sampling).unwrap();
             for (name, got) in [
                 ("mc.logits", &prediction.logits),
                 ("mc.probability", &prediction.probability),

@@ -157,6 +157,43 @@ fn cpu_products_are_bit_identical_across_thread_counts() {
     }
 }
 
+/// A row of a product is the same bits whatever the number of rows around it: the first rows of a
+/// taller A give the product of those rows alone (an image's maps must not depend on the batch it
+/// is in, docs/model.md §5). The shapes cover the `gemm` crate's shape-chosen paths that a plain
+/// call would take: one row (matrix-vector), at most 16 x 16 outputs (dot-product kernels), within
+/// 64 x 64 with k > 512 (other k-blocks), one column, and the general path; under every transpose.
+#[test]
+fn a_row_of_a_product_does_not_depend_on_the_number_of_rows() {
+    for device in devices() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for &(k, n) in &[(48, 24), (600, 40), (64, 1), (30, 7), (96, 300)] {
+                let tall = 70;
+                let a = random_vec(21, tall * k, -1.0, 1.0);
+                let b = random_tensor(22, &stored(&[], k, n, tb), -1.0, 1.0, &device);
+                let opts = MatmulOpts { transpose_a: ta, transpose_b: tb, alpha: 1.0 };
+                let product = |rows: usize| {
+                    // The first `rows` rows of op(A), stored as the transpose flag says.
+                    let stored_a: Vec<f32> = if ta {
+                        (0..k).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| a[r * k + c]).collect()
+                    } else {
+                        a[..rows * k].to_vec()
+                    };
+                    let a = Tensor::from_slice(&stored_a, &stored(&[], rows, k, ta), &device).unwrap();
+                    matmul_with(&Tape::inference(), &a, &b, opts).unwrap().to_vec().unwrap()
+                };
+                let full = product(tall);
+                for rows in [1, 2, 5, 16, 64, 65] {
+                    assert!(
+                        product(rows)[..] == full[..rows * n],
+                        "{}: {rows} rows of a {tall}x{k}x{n} product (ta={ta}, tb={tb}) differ from the taller product's",
+                        device.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_handles_empty_inner_dimension() {
     for device in devices() {

@@ -47,7 +47,7 @@ fn paper_config_asks_for_exactly_the_official_keys_and_runs_on_the_cpu() {
             &Tape::inference(),
             &pixels,
             &ids,
-            Sampling { seed: 3, first_draw: 0, samples: 1, mode: NoiseMode::Plain },
+            Sampling::inference(3, 1, NoiseMode::Plain),
             None,
             &mut Trace::disabled(),
         )
@@ -97,7 +97,7 @@ fn converted_full_size_checkpoint_matches_pytorch_when_provided() {
                 &Tape::inference(),
                 &pixels,
                 &ids,
-                Sampling { seed: 20261123, first_draw: 0, samples: 1, mode: NoiseMode::Plain },
+                Sampling::inference(20261123, 1, NoiseMode::Plain),
                 None,
                 &mut trace,
             )

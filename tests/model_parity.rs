@@ -6,7 +6,7 @@ mod common;
 
 use common::{devices, Fixture};
 use mcs_engine::model::weights::WeightStore;
-use mcs_engine::model::{MedClipSeg, ModelConfig, NoiseMode, Sampling, Trace};
+use mcs_engine::model::{ItemNoise, MedClipSeg, ModelConfig, NoiseMode, Sampling, Trace};
 use mcs_engine::{ops, Device, Tape, Tensor};
 
 const WEIGHTS: &str = "tests/fixtures/tiny_weights.safetensors";
@@ -51,7 +51,8 @@ fn tiny_forward_matches_pytorch_reference() {
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let mut trace = Trace::enabled();
-        let sampling = Sampling { seed: fixture.seed, first_draw: 0, samples: 1, mode: NoiseMode::Plain };
+        let sampling =
+            Sampling { seed: fixture.seed, first_draw: 0, samples: 1, mode: NoiseMode::Plain, items: ItemNoise::ByRow };
         model.forward(&Tape::inference(), &pixels, &fixture.ids, sampling, None, &mut trace).unwrap();
 
         println!("\nparity on {} (tiny config, seed {})", device.name(), fixture.seed);
@@ -103,7 +104,10 @@ fn tiny_monte_carlo_prediction_matches_pytorch_reference() {
         let (shape, pixels) = &fixture.tensors["input.pixels"];
         let pixels = Tensor::from_slice(pixels, shape, &device).unwrap();
         let samples = fixture.tensors["mc.logits"].0[0];
-        let prediction = model.predict(&pixels, &fixture.ids, fixture.seed, samples).unwrap();
+        // The reference keys each batch item's noise by its row.
+        let sampling =
+            Sampling { seed: fixture.seed, first_draw: 0, samples, mode: NoiseMode::Plain, items: ItemNoise::ByRow };
+        let prediction = model.predict_sampled(&pixels, &fixture.ids, sampling).unwrap();
         for (name, got) in [
             ("mc.logits", &prediction.logits),
             ("mc.probability", &prediction.probability),
@@ -146,6 +150,7 @@ fn fused_probabilistic_attention_matches_pytorch_internals() {
             adapter: 0,
             direction: 0,
             mode: NoiseMode::Plain,
+            items: ItemNoise::ByRow,
         };
         let out = ops::prob_attention(
             &Tape::inference(),

@@ -119,6 +119,8 @@ fn predict_writes_every_map_at_the_input_size() {
         &prompt,
         "--samples",
         "5",
+        "--resize",
+        "bilinear",
         "--out",
         s(&maps),
     ]);
@@ -134,7 +136,8 @@ fn predict_writes_every_map_at_the_input_size() {
     assert_eq!(shape, (110, 150));
     assert!(probability.iter().all(|p| (0.0..=1.0).contains(p)));
     assert!(uncertainty.iter().all(|u| (0.0..=std::f32::consts::LN_2 + 1e-6).contains(u)));
-    // The mask is the thresholded probability; this model marks a real share of the pixels.
+    // With --resize bilinear the mask is the thresholded full-resolution probability (the default,
+    // official, one is checked against eval below); this model marks a real share of the pixels.
     let mask = image::open(maps.join("mask.png")).unwrap().to_luma8();
     let marked = mask.pixels().filter(|p| p[0] == 255).count();
     for (p, m) in probability.iter().zip(mask.pixels()) {
@@ -288,7 +291,8 @@ fn eval_with_one_sample_reproduces_the_validation_dice_of_training() {
     // Training averages per-image f32 Dice in f32 and stores f32; eval uses f64: both round the
     // same exact ratios, so they agree to f32 precision.
     assert!((trained - evaluated).abs() < 1e-6, "train reported {trained}, eval {evaluated}");
-    // The draws matter: batches of one give other noise to the second image of each pair.
+    // An image's maps do not depend on its batch: batches of one give the same per-image scores,
+    // bit for bit (the noise is keyed by the draw, not the batch row; docs/model.md §5).
     let other = run(&[
         "eval",
         "--model",
@@ -305,8 +309,8 @@ fn eval_with_one_sample_reproduces_the_validation_dice_of_training() {
         s(&dir.join("batch1")),
     ]);
     assert!(other.ok, "{}", other.stderr);
-    let other_dice = json_number(&std::fs::read_to_string(dir.join("batch1/summary.json")).unwrap(), "dice");
-    assert!((other_dice - trained).abs() > 1e-6, "the batch size made no difference: {other_dice}");
+    let other_csv = std::fs::read_to_string(dir.join("batch1/Val.csv")).unwrap();
+    assert_eq!(other_csv, std::fs::read_to_string(dir.join("Val.csv")).unwrap(), "the batch size changed the scores");
 
     // The table, and the per-image CSV with one row per image.
     assert!(out.stdout.contains("DSC %") && out.stdout.contains("Val"), "{}", out.stdout);
@@ -318,6 +322,53 @@ fn eval_with_one_sample_reproduces_the_validation_dice_of_training() {
         let value = json_number(&summary, key);
         assert!((0.0..=1.0).contains(&value), "{key} = {value}");
     }
+}
+
+/// Column `key` of every row of an eval CSV, by image name.
+fn csv_column(csv: &str, key: &str) -> std::collections::BTreeMap<String, String> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let at = header.iter().position(|h| *h == key).unwrap_or_else(|| panic!("no column {key}"));
+    lines.map(|line| line.split(',').collect::<Vec<_>>()).map(|row| (row[0].to_string(), row[at].to_string())).collect()
+}
+
+/// `eval` scores exactly the masks `predict` writes with the same flags, under both mask resizes,
+/// on images larger than the model (120 px against 96) so that the two resizes differ.
+#[test]
+fn eval_scores_the_masks_predict_writes_with_the_same_flags() {
+    let dir = scratch("same-masks");
+    let data = dir.join("data");
+    let synth = run(&["synth", "--out", s(&data), "--size", "120", "--train", "1", "--val", "1", "--test", "4"]);
+    assert!(synth.ok, "synth failed: {}", synth.stderr);
+    let mut pixels_by_resize = Vec::new();
+    for resize in ["official", "bilinear"] {
+        let flags = ["--model", s(&fixture().model), "--data", s(&data), "--samples", "3", "--resize", resize];
+        let masks = dir.join(format!("masks-{resize}"));
+        let predict = run(&[&["predict", "--layout", "flat", "--out", s(&masks)][..], &flags[..]].concat());
+        assert!(predict.ok, "predict failed: {}", predict.stderr);
+        let scores = dir.join(format!("eval-{resize}"));
+        let eval = run(&[&["eval", "--batch-size", "3", "--out", s(&scores)][..], &flags[..]].concat());
+        assert!(eval.ok, "eval failed: {}", eval.stderr);
+        let csv = std::fs::read_to_string(scores.join("Test.csv")).unwrap();
+        let (dice, counted) = (csv_column(&csv, "dice"), csv_column(&csv, "predicted_pixels"));
+        assert_eq!(dice.len(), 4, "{csv}");
+        for (name, scored) in &dice {
+            // The flat layout names each mask like its image, with a .png extension.
+            let stem = Path::new(name).file_stem().unwrap().to_str().unwrap();
+            let mask = image::open(masks.join(format!("{stem}.png"))).unwrap().to_luma8();
+            let truth = image::open(data.join("Test_Folder/label").join(name)).unwrap().to_luma8();
+            assert_eq!(mask.dimensions(), (120, 120));
+            let predicted: Vec<bool> = mask.pixels().map(|p| p[0] >= 127).collect();
+            let truth: Vec<bool> = truth.pixels().map(|p| p[0] >= 127).collect();
+            let written = predicted.iter().filter(|&&p| p).count();
+            assert_eq!(counted[name], written.to_string(), "{resize}, {name}: eval counted other pixels");
+            let dice_of_written = format!("{:.6}", mcs_engine::eval::metrics::dice(&predicted, &truth));
+            assert_eq!(*scored, dice_of_written, "{resize}, {name}: eval's Dice is not the written mask's");
+            pixels_by_resize.push(written);
+        }
+    }
+    // The two resizes are told apart on these images (a flag that changed nothing would pass above).
+    assert_ne!(pixels_by_resize[..4], pixels_by_resize[4..], "official and bilinear masks are the same");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_vec};
-use mcs_engine::ops::{prob_attention, prob_attention_composed, NoiseKey, NoiseMode};
+use mcs_engine::ops::{prob_attention, prob_attention_composed, ItemNoise, NoiseKey, NoiseMode};
 use mcs_engine::philox::{normal, stream_id};
 use mcs_engine::{Device, Result, Tape, Tensor};
 use proptest::prelude::*;
@@ -39,7 +39,15 @@ impl Case {
 const BETA: f32 = 2.35;
 
 fn noise(samples: usize, first_draw: u64) -> NoiseKey {
-    NoiseKey { seed: 0x5EED_1234_ABCD, first_draw, samples, adapter: 3, direction: 1, mode: NoiseMode::Plain }
+    NoiseKey {
+        seed: 0x5EED_1234_ABCD,
+        first_draw,
+        samples,
+        adapter: 3,
+        direction: 1,
+        mode: NoiseMode::Plain,
+        items: ItemNoise::ByRow,
+    }
 }
 
 /// Host data of (q, k_mu, k_var, v_mu, v_var): means in [-1, 1], variances in [0.1, 1] (they are

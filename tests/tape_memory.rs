@@ -22,7 +22,7 @@ fn tape_bytes(config: &ModelConfig) -> usize {
             &tape,
             &pixels,
             &ids,
-            Sampling { seed: 1, first_draw: 0, samples: 1, mode: mcs_engine::model::NoiseMode::Plain },
+            Sampling::inference(1, 1, mcs_engine::model::NoiseMode::Plain),
             None,
             &mut Trace::disabled(),
         )

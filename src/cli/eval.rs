@@ -42,9 +42,8 @@ pub struct EvalArgs {
     zero_shot: bool,
     #[command(flatten)]
     bottleneck: super::saliency::BottleneckArgs,
-    /// Images per forward pass. Default: the batch size the model was trained with, which with
-    /// --samples 1 and the training seed reproduces training's validation Dice (the noise is keyed
-    /// by batch row). At least 1.
+    /// Images per forward pass (memory and speed only: an image's maps do not depend on the batch
+    /// it is in). Default: the batch size the model was trained with. At least 1.
     #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     batch_size: Option<usize>,
     /// NSD tolerance in pixels (a finite number above 0).
@@ -105,7 +104,7 @@ fn run_zero_shot(
 ) -> Result<()> {
     let saliency = SaliencyModel::load_on(model, &select_device(&args.device)?)?;
     let options: SaliencyOptions = args.bottleneck.options(args.sampling.seed);
-    options.check(saliency.config().vision_layers).map_err(|e| Error::Invalid(format!("--layer: {e}")))?;
+    options.check(saliency.config().vision_layers).map_err(Error::within("--layer"))?;
     let started = Instant::now();
     let mut summaries = Vec::with_capacity(sets.len());
     for (name, prompts) in sets {

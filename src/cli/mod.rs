@@ -59,6 +59,13 @@ pub struct SamplingArgs {
     /// A pixel is in the mask when its mean probability is above this (a probability, 0 to 1).
     #[arg(long, default_value_t = 0.5, value_parser = probability, allow_negative_numbers = true)]
     threshold: f32,
+    /// How the mask reaches the image's own size: official (threshold the mean probability at the
+    /// model's resolution, then resize that mask nearest, as the official evaluation scores it) or
+    /// bilinear (threshold the full-resolution probability map: smoother outlines). `eval` scores
+    /// the mask `predict` writes with the same flags. The probability and uncertainty maps are the
+    /// same either way.
+    #[arg(long, default_value = "official", value_parser = ["official", "bilinear"])]
+    resize: String,
 }
 
 impl SamplingArgs {
@@ -70,6 +77,7 @@ impl SamplingArgs {
             seed: self.seed,
             threshold: self.threshold,
             noise: self.noise.parse()?,
+            resize: self.resize.parse()?,
             ..Options::default()
         };
         options.check()?;
@@ -234,8 +242,7 @@ pub fn open_split_outputs(root: &Path, split: &str, prompts: Option<&Path>, max_
         return Err(Error::Invalid(format!("{}: lists no images", prompt_file.display())));
     }
     let names: Vec<&str> = index.items.iter().map(|item| item.name.as_str()).collect();
-    let folders =
-        predict::output_folder_names(&names).map_err(|e| Error::Invalid(format!("{}: {e}", prompt_file.display())))?;
+    let folders = predict::output_folder_names(&names).map_err(Error::within(prompt_file.display().to_string()))?;
     for item in &index.items {
         mcs_engine::imaging::check_image_file(&item.image_path, max_pixels)?;
     }

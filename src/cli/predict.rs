@@ -9,7 +9,9 @@ use mcs_engine::data::{self, Image8};
 use mcs_engine::imaging::check_image_file;
 use mcs_engine::model::weights::WeightStore;
 use mcs_engine::model::MedClipSeg;
-use mcs_engine::segment::{read_image_within, select_device, write_outputs, Options, Segmenter, DEFAULT_MAX_PIXELS};
+use mcs_engine::segment::{
+    read_image_within, select_device, write_mask_png, write_outputs, Options, Segmenter, DEFAULT_MAX_PIXELS,
+};
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
 use mcs_engine::{Error, Result};
 
@@ -63,6 +65,12 @@ pub struct PredictArgs {
     /// case), are refused before any work. Naming an existing file is an error.
     #[arg(long, default_value = "out")]
     out: PathBuf,
+    /// With --data, how the results are laid out in --out: folders (one sub-folder of maps per
+    /// image, as above) or flat (only the masks, one PNG per image named like the image with a
+    /// .png extension, 255 = foreground: the folder external evaluators read; the rule above
+    /// keeps names apart when stems meet).
+    #[arg(long, default_value = "folders", value_parser = ["folders", "flat"], requires = "data")]
+    layout: String,
     /// The most pixels (width x height) an input image may have, checked from the file's header
     /// before it is decoded (default 100 megapixels; predict holds up to about 32 bytes per
     /// pixel). At most this machine's memory / 32 bytes (docs/limits.md).
@@ -153,7 +161,7 @@ fn predict_one(
     };
     let started = Instant::now();
     let result = segmenter.segment(&image, &prompt, options).map_err(|e| match &args.image {
-        Some(path) => Error::Invalid(format!("{}: {e}", path.display())),
+        Some(path) => e.context(path.display().to_string()),
         None => e,
     })?;
     let ran = started.elapsed();
@@ -182,8 +190,13 @@ fn predict_split(segmenter: &Segmenter, args: &PredictArgs, root: &Path, options
         let image: Image8 = read_image_within(&item.image_path, options.max_pixels)?;
         let result = segmenter
             .segment(&image, &item.prompt, options)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", item.image_path.display())))?;
-        write_outputs(&args.out.join(folder), &image, &result)?;
+            .map_err(Error::within(item.image_path.display().to_string()))?;
+        if args.layout == "flat" {
+            std::fs::create_dir_all(&args.out).map_err(Error::io(&args.out))?;
+            write_mask_png(&args.out.join(format!("{folder}.png")), &result)?;
+        } else {
+            write_outputs(&args.out.join(folder), &image, &result)?;
+        }
         written += 1;
         bar.inc(1);
     }

@@ -126,7 +126,7 @@ pub fn run(args: &SaliencyArgs) -> Result<()> {
     }
     let started = Instant::now();
     let model = SaliencyModel::load_on(super::model_or_demo(args.model.as_deref())?, &select_device(&args.device)?)?;
-    options.check(model.config().vision_layers).map_err(|e| Error::Invalid(format!("--layer: {e}")))?;
+    options.check(model.config().vision_layers).map_err(Error::within("--layer"))?;
     let loaded = started.elapsed();
     match (&args.data, &args.image) {
         (Some(root), _) => saliency_split(&model, args, root, &options),
@@ -145,8 +145,7 @@ fn saliency_one(
     let image = read_image_within(path, options.max_pixels)?;
     let prompt = args.prompt.as_deref().unwrap_or_default();
     let started = Instant::now();
-    let result =
-        model.saliency(&image, prompt, options).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    let result = model.saliency(&image, prompt, options).map_err(Error::within(path.display().to_string()))?;
     let ran = started.elapsed();
     write_saliency_outputs(&args.out, &result)?;
     println!(
@@ -173,7 +172,7 @@ fn saliency_split(model: &SaliencyModel, args: &SaliencyArgs, root: &Path, optio
         let image = read_image_within(&item.image_path, options.max_pixels)?;
         let result = model
             .saliency(&image, &item.prompt, options)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", item.image_path.display())))?;
+            .map_err(Error::within(item.image_path.display().to_string()))?;
         write_saliency_outputs(&args.out.join(folder), &result)?;
         bar.inc(1);
     }

@@ -3,12 +3,13 @@
 //! Brier); the prompt-robustness sweep over the five `Test_text_<variant>.xlsx` files.
 //!
 //! Which maps each metric reads:
-//! - DSC and NSD follow the official `eval.py`: the mask at the model's resolution
-//!   (`mean probability > threshold`) is resized nearest (cv2 `INTER_NEAREST`) to the ground
-//!   truth's size, the ground truth read as `cv2.imread(path, 0)` and binarised at 127.
-//! - ECE, Brier and the uncertainty AUROC describe the maps `predict` delivers: probability and
-//!   entropy at the image's own size (bilinear logits, [`crate::segment`]); a pixel is
-//!   misclassified when `probability > threshold` differs from the truth.
+//! - DSC and NSD score the mask `predict` writes with the same options
+//!   ([`crate::segment::MaskResize`]): by default the official `eval.py`'s, the mask at the
+//!   model's resolution (`mean probability > threshold`) resized nearest (cv2 `INTER_NEAREST`) to
+//!   the ground truth's size; the ground truth read as `cv2.imread(path, 0)` and binarised at 127.
+//! - ECE and Brier describe the probability map `predict` delivers (bilinear logits at the
+//!   image's own size, [`crate::segment`]); the uncertainty AUROC ranks that entropy map against
+//!   the pixels where the same mask differs from the truth.
 //!
 //! [`evaluate_zero_shot`] scores the coarse masks of the zero-shot saliency ([`crate::saliency`])
 //! the same way ([`score_saliency`] says what differs).
@@ -43,9 +44,8 @@ pub const PROMPT_VARIANTS: [&str; 5] =
 pub struct EvalOptions {
     /// Samples, seed and threshold of the predictions.
     pub segment: Options,
-    /// Images per forward pass. The noise is keyed by batch row, so the batch size is part of
-    /// which draws an image sees: the batch size training validated with (and `samples` 1, the
-    /// same seed) reproduces its validation Dice.
+    /// Images per forward pass: memory and speed only, an image's maps are the same in any batch
+    /// (with `samples` 1 and training's seed, eval reproduces training's validation Dice).
     pub batch_size: usize,
     /// NSD tolerance in pixels.
     pub tolerance: f64,
@@ -60,7 +60,8 @@ pub struct ImageRecord {
     pub width: usize,
     /// See `width`.
     pub height: usize,
-    /// Dice of the official mask (model resolution, resized nearest) against the truth.
+    /// Dice of the mask `predict` writes with the same options (`--resize`, default the official
+    /// one: model resolution, resized nearest) against the truth.
     pub dice: f64,
     /// Normalised surface Dice at the tolerance ([`metrics::nsd`]).
     pub nsd: f64,
@@ -94,6 +95,8 @@ pub struct Summary {
     pub seed: u64,
     /// Noise mode of the draws (`plain` or `antithetic`).
     pub noise: String,
+    /// How the mask reached the image's size (`official` or `bilinear`).
+    pub resize: String,
     /// Images per forward pass.
     pub batch_size: usize,
     /// Mean Dice over images.
@@ -134,18 +137,18 @@ pub fn score(
             truth.width, truth.height, truth.channels
         )));
     }
-    let threshold = options.segment.threshold;
     let truth_mask: Vec<bool> = truth.data.iter().map(|&v| v != 0).collect();
-    let at_truth_size = official_mask(segmentation, threshold, w, h)?;
+    // The mask `predict` writes with the same options (`Options::resize`).
+    let at_truth_size = &segmentation.mask;
     let mut calibration = Calibration::new();
     calibration.add(&segmentation.probability, &truth_mask);
-    let wrong: Vec<bool> = segmentation.mask.iter().zip(&truth_mask).map(|(&p, &t)| p != t).collect();
+    let wrong: Vec<bool> = at_truth_size.iter().zip(&truth_mask).map(|(&p, &t)| p != t).collect();
     let record = ImageRecord {
         image: name.to_string(),
         width: w,
         height: h,
-        dice: dice(&at_truth_size, &truth_mask),
-        nsd: nsd(&at_truth_size, &truth_mask, w, h, options.tolerance),
+        dice: dice(at_truth_size, &truth_mask),
+        nsd: nsd(at_truth_size, &truth_mask, w, h, options.tolerance),
         ece: calibration.ece(),
         brier: calibration.brier(),
         auroc: auroc(&segmentation.uncertainty, &wrong),
@@ -218,7 +221,7 @@ pub fn evaluate_zero_shot(
         let (image, truth) = read_pair(item)?;
         let saliency = model
             .saliency(&image, &item.prompt, options)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", item.image_path.display())))?;
+            .map_err(Error::within(item.image_path.display().to_string()))?;
         let (record, calibration) = score_saliency(&item.name, &saliency, &truth, tolerance)?;
         pooled.merge(&calibration);
         records.push(record);
@@ -247,15 +250,6 @@ fn read_pair(item: &data::Item) -> Result<(Image8, Image8)> {
         )));
     }
     Ok((image, truth))
-}
-
-/// The model-resolution mask resized nearest to `width` x `height`, as the official evaluation
-/// does.
-fn official_mask(segmentation: &Segmentation, threshold: f32, width: usize, height: usize) -> Result<Vec<bool>> {
-    let side = segmentation.model_size;
-    let bytes = segmentation.model_mask(threshold).into_iter().map(u8::from).collect();
-    let small = Image8::from_raw(side, side, 1, bytes)?;
-    Ok(data::resize_nearest(&small, width, height)?.data.into_iter().map(|v| v != 0).collect())
 }
 
 /// Reads a ground-truth mask as training does ([`data::read_mask`]): for 0/255 masks what the
@@ -299,7 +293,7 @@ pub fn evaluate(
             images.iter().zip(chunk).map(|(image, item)| (image, item.prompt.as_str())).collect();
         let results = segmenter.segment_batch(&requests, &options.segment).map_err(|e| {
             let names: Vec<&str> = chunk.iter().map(|item| item.name.as_str()).collect();
-            Error::Invalid(format!("{}: {e}", names.join(", ")))
+            e.context(names.join(", "))
         })?;
         for ((item, segmentation), truth) in chunk.iter().zip(&results).zip(&truths) {
             let (record, calibration) = score(&item.name, segmentation, truth, options)?;
@@ -328,6 +322,7 @@ fn summarise(
         samples: options.segment.samples,
         seed: options.segment.seed,
         noise: options.segment.noise.name().to_string(),
+        resize: options.segment.resize.name().to_string(),
         batch_size: options.batch_size,
         dice: mean(&|r| r.dice),
         nsd: mean(&|r| r.nsd),

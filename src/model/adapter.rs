@@ -3,20 +3,38 @@
 
 use super::config::ModelConfig;
 use super::layers::{Linear, Loader, Norm, Param};
-use crate::error::Result;
-use crate::ops::{self, NoiseKey, NoiseMode};
+use crate::error::{Error, Result};
+use crate::ops::{self, ItemNoise, NoiseKey, NoiseMode};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 
 /// Which Monte-Carlo draws a forward pass makes: the batch is stacked `samples` times and copy `s`
 /// draws its noise as draw `first_draw + s` (docs/model.md §5; the training step number during training),
-/// related to the other draws as `mode` says (training: always plain).
+/// related to the other draws as `mode` says (training: always plain), the batch's items each
+/// drawing their own noise or all the same as `items` says (training: by row; inference: shared).
 #[derive(Clone, Copy, Debug)]
 pub struct Sampling {
     pub seed: u64,
     pub first_draw: u64,
     pub samples: usize,
     pub mode: NoiseMode,
+    pub items: ItemNoise,
+}
+
+/// The one check of a Monte-Carlo sample count (a forward pass, `segment::Options`): at least 1.
+pub fn check_samples(samples: usize) -> Result<()> {
+    if samples == 0 {
+        return Err(Error::Invalid("the number of Monte-Carlo samples must be at least 1".into()));
+    }
+    Ok(())
+}
+
+impl Sampling {
+    /// Inference's sampling: draws `0..samples` of `seed`, every batch item reading the same noise
+    /// (an image's maps do not depend on the batch it is in).
+    pub fn inference(seed: u64, samples: usize, mode: NoiseMode) -> Sampling {
+        Sampling { seed, first_draw: 0, samples, mode, items: ItemNoise::Shared }
+    }
 }
 
 /// Image queries attend to text (direction 0), then text queries attend to the updated image
@@ -80,6 +98,7 @@ impl PvlAdapter {
             adapter: self.index,
             direction,
             mode: sampling.mode,
+            items: sampling.items,
         };
         let v = self.vis_down.forward(tape, image)?;
         let t = self.txt_down.forward(tape, text)?;

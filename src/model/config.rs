@@ -294,7 +294,7 @@ impl ModelConfig {
     fn from_json(json: &str, origin: &str) -> Result<ModelConfig> {
         let config: ModelConfig =
             serde_json::from_str(json).map_err(|e| Error::Invalid(format!("{origin}: invalid model config: {e}")))?;
-        config.validate().map_err(|e| Error::Invalid(format!("{origin}: {e}")))?;
+        config.validate().map_err(Error::within(origin))?;
         Ok(config)
     }
 

@@ -53,7 +53,7 @@ fn read_folder(dir: &Path, device: &Device, frozen: bool) -> Result<ModelFolder>
     let tokenizer_path = file(TOKENIZER_FILE)?;
     let tokenizer_json = std::fs::read(&tokenizer_path).map_err(Error::io(&tokenizer_path))?;
     let tokenizer = PromptTokenizer::from_bytes(&tokenizer_json, config.text_context_length, config.text_pad_id)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", tokenizer_path.display())))?;
+        .map_err(Error::within(tokenizer_path.display().to_string()))?;
     check_tokenizer_fits(&tokenizer, &config, &tokenizer_path)?;
     let mut model_config = config.clone();
     if frozen {

@@ -15,8 +15,8 @@ pub mod weights;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use crate::philox::NoiseMode;
-pub use adapter::Sampling;
+pub use crate::philox::{ItemNoise, NoiseMode};
+pub use adapter::{check_samples, Sampling};
 pub use config::{CnnBranchConfig, DiceModeName, ModelConfig, TrainRecipe};
 use layers::{repeat_batch, Loader, Param};
 use text::TextDropout;
@@ -267,9 +267,7 @@ impl MedClipSeg {
                 format!("pixels must be [B, 3, {0}, {0}], got {1:?}", c.image_size, pixels.shape()),
             ));
         }
-        if sampling.samples == 0 {
-            return Err(Error::Invalid("the number of Monte-Carlo samples must be at least 1".into()));
-        }
+        check_samples(sampling.samples)?;
         let batch = pixels.dim(0);
         let mut image = self.vision.embed(tape, pixels)?;
         let mut text = self.text.embed(tape, ids, batch, text_dropout)?;
@@ -350,9 +348,10 @@ impl MedClipSeg {
     }
 
     /// `samples` stochastic passes (draws `0..samples`, all in one batched pass), their mean
-    /// probability and its binary entropy (docs/model.md §5), with independent (plain) noise.
+    /// probability and its binary entropy (docs/model.md §5), with independent (plain) draws, every
+    /// image's the same whatever its batch ([`Sampling::inference`]).
     pub fn predict(&self, pixels: &Tensor, ids: &[u32], seed: u64, samples: usize) -> Result<Prediction> {
-        self.predict_sampled(pixels, ids, Sampling { seed, first_draw: 0, samples, mode: NoiseMode::Plain })
+        self.predict_sampled(pixels, ids, Sampling::inference(seed, samples, NoiseMode::Plain))
     }
 
     /// [`MedClipSeg::predict`] with any draws and noise mode (`sampling.samples` passes, draws
@@ -364,6 +363,8 @@ impl MedClipSeg {
         let (b, h, w) = (pixels.dim(0), self.config.image_size, self.config.image_size);
         let logits = ops::reshape(&tape, &out.logits, &[samples, b, h, w])?;
         let (probability, uncertainty) = mean_probability_and_entropy(&logits)?;
+        // The one check of the model's output: a NaN anywhere makes the sum NaN, and finite
+        // probabilities give finite maps at any size (segment::maps checks nothing again).
         if ops::sum_all_forward(&probability)?.to_scalar()?.is_nan() {
             return Err(Error::Invalid(
                 "the model produced non-finite probabilities (is the input image or the checkpoint damaged?)".into(),

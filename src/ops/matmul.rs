@@ -419,18 +419,64 @@ fn cpu_gemm(a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, accumulate: bool) {
     let matrix = g.m * g.n;
     if g.sum_batches {
         for i in 0..g.batch {
-            gemm_threaded(&a[i * g.stride_a..], &b[i * g.stride_b..], c, g, accumulate || i > 0);
+            row_independent(&a[i * g.stride_a..], &b[i * g.stride_b..], c, g, accumulate || i > 0, true);
         }
     } else if g.batch >= rayon::current_num_threads() {
         // Many small products (attention heads): one thread per product.
         c.par_chunks_mut(matrix).enumerate().for_each(|(i, c_mat)| {
-            gemm_one(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, accumulate, gemm::Parallelism::None)
+            row_independent(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, accumulate, false)
         });
     } else {
         for (i, c_mat) in c.chunks_mut(matrix).enumerate() {
-            gemm_threaded(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, accumulate);
+            row_independent(&a[i * g.stride_a..], &b[i * g.stride_b..], c_mat, g, accumulate, true);
         }
     }
+}
+
+/// The fewest rows the `gemm` crate is given for a product `n` columns wide.
+///
+/// The crate picks its algorithm by shape: a single row goes through a matrix-vector kernel,
+/// products of at most 16 x 16 outputs through dot-product ("horizontal") kernels, and products
+/// within 64 x 64 use k-blocks of 512 where larger ones use blocks that depend on k alone. Each
+/// computes a row's dot products in another order, so a row of a product with few rows (a pooled
+/// embedding: one row per image and draw) would change in the last bits with the number of rows,
+/// that is with the batch: an image's maps would depend on what else is in the batch. With at
+/// least this many rows every product takes the general blocked path, where an element is one
+/// fixed-order sum over k whatever the number of rows (docs/model.md §5).
+fn row_independent_min_rows(n: usize) -> usize {
+    // > 64 leaves the small-size branch; m * n > 256 the horizontal kernels; m > 1 the gemv one.
+    65usize.max(256 / n.max(1) + 1)
+}
+
+/// One product as [`gemm_threaded`] (or [`gemm_one`] on this thread when not `threaded`), its
+/// rows computed alike whatever their number: a product with fewer rows than
+/// [`row_independent_min_rows`] runs on a zero-padded copy of op(A) and its rows are copied back.
+fn row_independent(a_mat: &[f32], b_mat: &[f32], c_mat: &mut [f32], g: Gemm, read_c: bool, threaded: bool) {
+    let rows = row_independent_min_rows(g.n);
+    let product = |a: &[f32], c: &mut [f32], g: Gemm| {
+        if threaded {
+            gemm_threaded(a, b_mat, c, g, read_c)
+        } else {
+            gemm_one(a, b_mat, c, g, read_c, gemm::Parallelism::None)
+        }
+    };
+    if g.m >= rows {
+        return product(a_mat, c_mat, g);
+    }
+    // op(A) as a row-major [rows, k] block, zeros below row m.
+    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
+    let mut padded_a = vec![0.0f32; rows * g.k];
+    for (r, row) in padded_a.chunks_mut(g.k).take(g.m).enumerate() {
+        for (c, value) in row.iter_mut().enumerate() {
+            *value = a_mat[r * a_rs as usize + c * a_cs as usize];
+        }
+    }
+    let mut padded_c = vec![0.0f32; rows * g.n];
+    if read_c {
+        padded_c[..g.m * g.n].copy_from_slice(&c_mat[..g.m * g.n]);
+    }
+    product(&padded_a, &mut padded_c, Gemm { m: rows, trans_a: false, ..g });
+    c_mat[..g.m * g.n].copy_from_slice(&padded_c[..g.m * g.n]);
 }
 
 /// Products with fewer rows than this have their columns split between the threads (below).

@@ -8,7 +8,8 @@
 //!
 //! `S` Monte-Carlo samples are stacked in the leading dimension: q is `[S*B, Tq, C]`, the four
 //! key/value tensors `[S*B, Tk, C]`, and row `r` belongs to sample `r / B`. The noise of sample
-//! `s` is `philox::normal(seed, stream(s), (b * Tk + k) * C + c)` with
+//! `s` is `philox::normal(seed, stream(s), (b * Tk + k) * C + c)` for batch item `b` (or with
+//! `b = 0` for every item: [`ItemNoise::Shared`], inference) with
 //! `stream(s) = stream_id(first_draw + s, adapter, direction)` (see [`NoiseKey`]), bit-identical on
 //! every backend; in [`NoiseMode::Antithetic`] an odd draw reads its even partner's stream,
 //! negated. It is never stored: the backward regenerates it. The forward saves only its output
@@ -28,8 +29,8 @@ use crate::cuda::{launch_elements, CudaDevice, Kernel, KernelFamily};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::fastmath::{self, map_in_place, zip_map_in_place};
-pub use crate::philox::NoiseMode;
 use crate::philox::{fill_normal_from, stream_id};
+pub use crate::philox::{ItemNoise, NoiseMode};
 use crate::tape::Tape;
 use crate::tensor::{host_buffer, Tensor};
 
@@ -49,6 +50,8 @@ pub struct NoiseKey {
     pub direction: u32,
     /// How the draws share noise (plain: independent; antithetic: negated pairs).
     pub mode: NoiseMode,
+    /// Whether the items of the batch draw their own noise or all read the same elements.
+    pub items: ItemNoise,
 }
 
 impl NoiseKey {
@@ -125,9 +128,10 @@ impl Dims {
         1.0 / self.c as f32
     }
 
-    /// Index of the first noise element of `row` (element (b, 0, 0) of the `[B, Tk, C]` draw).
-    fn noise_first(&self, row: usize) -> u64 {
-        ((row % self.batch) * self.tk * self.c) as u64
+    /// Index of the first noise element of `row`: element (b, 0, 0) of a `[B, Tk, C]` draw
+    /// ([`ItemNoise::ByRow`]) or element 0 ([`ItemNoise::Shared`]).
+    fn noise_first(&self, row: usize, items: ItemNoise) -> u64 {
+        items.first_element(row % self.batch, self.tk * self.c)
     }
 }
 
@@ -304,7 +308,7 @@ impl<'a> CpuInputs<'a> {
 /// The noise `eps` of one row, `[Tk, C]`.
 fn row_noise(d: Dims, noise: &NoiseKey, row: usize) -> Vec<f32> {
     let (stream, negate) = noise.source(row / d.batch);
-    let mut eps = noise_range(noise.seed, stream, d.noise_first(row), d.tk * d.c);
+    let mut eps = noise_range(noise.seed, stream, d.noise_first(row, noise.items), d.tk * d.c);
     if negate {
         // Exact in floating point, so the pair is `eps` and `-eps` bit for bit.
         map_in_place(&mut eps, |e| -e);
@@ -626,6 +630,8 @@ struct ScalarArgs {
     stream_stride: u64,
     /// [`NoiseMode::negate_bit`]: the kernels map a nominal stream to the one it reads with it.
     negate_bit: u64,
+    /// Elements between consecutive batch items' noise: `Tk * C`, or 0 for [`ItemNoise::Shared`].
+    item_noise_stride: u64,
 }
 
 impl ScalarArgs {
@@ -651,12 +657,14 @@ impl ScalarArgs {
             stream_first,
             stream_stride,
             negate_bit,
+            item_noise_stride: d.noise_first(1, noise.items),
         })
     }
 
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
         b.arg(&self.batch).arg(&self.tq).arg(&self.tk).arg(&self.c).arg(&self.beta);
         b.arg(&self.seed).arg(&self.stream_first).arg(&self.stream_stride).arg(&self.negate_bit);
+        b.arg(&self.item_noise_stride);
     }
 }
 
@@ -681,8 +689,8 @@ fn cuda_forward(
     scalars.push(&mut b);
     // SAFETY: arguments match `prob_attention_forward_cN(float* out, float* lse, const float* q,
     // k_mu, k_var, v_mu, v_var, int batch, int Tq, int Tk, int C, float beta, u64 seed, u64
-    // stream_first, u64 stream_stride, u64 negate_bit)`; `dims` checked q is [rows, Tq, C] and the others
-    // [rows, Tk, C]; out holds rows*Tq*C and lse rows*Tq floats, every element written once.
+    // stream_first, u64 stream_stride, u64 negate_bit, u64 item_noise_stride)`; `dims` checked q
+    // is [rows, Tq, C] and the others [rows, Tk, C]; out holds rows*Tq*C and lse rows*Tq floats, every element written once.
     // The grid covers every (row, query tile); the shared memory size is the kernel's formula.
     launch(kernel.name(), unsafe { b.launch(cfg) })?;
     Ok(ProbAttentionForward {

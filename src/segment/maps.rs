@@ -3,14 +3,74 @@
 //! Order matters: each draw's *logits* are resized bilinearly (PyTorch's `F.interpolate`,
 //! `align_corners=False`), then `sigmoid`, then the mean over draws, then the entropy. Resizing
 //! the thresholded mask or the probability instead would give blocky or differently shaped
-//! maps; nearest-neighbour resizing is kept only where the official evaluation uses it
-//! (`eval::evaluate`, docs/model.md §7).
+//! maps; nearest-neighbour resizing is kept only for the mask, where the official evaluation uses
+//! it ([`MaskResize::Official`], docs/model.md §7).
 
+use crate::data::{self, Image8};
 use crate::error::{Error, Result};
 use crate::model::mean_probability_and_entropy;
 use crate::ops;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
+
+/// How a segmentation's mask reaches the input's size: `predict` writes it and `eval` scores it,
+/// so both read one definition.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MaskResize {
+    /// Threshold the mean probability at the model's resolution, then resize that mask
+    /// nearest-neighbour (cv2's `INTER_NEAREST`) to the input's size: what the official
+    /// evaluation scores, so the paper's figures are reproduced.
+    #[default]
+    Official,
+    /// Threshold the full-resolution probability (each draw's logits resized bilinearly before
+    /// the sigmoid and the mean): smoother outlines on inputs larger than the model's size.
+    Bilinear,
+}
+
+impl MaskResize {
+    /// Every choice, in the order the command line lists them.
+    pub const ALL: [MaskResize; 2] = [MaskResize::Official, MaskResize::Bilinear];
+
+    /// The name `--resize` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            MaskResize::Official => "official",
+            MaskResize::Bilinear => "bilinear",
+        }
+    }
+}
+
+impl std::fmt::Display for MaskResize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for MaskResize {
+    type Err = Error;
+
+    /// `official` or `bilinear`; anything else is an error that lists the choices.
+    fn from_str(text: &str) -> Result<MaskResize> {
+        MaskResize::ALL.into_iter().find(|mode| mode.name() == text).ok_or_else(|| {
+            let names: Vec<&str> = MaskResize::ALL.iter().map(|m| m.name()).collect();
+            Error::Invalid(format!("unknown mask resize `{text}`: expected one of {}", names.join(", ")))
+        })
+    }
+}
+
+/// The mask of [`MaskResize::Official`]: `model_probability > threshold` at the model's
+/// `side` x `side`, resized nearest-neighbour to `width` x `height`.
+pub fn mask_at_size(
+    model_probability: &[f32],
+    side: usize,
+    threshold: f32,
+    width: usize,
+    height: usize,
+) -> Result<Vec<bool>> {
+    let bytes = model_probability.iter().map(|&p| u8::from(p > threshold)).collect();
+    let small = Image8::from_raw(side, side, 1, bytes)?;
+    Ok(data::resize_nearest(&small, width, height)?.data.into_iter().map(|v| v != 0).collect())
+}
 
 /// Binary entropy (nats) of a foreground probability, as the official code writes it:
 /// `-(p ln(p + 1e-8) + (1 - p) ln(1 - p + 1e-8))`.
@@ -29,7 +89,9 @@ const BAND_FLOATS: usize = 1 << 22;
 /// Mean probability and uncertainty of batch item `item`, `height` x `width`, from the
 /// `[S, B, h, w]` logits of every draw. Memory: the two maps plus one band of at most
 /// [`BAND_FLOATS`] resized logits (and its temporaries), whatever the number of draws. Errors: an
-/// item past the batch, a zero-sized target, maps too large to allocate, non-finite model output.
+/// item past the batch, a zero-sized target, maps too large to allocate. Non-finite model output
+/// is refused once, where it is made ([`crate::model::MedClipSeg::predict_sampled`]): finite logits
+/// give finite maps.
 pub fn full_resolution_maps(logits: &Tensor, item: usize, width: usize, height: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let rows = (BAND_FLOATS / logits.dim(0).max(1) / width.max(1)).max(1);
     maps_in_bands(logits, item, width, height, rows)
@@ -67,11 +129,6 @@ fn maps_in_bands(
         let (p, u) = mean_probability_and_entropy(&band)?;
         probability.extend(p.to_vec()?);
         uncertainty.extend(u.to_vec()?);
-    }
-    if probability.iter().any(|p| !p.is_finite()) {
-        return Err(Error::Invalid(
-            "the model produced non-finite probabilities (is the input image or the checkpoint damaged?)".into(),
-        ));
     }
     Ok((probability, uncertainty))
 }

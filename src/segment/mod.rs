@@ -17,14 +17,18 @@
 //! adapter once; each draw's logits are resized bilinearly to the input's size, then
 //! `sigmoid`, mean over draws (the probability), and the binary entropy of that mean (the
 //! uncertainty, in nats, at most ln 2), one band of rows at a time so that memory grows with the
-//! input's pixels, not samples x pixels ([`maps`]). The mask is `probability > threshold`.
+//! input's pixels, not samples x pixels ([`maps`]). The mask at the input's size is, by default,
+//! the model-size mask (`mean probability > threshold`) resized nearest, as the official
+//! evaluation makes it ([`MaskResize::Official`]); [`MaskResize::Bilinear`] thresholds the
+//! full-resolution probability instead (smoother outlines). `eval` scores exactly this mask.
 //!
 //! Limits (docs/limits.md): an image of more than [`Options::max_pixels`] pixels is refused
 //! ([`read_image_within`] from the file's header, before decoding), and so are more samples than
 //! this machine's memory holds for the model ([`Segmenter::check_options`]).
 //!
-//! Reproducibility: the noise is counter-based and keyed by `(seed, draw, adapter, batch row)`,
-//! so the same image, prompt and options give the same maps bit for bit, on any thread count.
+//! Reproducibility: the noise is counter-based and keyed by `(seed, draw, adapter)`, not by the
+//! image's place in a batch, so the same image, prompt and options give the same maps bit for
+//! bit alone or in any batch, on any thread count (docs/model.md §5).
 //!
 //! [`Options::noise`] chooses how the draws relate: independent ([`NoiseMode::Plain`], the
 //! official sampling and the default) or antithetic pairs ([`NoiseMode::Antithetic`]: draw
@@ -49,8 +53,8 @@ use crate::tokenizer::PromptTokenizer;
 
 pub use crate::limits::DEFAULT_MAX_PIXELS;
 pub use crate::philox::NoiseMode;
-pub use maps::{binary_entropy, full_resolution_maps};
-pub use output::{write_npy, write_outputs, OutputFiles};
+pub use maps::{binary_entropy, full_resolution_maps, mask_at_size, MaskResize};
+pub use output::{write_mask_png, write_npy, write_outputs, OutputFiles};
 
 /// The device a `--device` value names: `auto` (the first GPU when one can be used, else the
 /// CPU), `cpu`, `cuda` or `cuda:N`. Errors: an unknown name, or a GPU asked for that cannot be
@@ -101,22 +105,29 @@ pub struct Options {
     /// any work (default [`DEFAULT_MAX_PIXELS`], 100 megapixels). Memory grows with the pixels:
     /// about 9 bytes per pixel for the maps, docs/limits.md.
     pub max_pixels: u64,
+    /// How the mask reaches the input's size (default [`MaskResize::Official`]).
+    pub resize: MaskResize,
 }
 
 impl Default for Options {
     /// 30 samples, seed 666 (the official scripts' seed), threshold 0.5, plain noise, at most 100
-    /// megapixels.
+    /// megapixels, the official mask resize.
     fn default() -> Options {
-        Options { samples: 30, seed: 666, threshold: 0.5, noise: NoiseMode::Plain, max_pixels: DEFAULT_MAX_PIXELS }
+        Options {
+            samples: 30,
+            seed: 666,
+            threshold: 0.5,
+            noise: NoiseMode::Plain,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            resize: MaskResize::Official,
+        }
     }
 }
 
 impl Options {
     /// Errors: zero samples, a threshold outside [0, 1] (or not a number), a zero pixel limit.
     pub fn check(&self) -> Result<()> {
-        if self.samples == 0 {
-            return Err(Error::Invalid("the number of Monte-Carlo samples must be at least 1".into()));
-        }
+        crate::model::check_samples(self.samples)?;
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::Invalid(format!("threshold {} is not a probability in [0, 1]", self.threshold)));
         }
@@ -148,7 +159,7 @@ pub struct Segmentation {
     pub width: usize,
     /// The input image's height in pixels.
     pub height: usize,
-    /// `probability > threshold`.
+    /// The mask at the input's size, made as [`Options::resize`] says.
     pub mask: Vec<bool>,
     /// Mean foreground probability over the Monte-Carlo samples.
     pub probability: Vec<f32>,
@@ -288,18 +299,17 @@ impl Segmenter {
     /// Segments many image–prompt pairs in one pass (images of any sizes; each result at its own
     /// image's size).
     ///
-    /// The engine's noise is keyed by batch row (as in training and validation), so item `i`
-    /// draws the noise of row `i`: item 0 equals [`Segmenter::segment`] bit for bit, and every
-    /// item depends only on its own image, prompt and position, never on the other items; items
-    /// at other positions are other, equally valid Monte-Carlo draws. Errors as
-    /// [`Segmenter::segment`], naming the item (0-based) at fault when there are several.
+    /// Every item equals [`Segmenter::segment`] of its image and prompt bit for bit, whatever its
+    /// position and whatever else the batch holds (the noise is keyed by the draw, not by the
+    /// batch row: docs/model.md §5). Errors as [`Segmenter::segment`], naming the item (0-based)
+    /// at fault when there are several.
     pub fn segment_batch(&self, items: &[(&Image8, &str)], options: &Options) -> Result<Vec<Segmentation>> {
         self.check_options(options, items.len())?;
         if items.is_empty() {
             return Ok(Vec::new());
         }
         // A batch says which item failed; a single call has nothing to add.
-        let at = |i: usize| move |e: Error| if items.len() > 1 { Error::Invalid(format!("item {i}: {e}")) } else { e };
+        let at = |i: usize| move |e: Error| if items.len() > 1 { e.context(format!("item {i}")) } else { e };
         for (i, (image, _)) in items.iter().enumerate() {
             options.check_size(image).map_err(at(i))?;
         }
@@ -311,7 +321,7 @@ impl Segmenter {
             ids.extend(self.tokenizer.encode(prompt).map_err(at(i))?);
         }
         let pixels = Tensor::from_slice(&pixels, &[items.len(), 3, size, size], self.device())?;
-        let sampling = Sampling { seed: options.seed, first_draw: 0, samples: options.samples, mode: options.noise };
+        let sampling = Sampling::inference(options.seed, options.samples, options.noise);
         let prediction = self.model.predict_sampled(&pixels, &ids, sampling)?;
         let model_probability = prediction.probability.to_vec()?;
         let plane = size * size;
@@ -321,14 +331,21 @@ impl Segmenter {
             .map(|(b, (image, _))| {
                 let (probability, uncertainty) =
                     full_resolution_maps(&prediction.logits, b, image.width, image.height)?;
+                let model_probability = model_probability[b * plane..(b + 1) * plane].to_vec();
+                let mask = match options.resize {
+                    MaskResize::Bilinear => probability.iter().map(|&p| p > options.threshold).collect(),
+                    MaskResize::Official => {
+                        mask_at_size(&model_probability, size, options.threshold, image.width, image.height)?
+                    }
+                };
                 Ok(Segmentation {
                     width: image.width,
                     height: image.height,
-                    mask: probability.iter().map(|&p| p > options.threshold).collect(),
+                    mask,
                     probability,
                     uncertainty,
                     model_size: size,
-                    model_probability: model_probability[b * plane..(b + 1) * plane].to_vec(),
+                    model_probability,
                 })
             })
             .collect()

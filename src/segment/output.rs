@@ -75,8 +75,7 @@ pub fn write_outputs(dir: &Path, image: &Image8, segmentation: &Segmentation) ->
     }
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let files = OutputFiles::in_folder(dir);
-    let mask: Vec<u8> = segmentation.mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
-    write_png(&files.mask_png, grey(&files.mask_png, w, h, mask)?.into())?;
+    write_mask_png(&files.mask_png, segmentation)?;
     let probability: Vec<u8> =
         segmentation.probability.iter().map(|&p| (p * 255.0).round().clamp(0.0, 255.0) as u8).collect();
     write_png(&files.probability_png, grey(&files.probability_png, w, h, probability)?.into())?;
@@ -86,6 +85,13 @@ pub fn write_outputs(dir: &Path, image: &Image8, segmentation: &Segmentation) ->
     write_npy(&files.uncertainty_npy, &segmentation.uncertainty, h, w)?;
     write_png(&files.overlay_png, rgb(&files.overlay_png, w, h, overlay(image, segmentation))?.into())?;
     Ok(files)
+}
+
+/// Writes the mask alone as a grey PNG, 255 for foreground and 0 elsewhere (what the official
+/// evaluation and most external evaluators read: `cv2.imread(path, 0)`, foreground `>= 127`).
+pub fn write_mask_png(path: &Path, segmentation: &Segmentation) -> Result<()> {
+    let mask: Vec<u8> = segmentation.mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
+    write_png(path, grey(path, segmentation.width, segmentation.height, mask)?.into())
 }
 
 fn grey(path: &Path, w: usize, h: usize, pixels: Vec<u8>) -> Result<GrayImage> {

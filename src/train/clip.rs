@@ -146,7 +146,7 @@ fn batch_inputs(
         ids.extend(
             tokenizer
                 .encode(&pairs[i].caption)
-                .map_err(|e| Error::Invalid(format!("{}: caption: {e}", pairs[i].image.display())))?,
+                .map_err(Error::within(format!("{}: caption", pairs[i].image.display())))?,
         );
     }
     Ok((pixels, ids))

@@ -153,7 +153,7 @@ pub fn train(options: &TrainOptions, progress: &mut dyn Progress) -> Result<Trai
             let batch = upload(&batch?, &tokenizer, config.image_size, &options.device)?;
             let noise = StepNoise::for_step(options.seed, state.steps, recipe.text_dropout);
             let losses = train_step(&mut model, &mut optimizer, &batch, &recipe, noise, lr)
-                .map_err(|e| Error::Invalid(format!("epoch {}, batch {}: {e}", epoch + 1, i + 1)))?;
+                .map_err(Error::within(format!("epoch {}, batch {}", epoch + 1, i + 1)))?;
             state.steps += 1;
             images += batch.len();
             for (sum, value) in [
@@ -247,7 +247,7 @@ fn start_or_resume(
     let latest = options.out.join(LATEST);
     if options.resume {
         let folder = load_model_folder(&latest, &options.device)
-            .map_err(|e| Error::Invalid(format!("cannot resume from {}: {e}", latest.display())))?;
+            .map_err(Error::within(format!("cannot resume from {}", latest.display())))?;
         for note in resume::compare_configs(&folder.config, &options.config, &latest)? {
             progress.note(&note);
         }
@@ -371,7 +371,7 @@ fn save_epoch(
 fn upload(batch: &Batch, tokenizer: &PromptTokenizer, image_size: usize, device: &Device) -> Result<DeviceBatch> {
     let mut ids = Vec::with_capacity(batch.prompts.len() * tokenizer.context_length());
     for (prompt, name) in batch.prompts.iter().zip(&batch.names) {
-        ids.extend(tokenizer.encode(prompt).map_err(|e| Error::Invalid(format!("{name}: {e}")))?);
+        ids.extend(tokenizer.encode(prompt).map_err(Error::within(name.to_string()))?);
     }
     DeviceBatch::new(&batch.pixels, &batch.masks, ids, image_size, device)
 }

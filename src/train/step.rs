@@ -4,7 +4,7 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::{DiceModeName, MedClipSeg, Sampling, Trace, TrainRecipe, TrainingPass};
-use crate::ops::{self, AdamConfig, AdamState, DiceMode, NoiseMode};
+use crate::ops::{self, AdamConfig, AdamState, DiceMode, ItemNoise, NoiseMode};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 
@@ -90,7 +90,13 @@ pub fn losses(
     noise: StepNoise,
 ) -> Result<StepLosses> {
     // Training draws independent noise: one sample per step, nothing to pair.
-    let sampling = Sampling { seed: noise.seed, first_draw: noise.draw, samples: 1, mode: NoiseMode::Plain };
+    let sampling = Sampling {
+        seed: noise.seed,
+        first_draw: noise.draw,
+        samples: 1,
+        mode: NoiseMode::Plain,
+        items: ItemNoise::ByRow,
+    };
     let training = TrainingPass { seed: noise.seed, step: noise.draw, text_dropout: noise.text_dropout };
     let out = model.forward(tape, &batch.pixels, &batch.ids, sampling, Some(&training), &mut Trace::disabled())?;
     let mode = match recipe.dice_mode {

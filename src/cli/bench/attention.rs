@@ -7,7 +7,7 @@
 //! inputs (in training every one of them comes from a trainable projection). The V noise is drawn
 //! inside the op, so both timings include it, as PyTorch's `torch.randn` is in the reference's.
 
-use mcs_engine::ops::{self, NoiseKey, NoiseMode};
+use mcs_engine::ops::{self, ItemNoise, NoiseKey, NoiseMode};
 use mcs_engine::philox::fill_normal;
 use mcs_engine::{Device, Result, Tape, Tensor};
 
@@ -28,7 +28,15 @@ pub fn run(setup: &Setup) -> Result<Report> {
         [(0u32, "image_to_text", image_tokens, text_tokens), (1, "text_to_image", text_tokens, image_tokens)]
     {
         let inputs = Inputs::random(rows, tq, tk, c, direction, device)?;
-        let noise = NoiseKey { seed: 666, first_draw: 0, samples, adapter: 0, direction, mode: NoiseMode::Plain };
+        let noise = NoiseKey {
+            seed: 666,
+            first_draw: 0,
+            samples,
+            adapter: 0,
+            direction,
+            mode: NoiseMode::Plain,
+            items: ItemNoise::ByRow,
+        };
         let forward = time(setup, |_| {
             let tape = Tape::inference();
             std::hint::black_box(inputs.attend(&tape, config.beta, noise)?);

@@ -81,7 +81,7 @@ pub fn run_forward(setup: &Setup) -> Result<Report> {
     let (timing, peak_mib) = with_tensor_peak(|| {
         Timing::measure(device, args.warmup, args.steps, |_| {
             let tape = Tape::inference();
-            let sampling = Sampling { seed: SEED, first_draw: 0, samples: 1, mode: NoiseMode::Plain };
+            let sampling = Sampling::inference(SEED, 1, NoiseMode::Plain);
             let out = model.forward(&tape, &pixels, &ids, sampling, None, &mut Trace::disabled())?;
             std::hint::black_box(out.logits);
             Ok(())
