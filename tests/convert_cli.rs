@@ -89,8 +89,19 @@ fn convert_writes_a_layout_split_by_patient_that_trains() {
     assert_eq!(check.code, Some(0), "{}{}", check.stdout, check.stderr);
     let runs = dir.join("runs");
     let train = run(&[
-        "train", "--data", s(&out), "--config", "tiny", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
-        "--out", s(&runs),
+        "train",
+        "--data",
+        s(&out),
+        "--config",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        s(&runs),
     ]);
     assert_eq!(train.code, Some(0), "{}{}", train.stdout, train.stderr);
     assert!(runs.join("best").join("model.safetensors").is_file());
@@ -131,6 +142,10 @@ fn a_label_off_its_images_grid_or_without_an_image_is_refused_naming_both() {
     write_nifti_volume(&labels.join("case_009.nii.gz"), DIMS, &vec![0.0; DIMS.iter().product()], &typical_affine());
     let outcome = convert(&images, &labels, &out, &[]);
     assert_ne!(outcome.code, Some(0));
-    assert!(outcome.stderr.contains("case_009.nii.gz") && outcome.stderr.contains("case_009_0000"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("case_009.nii.gz") && outcome.stderr.contains("case_009_0000"),
+        "{}",
+        outcome.stderr
+    );
     assert!(std::fs::read_dir(&out).map_or(true, |mut d| d.next().is_none()), "nothing left in --out");
 }

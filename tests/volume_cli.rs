@@ -66,7 +66,10 @@ fn check_outputs(input: &Path, out: &Path, nifti_input: bool) {
         if nifti_input {
             let source = nifti::NiftiHeader::from_file(input).unwrap();
             assert_eq!((header.srow_x, header.srow_y, header.srow_z), (source.srow_x, source.srow_y, source.srow_z));
-            assert_eq!((header.qform_code, header.sform_code, header.pixdim), (source.qform_code, source.sform_code, source.pixdim));
+            assert_eq!(
+                (header.qform_code, header.sform_code, header.pixdim),
+                (source.qform_code, source.sform_code, source.pixdim)
+            );
         }
     }
     let mask = read(&out.join("mask.nii.gz")).voxels;
@@ -136,8 +139,10 @@ fn a_volume_slice_equals_predict_on_that_slice_as_a_png() {
         let outcome = predict(&png, &single, &[]);
         assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);
         let bytes = std::fs::read(single.join("probability.npy")).unwrap();
-        let values: Vec<f32> =
-            bytes[bytes.len() - 24 * 20 * 4..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let values: Vec<f32> = bytes[bytes.len() - 24 * 20 * 4..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         let from_volume: Vec<f32> = volume.slice_indices(2, k).iter().map(|&v| probability[v]).collect();
         assert_eq!(values, from_volume, "slice {k}");
     }

@@ -63,7 +63,9 @@ fn split_shares(text: &str) -> std::result::Result<SplitShares, String> {
     let values: Vec<f64> = text.split(',').filter_map(|v| v.trim().parse().ok()).collect();
     match values[..] {
         [a, b, c] if values.iter().all(|v| v.is_finite() && *v >= 0.0) && a + b + c > 0.0 => Ok(SplitShares([a, b, c])),
-        _ => Err(format!("`{text}` is not three non-negative shares TRAIN,VAL,TEST with a positive sum, e.g. 70,15,15")),
+        _ => {
+            Err(format!("`{text}` is not three non-negative shares TRAIN,VAL,TEST with a positive sum, e.g. 70,15,15"))
+        }
     }
 }
 

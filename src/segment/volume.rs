@@ -87,7 +87,11 @@ pub fn segment_volume(
         let images = indices.iter().map(|&s| grey_slice(volume, axis, s, range)).collect::<Result<Vec<_>>>()?;
         let items: Vec<(&Image8, &str)> = images.iter().map(|image| (image, prompt)).collect();
         let results = segmenter.segment_batch(&items, options).map_err(|e| {
-            Error::Invalid(format!("{}: slices {first}..{} along axis {axis}: {e}", volume.source.display(), first + indices.len()))
+            Error::Invalid(format!(
+                "{}: slices {first}..{} along axis {axis}: {e}",
+                volume.source.display(),
+                first + indices.len()
+            ))
         })?;
         for ((&s, image), result) in indices.iter().zip(images).zip(results) {
             for (pixel, voxel) in volume.slice_indices(axis, s).into_iter().enumerate() {

@@ -76,7 +76,10 @@ impl ConvertOptions {
     /// [0, 1); a template with a placeholder other than `{side}` and `{size}`; empty prompts.
     pub fn check(&self) -> Result<()> {
         if self.split.iter().any(|s| !s.is_finite() || *s < 0.0) || self.split.iter().sum::<f64>() <= 0.0 {
-            return Err(Error::Invalid(format!("split shares {:?} must be non-negative with a positive sum", self.split)));
+            return Err(Error::Invalid(format!(
+                "split shares {:?} must be non-negative with a positive sum",
+                self.split
+            )));
         }
         if !(0.0..1.0).contains(&self.empty_fraction) {
             return Err(Error::Invalid(format!("empty fraction {} is not in [0, 1)", self.empty_fraction)));
@@ -305,7 +308,7 @@ pub struct ConvertSummary {
 
 /// Converts the volumes of `images` and `labels` into the official layout under `out`. Nothing
 /// appears in `out` until every case is written (a hidden staging folder inside it is renamed
-/// into place at the end, and removed on error). `progress` is called before each case.
+/// into place at the end, and removed on error). `progress` is called before each case with the cases done, the case and their number.
 ///
 /// Errors: invalid options, `out` already holding a layout (never overwritten), the pairing
 /// errors of [`pair_cases`], a volume that cannot be read ([`read_volume`]), a label whose dims
@@ -315,7 +318,7 @@ pub fn convert(
     labels: &Path,
     out: &Path,
     options: &ConvertOptions,
-    mut progress: impl FnMut(usize, &Case),
+    mut progress: impl FnMut(usize, &Case, usize),
 ) -> Result<ConvertSummary> {
     options.check()?;
     let existing = existing_layout_parts(out);
@@ -349,7 +352,7 @@ fn write_layout(
     cases: &[Case],
     splits: &[Split],
     options: &ConvertOptions,
-    progress: &mut impl FnMut(usize, &Case),
+    progress: &mut impl FnMut(usize, &Case, usize),
 ) -> Result<ConvertSummary> {
     let mut summary = ConvertSummary::default();
     let mut rows: [Vec<PromptRow>; 3] = Default::default();
@@ -360,7 +363,7 @@ fn write_layout(
         }
     }
     for (n, (case, &split)) in cases.iter().zip(splits).enumerate() {
-        progress(n, case);
+        progress(n, case, cases.len());
         let s = split_index(split);
         summary.cases[s] += 1;
         let (foreground, empty) = convert_case(root, case, split, options, &mut rows[s], &mut summary.notes)?;
@@ -476,9 +479,12 @@ fn convert_case(
 }
 
 fn write_grey_png(path: &Path, width: usize, height: usize, pixels: Vec<u8>) -> Result<()> {
-    let picture = image::GrayImage::from_raw(width as u32, height as u32, pixels)
-        .ok_or_else(|| Error::Invalid(format!("{}: pixel buffer does not make a {width}x{height} image", path.display())))?;
-    picture.save_with_format(path, image::ImageFormat::Png).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    let picture = image::GrayImage::from_raw(width as u32, height as u32, pixels).ok_or_else(|| {
+        Error::Invalid(format!("{}: pixel buffer does not make a {width}x{height} image", path.display()))
+    })?;
+    picture
+        .save_with_format(path, image::ImageFormat::Png)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -495,7 +501,10 @@ mod tests {
         assert!(assign_splits(2, [70.0, 15.0, 15.0], 1).unwrap_err().to_string().contains("cannot fill 3 splits"));
         assert_eq!(assign_splits(2, [1.0, 0.0, 1.0], 1).unwrap().iter().filter(|&&s| s == Split::Val).count(), 0);
         // The seed decides which cases go where.
-        assert_ne!(assign_splits(20, [50.0, 25.0, 25.0], 1).unwrap(), assign_splits(20, [50.0, 25.0, 25.0], 2).unwrap());
+        assert_ne!(
+            assign_splits(20, [50.0, 25.0, 25.0], 1).unwrap(),
+            assign_splits(20, [50.0, 25.0, 25.0], 2).unwrap()
+        );
     }
 
     #[test]

@@ -56,7 +56,9 @@ pub fn read_dicom(path: &Path, limits: &VolumeLimits, axis: Option<usize>) -> Re
     };
     limits.check(path, dims, axis.unwrap_or(2).min(2))?;
     let mut voxels = Vec::new();
-    voxels.try_reserve_exact(dims.iter().product()).map_err(|e| invalid(path, format!("cannot hold {dims:?} ({e})")))?;
+    voxels
+        .try_reserve_exact(dims.iter().product())
+        .map_err(|e| invalid(path, format!("cannot hold {dims:?} ({e})")))?;
     for header in &headers {
         voxels.extend(read_pixels(header)?);
     }
@@ -172,12 +174,7 @@ fn ras_affine(column_step: [f64; 3], row_step: [f64; 3], slice_step: [f64; 3], o
     let flip = [-1.0, -1.0, 1.0];
     let mut affine = [[0.0; 4]; 4];
     for r in 0..3 {
-        affine[r] = [
-            flip[r] * column_step[r],
-            flip[r] * row_step[r],
-            flip[r] * slice_step[r],
-            flip[r] * origin[r],
-        ];
+        affine[r] = [flip[r] * column_step[r], flip[r] * row_step[r], flip[r] * slice_step[r], flip[r] * origin[r]];
     }
     affine[3][3] = 1.0;
     affine
@@ -318,7 +315,8 @@ fn check_gaps(dir: &Path, sorted: &[SliceHeader], along: &dyn Fn(&SliceHeader) -
 /// The pixels of one file (every frame), after its rescale slope and intercept.
 fn read_pixels(header: &SliceHeader) -> Result<Vec<f32>> {
     let path = &header.path;
-    let object = dicom_object::open_file(path).map_err(|e| invalid(path, format!("not a readable DICOM file ({e})")))?;
+    let object =
+        dicom_object::open_file(path).map_err(|e| invalid(path, format!("not a readable DICOM file ({e})")))?;
     if object.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err(invalid(path, "holds no pixel data (the PixelData element (7FE0,0010) is missing)"));
     }

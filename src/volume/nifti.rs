@@ -19,7 +19,8 @@ fn invalid(path: &Path, why: impl std::fmt::Display) -> Error {
 /// higher) volume with more than one volume in it, an empty volume, one past `limits` for slices
 /// along `axis` (default the third axis), an unreadable qform, voxels that do not decode.
 pub fn read_nifti(path: &Path, limits: &VolumeLimits, axis: Option<usize>) -> Result<Volume> {
-    let header = NiftiHeader::from_file(path).map_err(|e| invalid(path, format!("not a readable NIfTI-1 file ({e})")))?;
+    let header =
+        NiftiHeader::from_file(path).map_err(|e| invalid(path, format!("not a readable NIfTI-1 file ({e})")))?;
     let dims = spatial_dims(path, &header)?;
     let axis = axis.unwrap_or(2);
     limits.check(path, dims, axis.min(2))?;
@@ -173,7 +174,11 @@ mod tests {
                 }
             }
         }
-        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("partial")));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

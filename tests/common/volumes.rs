@@ -44,7 +44,13 @@ pub fn phantom(dims: [usize; 3], centre: [f64; 3]) -> (Vec<f32>, Vec<f32>) {
                 let inside = d.iter().map(|v| v * v).sum::<f64>() <= 1.0;
                 let blob = i == 1 && j == 1;
                 image.push(if inside { 300.0 } else { 40.0 + ((i * 7 + j * 13 + k * 3) % 23) as f32 * 4.0 });
-                label.push(if inside { 1.0 } else if blob { 2.0 } else { 0.0 });
+                label.push(if inside {
+                    1.0
+                } else if blob {
+                    2.0
+                } else {
+                    0.0
+                });
             }
         }
     }
@@ -85,12 +91,8 @@ impl SeriesGeometry {
         let mut affine = [[0.0; 4]; 4];
         for r in 0..3 {
             let sign = if r < 2 { -1.0 } else { 1.0 };
-            affine[r] = [
-                sign * o[r] * col_spacing,
-                sign * o[3 + r] * row_spacing,
-                sign * self.step[r],
-                sign * self.origin[r],
-            ];
+            affine[r] =
+                [sign * o[r] * col_spacing, sign * o[3 + r] * row_spacing, sign * self.step[r], sign * self.origin[r]];
         }
         affine[3][3] = 1.0;
         affine
