@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use mcs_engine::segment::volume::{segment_volume, slices_per_pass, write_volume_outputs};
+use mcs_engine::segment::volume::{segment_volume, slices_per_pass, write_volume_outputs, SlicePlan};
 use mcs_engine::segment::{Options, Segmenter};
 use mcs_engine::volume::{self, read_volume, Intensity, VolumeLimits, DEFAULT_MAX_VOXELS};
 use mcs_engine::{Error, Result};
@@ -90,9 +90,8 @@ pub fn run(
     let bar = indicatif::ProgressBar::new(slices as u64);
     let template = "predict {bar:30} {pos}/{len} slices [{elapsed_precise} < {eta_precise}]";
     bar.set_style(indicatif::ProgressStyle::with_template(template).expect("the progress template is valid"));
-    let maps = segment_volume(&segmenter, &volume, axis, prompt, options, &args.intensity(), per_pass, |done| {
-        bar.set_position(done as u64)
-    })?;
+    let plan = SlicePlan { axis, prompt, intensity: args.intensity(), per_pass };
+    let maps = segment_volume(&segmenter, &volume, &plan, options, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let files = write_volume_outputs(out, &volume, &maps)?;
     let [nx, ny, nz] = volume.dims;

@@ -64,19 +64,29 @@ pub fn grey_slice(volume: &Volume, axis: usize, index: usize, range: (f64, f64))
     Image8::from_raw(w, h, 1, to_grey(&volume.slice(axis, index), range))
 }
 
-/// Segments every slice of `volume` along `axis` with `prompt`, `per_pass` slices per
-/// [`Segmenter::segment_batch`] call, calling `progress` with the number of slices done after
-/// each pass. Errors: as `segment_batch`, naming the volume and the slice.
+/// How a volume is cut and fed to the model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlicePlan<'a> {
+    /// The axis slices are taken along (0, 1 or 2).
+    pub axis: usize,
+    /// The prompt every slice is segmented with.
+    pub prompt: &'a str,
+    /// The mapping of voxel values to grey.
+    pub intensity: Intensity,
+    /// Slices per [`Segmenter::segment_batch`] call ([`slices_per_pass`]).
+    pub per_pass: usize,
+}
+
+/// Segments every slice of `volume` as `plan` says, calling `progress` with the number of slices
+/// done after each pass. Errors: as `segment_batch`, naming the volume and the slices.
 pub fn segment_volume(
     segmenter: &Segmenter,
     volume: &Volume,
-    axis: usize,
-    prompt: &str,
+    plan: &SlicePlan,
     options: &Options,
-    intensity: &Intensity,
-    per_pass: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<VolumeSegmentation> {
+    let SlicePlan { axis, prompt, intensity, per_pass } = *plan;
     let count = volume.slice_count(axis);
     let range = intensity.range(&volume.voxels)?;
     let n = volume.len();

@@ -95,9 +95,8 @@ pub fn header_affine(path: &Path, header: &NiftiHeader) -> Result<Affine> {
 pub fn header_for_affine(affine: &Affine) -> NiftiHeader {
     let m = nalgebra::Matrix4::from_fn(|r, c| affine[r][c]);
     let mut header = NiftiHeader::default();
-    for axis in 0..3 {
-        let length = (0..3).map(|r| affine[r][axis] * affine[r][axis]).sum::<f64>().sqrt();
-        header.pixdim[axis + 1] = length as f32;
+    for (axis, size) in header.pixdim[1..4].iter_mut().enumerate() {
+        *size = affine[..3].iter().map(|row| row[axis] * row[axis]).sum::<f64>().sqrt() as f32;
     }
     // NIFTI_UNITS_MM for space; no time unit.
     header.xyzt_units = 2;
