@@ -344,8 +344,8 @@ mod tests {
         assert!(limits.check(path, [10, 10, 10], 2).is_ok());
         assert!(limits.check(path, [10, 0, 10], 2).unwrap_err().to_string().contains("empty"));
         assert!(limits.check(path, [10, 10, 11], 2).unwrap_err().to_string().contains("--max-voxels"));
-        assert!(limits.check(path, [20, 5, 5], 2).unwrap_err().to_string().contains("--max-pixels"));
-        // The same volume sliced along another axis fits.
-        assert!(limits.check(path, [20, 5, 5], 1).is_ok());
+        assert!(limits.check(path, [30, 4, 3], 2).unwrap_err().to_string().contains("--max-pixels"));
+        // The same volume sliced along another axis fits (30 x 3 pixels).
+        assert!(limits.check(path, [30, 4, 3], 1).is_ok());
     }
 }
