@@ -26,6 +26,7 @@ pub mod tape;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;
+pub mod volume;
 
 pub use device::Device;
 pub use error::{Error, Result};

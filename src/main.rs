@@ -34,13 +34,18 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Write the built-in synthetic dataset in the official layout (images, masks, xlsx prompts).
     Synth(cli::synth::SynthArgs),
+    /// Convert image and label volumes (NIfTI or DICOM, one per patient) into the official 2-D
+    /// layout for `train --data`: PNG slices that hold foreground (plus a share of empty ones),
+    /// prompts from a template, splits by patient (docs/volumes.md).
+    Convert(cli::convert::ConvertArgs),
     /// Check a dataset in the official layout: every image's header decodes, every mask exists,
     /// decodes, has its image's size and at most two values, every prompt row names files inside
     /// its split. Prints a table per split and the first problems; fails when anything does.
     Check(cli::check::CheckArgs),
     /// Segment an image (or every image of a dataset split) from a text prompt: writes the binary
     /// mask, the mean foreground probability and the uncertainty (entropy of the mean over
-    /// Monte-Carlo samples) as PNGs and .npy arrays, and an overlay, at the input's own size.
+    /// Monte-Carlo samples) as PNGs and .npy arrays, and an overlay, at the input's own size. A
+    /// NIfTI or DICOM volume is segmented slice by slice into NIfTI maps on its own grid.
     Predict(cli::predict::PredictArgs),
     /// Score a model folder on a dataset split: DSC, NSD (2 px), ECE, Brier and uncertainty
     /// AUROC per image (CSV) and per split (table, JSON); --prompt-sweep over the prompt styles;
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cli::train::run(&args),
         Command::Synth(args) => cli::synth::run(&args),
         Command::Check(args) => cli::check::run(&args),
+        Command::Convert(args) => cli::convert::run(&args),
         Command::Bench(args) => cli::bench::run(&args),
         Command::Predict(args) => cli::predict::run(&args),
         Command::Eval(args) => cli::eval::run(&args),

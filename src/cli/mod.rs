@@ -3,9 +3,11 @@
 
 pub mod bench;
 pub mod check;
+pub mod convert;
 pub mod eval;
 pub mod finetune_clip;
 pub mod predict;
+pub mod predict_volume;
 pub mod saliency;
 pub mod synth;
 pub mod train;

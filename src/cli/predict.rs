@@ -17,7 +17,10 @@ use mcs_engine::{Error, Result};
 
 #[derive(clap::Args)]
 pub struct PredictArgs {
-    /// Input image (PNG or JPEG). Without it (and without --data) a built-in picture is used: image
+    /// Input image (PNG or JPEG), or a volume: a NIfTI file (.nii, .nii.gz), a DICOM file or a
+    /// DICOM series folder, segmented slice by slice into mask.nii.gz, probability.nii.gz,
+    /// uncertainty.nii.gz (on the input's grid, with its affine) and overlay.png (the slice with
+    /// the largest mask); see --axis, --window, --percentiles and docs/volumes.md. Without it (and without --data) a built-in picture is used: image
     /// Test_Folder/img/synthetic_002200.png of the synthetic task (`mcs-engine synth`), with its
     /// own prompt unless --prompt is given.
     #[arg(long, conflicts_with = "data")]
@@ -76,6 +79,8 @@ pub struct PredictArgs {
     /// pixel). At most this machine's memory / 32 bytes (docs/limits.md).
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_parser = super::max_pixels, allow_negative_numbers = true)]
     max_pixels: u64,
+    #[command(flatten)]
+    volume: super::predict_volume::VolumeArgs,
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
@@ -85,6 +90,10 @@ pub fn run(args: &PredictArgs) -> Result<()> {
             "--out {}: is a file, not a folder (the maps are written into a folder)",
             args.out.display()
         )));
+    }
+    if let Some(path) = args.image.as_deref().filter(|p| mcs_engine::volume::is_volume_path(p)) {
+        let load = || load_segmenter(args);
+        return super::predict_volume::run(path, args.prompt.as_deref(), &args.out, &options, &args.volume, load);
     }
     if let Some(path) = &args.image {
         // A too large or unreadable image is refused from its header, before the model loads.

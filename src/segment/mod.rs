@@ -38,6 +38,7 @@
 
 pub mod maps;
 pub mod output;
+pub mod volume;
 
 use std::path::{Path, PathBuf};
 
@@ -54,7 +55,7 @@ use crate::tokenizer::PromptTokenizer;
 pub use crate::limits::DEFAULT_MAX_PIXELS;
 pub use crate::philox::NoiseMode;
 pub use maps::{binary_entropy, full_resolution_maps, mask_at_size, MaskResize};
-pub use output::{write_mask_png, write_npy, write_outputs, OutputFiles};
+pub use output::{write_mask_png, write_npy, write_outputs, write_overlay, OutputFiles};
 
 /// The device a `--device` value names: `auto` (the first GPU when one can be used, else the
 /// CPU), `cpu`, `cuda` or `cuda:N`. Errors: an unknown name, or a GPU asked for that cannot be

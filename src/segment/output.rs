@@ -94,6 +94,21 @@ pub fn write_mask_png(path: &Path, segmentation: &Segmentation) -> Result<()> {
     write_png(path, grey(path, segmentation.width, segmentation.height, mask)?.into())
 }
 
+/// Writes only `overlay.png`'s picture (the image, the uncertainty blended in, the mask's
+/// contour) to `path`: what a volume's output shows for its slice with the largest mask.
+pub fn write_overlay(path: &Path, image: &Image8, segmentation: &Segmentation) -> Result<()> {
+    let (w, h) = (segmentation.width, segmentation.height);
+    if (image.width, image.height) != (w, h) {
+        return Err(Error::Invalid(format!(
+            "{}: the image is {}x{} but its segmentation {w}x{h}",
+            path.display(),
+            image.width,
+            image.height
+        )));
+    }
+    write_png(path, rgb(path, w, h, overlay(image, segmentation))?.into())
+}
+
 fn grey(path: &Path, w: usize, h: usize, pixels: Vec<u8>) -> Result<GrayImage> {
     GrayImage::from_raw(w as u32, h as u32, pixels)
         .ok_or_else(|| Error::Invalid(format!("{}: pixel buffer does not make a {w}x{h} image", path.display())))
