@@ -121,6 +121,9 @@ impl NativeSegmenter {
 }
 
 /// The engine's options from the call's arguments; the rest keep their defaults.
+// Every field is set today, but `..Options::default()` keeps this building (with the engine's
+// defaults) when `Options` gains a field the package does not pass through yet.
+#[allow(clippy::needless_update)]
 fn options(samples: usize, seed: u64, noise: &str, threshold: f32, max_pixels: u64) -> mcs_engine::Result<Options> {
     let options = Options { samples, seed, threshold, noise: noise.parse()?, max_pixels, ..Options::default() };
     options.check()?;
