@@ -5,7 +5,9 @@ order and return :class:`mcs_engine.Segmentation` objects. These functions take 
 engine takes.
 """
 
-from typing import List, Optional, Tuple
+from os import PathLike
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -19,13 +21,13 @@ Maps = Tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.floa
 class Segmenter:
     """A loaded model folder on a device; calls release the GIL."""
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    def __init__(self, model: Union[str, PathLike[str]], device: str = "auto") -> None:
         """Loads the model folder ``model`` onto ``device`` ("auto", "cpu", "cuda", "cuda:N")."""
     @property
     def device(self) -> str:
         """The device the model runs on ("cpu", "cuda:0", ...)."""
     @property
-    def model(self) -> Optional[str]:
+    def model(self) -> Optional[Path]:
         """The folder the model was loaded from."""
     @property
     def image_size(self) -> int:
@@ -56,5 +58,5 @@ class Segmenter:
     ) -> List[Maps]:
         """Segments image ``i`` for prompt ``i`` in one pass; lists of equal length."""
 
-def read_image(path: str, max_pixels: int = ...) -> npt.NDArray[np.uint8]:
+def read_image(path: Union[str, PathLike[str]], max_pixels: int = ...) -> npt.NDArray[np.uint8]:
     """Decodes a PNG or JPEG file as the engine does: ``(height, width, 3)`` uint8, B, G, R."""
