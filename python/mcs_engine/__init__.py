@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -103,6 +103,7 @@ class Segmenter:
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', not {type(device).__name__}")
         self._native = _native.Segmenter(str(folder), device)
+        self._folder = folder
 
     @property
     def device(self) -> str:
@@ -112,7 +113,7 @@ class Segmenter:
     @property
     def model(self) -> Path:
         """The model folder this segmenter was loaded from."""
-        return Path(self._native.model)
+        return self._folder
 
     @property
     def image_size(self) -> int:
@@ -286,7 +287,9 @@ def _whole(name: str, value: int, *, least: int, bits: int) -> int:
     return int(value)
 
 
-def _sampling(samples: int, seed: int, noise: str, threshold: float, max_pixels: int) -> tuple:
+def _sampling(
+    samples: int, seed: int, noise: str, threshold: float, max_pixels: int
+) -> Tuple[int, int, str, float, int]:
     """The sampling arguments of the native calls, checked for what Python must catch before the
     engine sees them (negative or oversized integers, wrong types); the engine checks the rest
     (samples against memory, the threshold's range, the noise mode)."""
