@@ -243,7 +243,8 @@ def _engine_image(image: np.ndarray, channels: str) -> np.ndarray:
         )
     if array.shape[2] not in (1, 3, 4):
         raise InvalidInputError(
-            f"expected 1 (grey), 3 (colour) or 4 (colour and alpha) channels, got {array.shape[2]} (shape {array.shape})"
+            "expected 1 (grey), 3 (colour) or 4 (colour and alpha) channels, "
+            f"got {array.shape[2]} (shape {array.shape})"
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidInputError(f"the image has no pixels (shape {array.shape})")
