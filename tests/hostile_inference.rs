@@ -300,7 +300,7 @@ fn numeric_flags_are_refused_for_their_value_at_parse_time() {
 #[test]
 fn a_folder_given_as_an_image_is_called_a_folder() {
     let dir = scratch("folder");
-    assert_refused(&["predict", "--image", s(&dir), "--prompt", "a lesion"], &["is a folder, not an image"]);
+    assert_refused(&["predict", "--image", s(&dir), "--prompt", "a lesion"], &["is a folder that holds no DICOM file"]);
     // Text under an image's name, and under its own.
     let text = "plain text, not a picture";
     let (named_png, named_txt) = (dir.join("notes.png"), dir.join("notes.txt"));

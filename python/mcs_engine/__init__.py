@@ -57,7 +57,8 @@ class Segmentation:
     """One image's result; every map has the input image's height and width.
 
     Attributes:
-        mask: bool array, ``probability > threshold``.
+        mask: bool array, the mask at the image's size (``resize`` says how it is made; with
+            ``"bilinear"`` it is ``probability > threshold``).
         probability: float32 array, the mean foreground probability over the Monte-Carlo samples.
         uncertainty: float32 array, the binary entropy of that mean in nats (0 to ln 2 = 0.693).
         foreground_fraction: the share of the pixels in the mask (0 to 1).
@@ -135,6 +136,7 @@ class Segmenter:
         *,
         channels: str = "rgb",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        resize: str = "official",
     ) -> Segmentation:
         """Segments what ``prompt`` describes in ``image``.
 
@@ -152,6 +154,11 @@ class Segmenter:
             channels: the order of a colour image's channels: ``"rgb"`` (PIL, imageio,
                 scikit-image, matplotlib) or ``"bgr"`` (OpenCV's ``cv2.imread``).
             max_pixels: the most pixels (width x height) the image may have.
+            resize: how the mask reaches the image's size: ``"official"`` (the mean probability
+                thresholded at the model's resolution, then resized nearest, as the official
+                evaluation and ``mcs-engine eval`` score it) or ``"bilinear"`` (the full-resolution
+                probability thresholded). The probability and uncertainty maps are the same either
+                way.
 
         Returns:
             The :class:`Segmentation`, at the image's own size.
@@ -165,7 +172,7 @@ class Segmenter:
         """
         pixels = _engine_image(image, channels)
         _check_prompt(prompt)
-        maps = self._native.segment(pixels, prompt, *_sampling(samples, seed, noise, threshold, max_pixels))
+        maps = self._native.segment(pixels, prompt, *_sampling(samples, seed, noise, threshold, max_pixels, resize))
         return Segmentation(*maps)
 
     def segment_batch(
@@ -179,14 +186,15 @@ class Segmenter:
         *,
         channels: str = "rgb",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        resize: str = "official",
     ) -> List[Segmentation]:
         """Segments ``images[i]`` for ``prompts[i]`` in one batched pass (images of any sizes;
         each result at its own image's size). Arguments as :meth:`segment`; ``images`` and
         ``prompts`` must have the same length.
 
-        Each item's Monte-Carlo noise is the engine's for its position in the batch (see the
-        engine's ``Segmenter::segment_batch``): item 0 equals :meth:`segment` of that image bit for
-        bit, and no item depends on the other items' images or prompts.
+        Every item equals :meth:`segment` of its image and prompt bit for bit, whatever its
+        position and whatever else the batch holds (the engine keys the Monte-Carlo noise by the
+        draw, not by the batch position).
 
         Raises:
             InvalidInputError: as :meth:`segment`, naming the item (0-based) at fault, or lists of
@@ -202,7 +210,7 @@ class Segmenter:
                 _check_prompt(prompt)
             except InvalidInputError as error:
                 raise InvalidInputError(f"item {i}: {error}") from None
-        results = self._native.segment_batch(pixels, prompts, *_sampling(samples, seed, noise, threshold, max_pixels))
+        results = self._native.segment_batch(pixels, prompts, *_sampling(samples, seed, noise, threshold, max_pixels, resize))
         return [Segmentation(*maps) for maps in results]
 
 
@@ -289,13 +297,15 @@ def _whole(name: str, value: int, *, least: int, bits: int) -> int:
 
 
 def _sampling(
-    samples: int, seed: int, noise: str, threshold: float, max_pixels: int
-) -> Tuple[int, int, str, float, int]:
+    samples: int, seed: int, noise: str, threshold: float, max_pixels: int, resize: str
+) -> Tuple[int, int, str, float, int, str]:
     """The sampling arguments of the native calls, checked for what Python must catch before the
     engine sees them (negative or oversized integers, wrong types); the engine checks the rest
     (samples against memory, the threshold's range, the noise mode)."""
     if not isinstance(noise, str):
         raise TypeError(f"noise must be 'plain' or 'antithetic', not {type(noise).__name__}")
+    if not isinstance(resize, str):
+        raise TypeError(f"resize must be 'official' or 'bilinear', not {type(resize).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
         raise TypeError(f"threshold must be a number in [0, 1], not {type(threshold).__name__}")
     return (
@@ -304,4 +314,5 @@ def _sampling(
         noise,
         float(threshold),
         _whole("max_pixels", max_pixels, least=1, bits=63),
+        resize,
     )

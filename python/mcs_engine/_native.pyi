@@ -44,6 +44,7 @@ class Segmenter:
         noise: str,
         threshold: float,
         max_pixels: int,
+        resize: str,
     ) -> Maps:
         """Segments one ``(height, width, 1 | 3)`` uint8 B, G, R (or grey) image in C order."""
     def segment_batch(
@@ -55,6 +56,7 @@ class Segmenter:
         noise: str,
         threshold: float,
         max_pixels: int,
+        resize: str,
     ) -> List[Maps]:
         """Segments image ``i`` for prompt ``i`` in one pass; lists of equal length."""
 

@@ -54,8 +54,9 @@ pub fn to_py(py: Python<'_>, failure: Failure) -> PyErr {
 }
 
 fn engine_error(py: Python<'_>, error: &Error) -> PyErr {
+    // The message keeps every layer of context; the class follows the error under them.
     let message = error.to_string();
-    match error {
+    match error.kind() {
         Error::Invalid(_) | Error::Weights(_) | Error::Shape { .. } => raise(py, "InvalidInputError", message, None),
         Error::Io { path, source } => {
             let class = match source.kind() {
@@ -71,12 +72,14 @@ fn engine_error(py: Python<'_>, error: &Error) -> PyErr {
 /// A failure to load a model folder. The engine reports a missing folder or a missing file in
 /// it as invalid input; to a Python user that is a `FileNotFoundError` naming the missing path.
 pub fn load_error(py: Python<'_>, failure: Failure, dir: &Path) -> PyErr {
-    if let Failure::Engine(error @ Error::Invalid(_)) = &failure {
-        let missing = std::iter::once(dir.to_path_buf())
-            .chain([CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE].map(|name| dir.join(name)))
-            .find(|path| !path.exists());
-        if let Some(path) = missing {
-            return raise(py, "MissingFileError", error.to_string(), Some((Some(2), &path)));
+    if let Failure::Engine(error) = &failure {
+        if matches!(error.kind(), Error::Invalid(_)) {
+            let missing = std::iter::once(dir.to_path_buf())
+                .chain([CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE].map(|name| dir.join(name)))
+                .find(|path| !path.exists());
+            if let Some(path) = missing {
+                return raise(py, "MissingFileError", error.to_string(), Some((Some(2), &path)));
+            }
         }
     }
     to_py(py, failure)

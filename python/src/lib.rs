@@ -59,7 +59,7 @@ impl NativeSegmenter {
     }
 
     /// Segments one `(height, width, 1 | 3)` uint8 B, G, R (or grey) image, C order.
-    #[pyo3(signature = (image, prompt, samples, seed, noise, threshold, max_pixels))]
+    #[pyo3(signature = (image, prompt, samples, seed, noise, threshold, max_pixels, resize))]
     #[allow(clippy::too_many_arguments)]
     fn segment<'py>(
         &self,
@@ -71,11 +71,12 @@ impl NativeSegmenter {
         noise: String,
         threshold: f32,
         max_pixels: u64,
+        resize: String,
     ) -> PyResult<Maps<'py>> {
         let image = image_from_array(&image).map_err(|f| to_py(py, f))?;
         let result = py.detach(|| {
             guarded(|| {
-                let options = options(samples, seed, &noise, threshold, max_pixels)?;
+                let options = options(samples, seed, &noise, threshold, max_pixels, &resize)?;
                 self.inner.segment(&image, &prompt, &options)
             })
         });
@@ -83,7 +84,7 @@ impl NativeSegmenter {
     }
 
     /// Segments image `i` for prompt `i` in one pass; lists of equal length.
-    #[pyo3(signature = (images, prompts, samples, seed, noise, threshold, max_pixels))]
+    #[pyo3(signature = (images, prompts, samples, seed, noise, threshold, max_pixels, resize))]
     #[allow(clippy::too_many_arguments)]
     fn segment_batch<'py>(
         &self,
@@ -95,6 +96,7 @@ impl NativeSegmenter {
         noise: String,
         threshold: f32,
         max_pixels: u64,
+        resize: String,
     ) -> PyResult<Vec<Maps<'py>>> {
         let fail = |f| to_py(py, f);
         if images.len() != prompts.len() {
@@ -109,7 +111,7 @@ impl NativeSegmenter {
             .map_err(fail)?;
         let results = py.detach(|| {
             guarded(|| {
-                let options = options(samples, seed, &noise, threshold, max_pixels)?;
+                let options = options(samples, seed, &noise, threshold, max_pixels, &resize)?;
                 let items: Vec<_> =
                     images.iter().zip(&prompts).map(|(image, prompt)| (image, prompt.as_str())).collect();
                 self.inner.segment_batch(&items, &options)
@@ -121,11 +123,15 @@ impl NativeSegmenter {
 }
 
 /// The engine's options from the call's arguments; the rest keep their defaults.
-// Every field is set today, but `..Options::default()` keeps this building (with the engine's
-// defaults) when `Options` gains a field the package does not pass through yet.
-#[allow(clippy::needless_update)]
-fn options(samples: usize, seed: u64, noise: &str, threshold: f32, max_pixels: u64) -> mcs_engine::Result<Options> {
-    let options = Options { samples, seed, threshold, noise: noise.parse()?, max_pixels, ..Options::default() };
+fn options(
+    samples: usize,
+    seed: u64,
+    noise: &str,
+    threshold: f32,
+    max_pixels: u64,
+    resize: &str,
+) -> mcs_engine::Result<Options> {
+    let options = Options { samples, seed, threshold, noise: noise.parse()?, max_pixels, resize: resize.parse()? };
     options.check()?;
     Ok(options)
 }
@@ -133,9 +139,7 @@ fn options(samples: usize, seed: u64, noise: &str, threshold: f32, max_pixels: u
 /// A batch item's conversion error names the item, as the engine's own batch errors do.
 fn item_failure(item: usize, failure: Failure) -> Failure {
     match failure {
-        Failure::Engine(mcs_engine::Error::Invalid(message)) => {
-            Failure::Engine(mcs_engine::Error::Invalid(format!("item {item}: {message}")))
-        }
+        Failure::Engine(error) => Failure::Engine(error.context(format!("item {item}"))),
         other => other,
     }
 }

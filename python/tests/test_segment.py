@@ -102,14 +102,30 @@ def test_strided_and_non_numpy_inputs(segmenter, colour_image):
         segmenter.segment(colour_image.tolist(), PROMPT, samples=SAMPLES)
 
 
-def test_batch_items_have_their_own_sizes_and_item_zero_equals_a_single_call(segmenter, colour_image):
+def test_batch_items_have_their_own_sizes_and_equal_single_calls(segmenter, colour_image):
     grey = mcs_engine.read_image(GREY_PNG)
-    results = segmenter.segment_batch([colour_image, grey], [PROMPT, "two lesions"], samples=SAMPLES, seed=9)
-    assert [r.probability.shape for r in results] == [(37, 53), (96, 96)]
-    single = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, seed=9)
-    np.testing.assert_array_equal(results[0].probability, single.probability)
-    np.testing.assert_array_equal(results[0].mask, single.mask)
+    for images, prompts in [([colour_image, grey], [PROMPT, "two lesions"]), ([grey, colour_image], ["two lesions", PROMPT])]:
+        results = segmenter.segment_batch(images, prompts, samples=SAMPLES, seed=9)
+        assert [r.probability.shape for r in results] == [i.shape[:2] for i in images]
+        # Every item, at any position, is its single call bit for bit (noise keyed by the draw).
+        for image, prompt, result in zip(images, prompts, results):
+            single = segmenter.segment(image, prompt, samples=SAMPLES, seed=9)
+            np.testing.assert_array_equal(result.probability, single.probability)
+            np.testing.assert_array_equal(result.uncertainty, single.uncertainty)
+            np.testing.assert_array_equal(result.mask, single.mask)
     assert segmenter.segment_batch([], [], samples=SAMPLES) == []
+
+
+def test_resize_chooses_how_the_mask_reaches_the_image_size(segmenter, colour_image):
+    bilinear = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, resize="bilinear")
+    official = segmenter.segment(colour_image, PROMPT, samples=SAMPLES)
+    # bilinear thresholds the full-resolution probability; official (the default) resizes the
+    # model-size mask nearest, so it differs somewhere on this 53 x 37 image; the maps are the same.
+    np.testing.assert_array_equal(bilinear.mask, bilinear.probability > 0.5)
+    np.testing.assert_array_equal(official.probability, bilinear.probability)
+    assert (official.mask != bilinear.mask).any()
+    with pytest.raises(ValueError, match="unknown mask resize"):
+        segmenter.segment(colour_image, PROMPT, samples=SAMPLES, resize="cubic")
 
 
 def test_read_image_decodes_as_the_engine(segmenter):

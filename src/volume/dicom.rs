@@ -78,7 +78,7 @@ fn series_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(invalid(dir, "the folder holds no DICOM file"));
+        return Err(invalid(dir, "is a folder that holds no DICOM file (--image takes a PNG or JPEG image, a NIfTI volume, a DICOM file or a folder of one DICOM series)"));
     }
     Ok(files)
 }

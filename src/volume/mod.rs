@@ -146,14 +146,23 @@ pub fn is_nifti_name(path: &Path) -> bool {
 }
 
 /// Whether `path` is read as a volume by `predict --image` (rather than as a PNG or JPEG): a
-/// folder, a NIfTI name, or a file that is no PNG/JPEG by its name (a DICOM file is often named
-/// without an extension, or `.dcm`).
+/// folder, a NIfTI name, a `.dcm` name, or a file with DICOM's `DICM` marker (a DICOM file is often
+/// named without an extension).
 pub fn is_volume_path(path: &Path) -> bool {
     if path.is_dir() || is_nifti_name(path) {
         return true;
     }
     let lower = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
-    !matches!(lower.as_deref(), Some("png" | "jpg" | "jpeg"))
+    matches!(lower.as_deref(), Some("dcm" | "dicom")) || has_dicom_preamble(path)
+}
+
+/// True when the file carries DICOM Part 10's marker, `DICM` after a 128-byte preamble (how a
+/// DICOM file without a `.dcm` name is told apart from a picture or any other file, which then
+/// gets the image reader's own messages).
+fn has_dicom_preamble(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    std::fs::File::open(path).and_then(|mut file| file.read_exact(&mut head)).is_ok() && &head[128..] == b"DICM"
 }
 
 /// Reads a volume (NIfTI file, DICOM file or DICOM series folder), refusing it by `limits` for
