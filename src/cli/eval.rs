@@ -234,9 +234,11 @@ fn evaluate_set(
     let bar = progress_bar(index.len(), name);
     let mut progress = |done: usize| bar.set_position(done as u64);
     let evaluation = match collector {
-        Some(collector) => eval::evaluate_observed(segmenter, name, &prompt_path, &index, options, &mut progress, &mut |scored| {
-            collector.observe(scored)
-        }),
+        Some(collector) => {
+            eval::evaluate_observed(segmenter, name, &prompt_path, &index, options, &mut progress, &mut |scored| {
+                collector.observe(scored)
+            })
+        }
         None => eval::evaluate(segmenter, name, &prompt_path, &index, options, &mut progress),
     };
     bar.finish_and_clear();

@@ -494,6 +494,70 @@ mod tests {
     }
 
     #[test]
+    fn binned_auroc_is_exact_when_no_two_pixels_share_a_bin() {
+        // Uncertainties spread over distinct bins (bin k starts at ln2·(k/1000)², so these
+        // values, 0.06 apart, are tens of bins apart).
+        let u: Vec<f32> = (0..10).map(|i| 0.05 + 0.06 * i as f32).collect();
+        let wrong = [false, true, false, false, true, false, true, true, false, true];
+        let mut pooled = UncertaintyErrors::new();
+        pooled.add(&u, &wrong);
+        let exact = auroc(&u, &wrong).unwrap();
+        assert!((pooled.auroc().unwrap() - exact).abs() < 1e-12);
+        assert_eq!(pooled.auroc_tie_bound(), Some(0.0));
+    }
+
+    #[test]
+    fn binned_auroc_stays_within_its_tie_bound() {
+        // Pairs 1e-6 nats apart share a bin near ln 2 (bins there are 1.4e-3 wide).
+        let u: Vec<f32> = (0..40).map(|i| 0.6 + (i % 4) as f32 * 1e-6 + (i / 4) as f32 * 0.002).collect();
+        let wrong: Vec<bool> = (0..40).map(|i| i % 4 == 3 || i % 7 == 0).collect();
+        let mut pooled = UncertaintyErrors::new();
+        // Two halves merged give what one accumulator of all pixels gives.
+        pooled.add(&u[..17], &wrong[..17]);
+        let mut second = UncertaintyErrors::new();
+        second.add(&u[17..], &wrong[17..]);
+        pooled.merge(&second);
+        let (binned, bound) = (pooled.auroc().unwrap(), pooled.auroc_tie_bound().unwrap());
+        let exact = auroc(&u, &wrong).unwrap();
+        assert!(bound > 0.0);
+        assert!((binned - exact).abs() <= bound + 1e-12, "{binned} vs {exact} ± {bound}");
+    }
+
+    #[test]
+    fn error_curve_runs_from_the_most_uncertain_bin_to_the_whole_set() {
+        let u = [0.69, 0.69, 0.3, 0.0, 0.0, 0.0];
+        let wrong = [true, false, true, false, false, true];
+        let mut pooled = UncertaintyErrors::new();
+        pooled.add(&u, &wrong);
+        let curve = pooled.error_curve();
+        assert_eq!(curve.len(), 3);
+        assert_eq!((curve[0].fraction, curve[0].error_rate), (2.0 / 6.0, 0.5));
+        assert_eq!((curve[1].fraction, curve[1].error_rate), (3.0 / 6.0, 2.0 / 3.0));
+        assert_eq!((curve[2].fraction, curve[2].error_rate), (1.0, 0.5));
+        assert!(curve[0].uncertainty > curve[1].uncertainty && curve[2].uncertainty == 0.0);
+        assert_eq!(UncertaintyErrors::bin(f32::NAN), 0);
+        assert_eq!(UncertaintyErrors::bin(5.0), UNCERTAINTY_BINS - 1);
+    }
+
+    #[test]
+    fn reliability_bins_rebuild_the_ece() {
+        let p = [0.01f32, 0.02, 0.5, 0.55, 0.97, 1.0, 0.3];
+        let t = [false, true, true, false, true, true, false];
+        let mut c = Calibration::new();
+        c.add(&p, &t);
+        let bins = c.bins();
+        assert_eq!(bins.len(), ECE_BINS);
+        assert_eq!(bins.iter().map(|b| b.pixels).sum::<u64>(), 7);
+        let ece: f64 =
+            bins.iter().map(|b| b.pixels as f64 / 7.0 * (b.observed_frequency - b.mean_probability).abs()).sum();
+        assert!((ece - c.ece()).abs() < 1e-12);
+        // p = 1 goes to the last bin, p = 0.01 and 0.02 to the first.
+        assert_eq!(bins[0].pixels, 2);
+        assert_eq!(bins[0].observed_frequency, 0.5);
+        assert_eq!(bins[ECE_BINS - 1].pixels, 2);
+    }
+
+    #[test]
     fn distance_transform_is_exact_on_a_small_grid() {
         // Surface points at (0, 0) and (4, 3) on a 6 x 5 grid; compare with brute force.
         let (w, h) = (6, 5);

@@ -96,7 +96,11 @@ impl DrawingBackend for BrowserTextSvg<'_> {
         self.0.draw_text(text, style, pos)
     }
 
-    fn estimate_text_size<S: plotters_backend::BackendTextStyle>(&self, text: &str, style: &S) -> std::result::Result<(u32, u32), Failure> {
+    fn estimate_text_size<S: plotters_backend::BackendTextStyle>(
+        &self,
+        text: &str,
+        style: &S,
+    ) -> std::result::Result<(u32, u32), Failure> {
         // The SVG backend writes `font-size` as the style's size / 1.24 (plotters' convention).
         let font_px = style.size() / 1.24;
         let width = text.chars().count() as f64 * CHARACTER_WIDTH * font_px;
@@ -149,11 +153,15 @@ pub fn reliability_diagram(bins: &[ReliabilityBin]) -> Result<String> {
             .axis_desc_style(AXIS_NAMES)
             .draw()?;
         let filled: Vec<&ReliabilityBin> = bins.iter().filter(|b| b.pixels > 0).collect();
-        chart.draw_series(filled.iter().map(|b| {
-            Rectangle::new([(b.lower, 0.0), (b.upper, b.observed_frequency)], BAR.mix(0.6).filled())
-        }))?;
-        chart.draw_series(DashedLineSeries::new([(0.0, 0.0), (1.0, 1.0)], 6, 4, REFERENCE.stroke_width(2).into()))?;
-        chart.draw_series(filled.iter().map(|b| Circle::new((b.mean_probability, b.observed_frequency), 4, LINE.filled())))?;
+        chart.draw_series(
+            filled
+                .iter()
+                .map(|b| Rectangle::new([(b.lower, 0.0), (b.upper, b.observed_frequency)], BAR.mix(0.6).filled())),
+        )?;
+        chart.draw_series(DashedLineSeries::new([(0.0, 0.0), (1.0, 1.0)], 6, 4, REFERENCE.stroke_width(2)))?;
+        chart.draw_series(
+            filled.iter().map(|b| Circle::new((b.mean_probability, b.observed_frequency), 4, LINE.filled())),
+        )?;
         legend(
             &top,
             (82, 24),
@@ -207,7 +215,7 @@ pub fn uncertainty_error_curve(curve: &[ErrorCurvePoint]) -> Result<String> {
             .draw()?;
         let overall = curve.last().map_or(0.0, |p| p.error_rate);
         chart.draw_series(LineSeries::new([(0.0, overall), (1.0, overall)], REFERENCE.stroke_width(2)))?;
-        chart.draw_series(DashedLineSeries::new(oracle(overall), 6, 4, ORACLE.stroke_width(2).into()))?;
+        chart.draw_series(DashedLineSeries::new(oracle(overall), 6, 4, ORACLE.stroke_width(2)))?;
         chart.draw_series(LineSeries::new(curve.iter().map(|p| (p.fraction, p.error_rate)), LINE.stroke_width(2)))?;
         let entries = [
             ("uncertainty ranking", Sample::Line(LINE)),

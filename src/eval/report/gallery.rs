@@ -226,7 +226,9 @@ fn contour(mask: &[bool], w: u32, h: u32) -> Vec<bool> {
     let mut edge = Vec::with_capacity(mask.len());
     for y in 0..h {
         for x in 0..w {
-            edge.push(inside(x, y) && [(1, 0), (-1, 0), (0, 1), (0, -1)].iter().any(|&(dx, dy)| !inside(x + dx, y + dy)));
+            edge.push(
+                inside(x, y) && [(1, 0), (-1, 0), (0, 1), (0, -1)].iter().any(|&(dx, dy)| !inside(x + dx, y + dy)),
+            );
         }
     }
     edge

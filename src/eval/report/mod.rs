@@ -39,7 +39,11 @@ pub struct ReportCollector {
 impl ReportCollector {
     /// An empty collector whose gallery keeps at most `gallery_images` images.
     pub fn new(gallery_images: usize) -> ReportCollector {
-        ReportCollector { calibration: Calibration::new(), errors: UncertaintyErrors::new(), gallery: Gallery::new(gallery_images) }
+        ReportCollector {
+            calibration: Calibration::new(),
+            errors: UncertaintyErrors::new(),
+            gallery: Gallery::new(gallery_images),
+        }
     }
 
     /// Takes in one scored image: its calibration bins, its pixels' uncertainty and correctness
@@ -62,9 +66,8 @@ impl ReportCollector {
         };
         // The contour drawn is the mask Dice scored.
         let threshold = scored.options.segment.threshold;
-        self.gallery.offer(&candidate, || {
-            official_mask(segmentation, threshold, segmentation.width, segmentation.height)
-        })
+        self.gallery
+            .offer(&candidate, || official_mask(segmentation, threshold, segmentation.width, segmentation.height))
     }
 
     /// The pooled calibration bins.
@@ -164,7 +167,7 @@ fn head(title: &str) -> String {
 const STYLE: &str = "body { font-family: sans-serif; margin: 1.5em auto; max-width: 1140px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 0.6em 0; } th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; } th { background: #f2f2f2; }
 .lead, .note { color: #444; } .note { font-size: 0.92em; max-width: 60em; }
 .charts { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
 svg { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
@@ -342,19 +345,27 @@ fn reliability_section(summary: &Summary, collector: &ReportCollector) -> Result
 fn uncertainty_error_section(summary: &Summary, collector: &ReportCollector) -> Result<String> {
     let errors = collector.uncertainty_errors();
     let curve = errors.error_curve();
-    let mut out = String::from("<section id=\"uncertainty-error\">\n<h2>Uncertainty–error curve</h2>\n<div class=\"charts\">\n");
+    let mut out =
+        String::from("<section id=\"uncertainty-error\">\n<h2>Uncertainty–error curve</h2>\n<div class=\"charts\">\n");
     out.push_str(&inline_svg(&charts::uncertainty_error_curve(&curve)?));
-    let pooled = errors.auroc().map_or_else(|| "undefined (no misclassified or no correct pixel)".to_string(), |a| format!("{a:.4}"));
-    let bound = errors.auroc_tie_bound().map_or_else(String::new, |b| format!(" (exact to ± {b:.1e}: pixels of one bin count as ties)"));
+    let pooled = errors
+        .auroc()
+        .map_or_else(|| "undefined (no misclassified or no correct pixel)".to_string(), |a| format!("{a:.4}"));
+    let bound = errors
+        .auroc_tie_bound()
+        .map_or_else(String::new, |b| format!(" (exact to ± {b:.1e}: pixels of one bin count as ties)"));
     let per_image = summary.auroc.map_or_else(|| "undefined".to_string(), |a| format!("{a:.4}"));
     let share = |f: f64| {
-        curve.iter().find(|p| p.fraction >= f).map_or_else(|| "–".to_string(), |p| format!("{} of pixels: {}", percent(p.fraction), percent(p.error_rate)))
+        curve.iter().find(|p| p.fraction >= f).map_or_else(
+            || "–".to_string(),
+            |p| format!("top {} of the pixels: error rate {}", percent(p.fraction), percent(p.error_rate)),
+        )
     };
     let _ = write!(
         out,
         "<div>\n<p>Pooled AUROC <strong>{pooled}</strong>{bound}.</p>\n<p>Per-image mean AUROC {per_image} \
          (over {} images; the summary's AUROC).</p>\n<p>{} misclassified of {} pixels (error rate {}).</p>\n\
-         <p>Error rate among the most uncertain<br>{}<br>{}<br>{}</p>\n</div>\n</div>\n",
+         <p>Most uncertain first (at bin edges):<br>{}<br>{}<br>{}</p>\n</div>\n</div>\n",
         summary.auroc_images,
         errors.wrong_pixels(),
         errors.pixels(),
@@ -397,14 +408,12 @@ fn pearson(points: &[(f64, f64)]) -> Option<f64> {
 
 fn scatter_section(records: &[ImageRecord]) -> Result<String> {
     let points: Vec<(f64, f64)> = records.iter().map(|r| (r.mean_uncertainty, r.dice)).collect();
-    let mut out = String::from("<section id=\"dice-uncertainty\">\n<h2>Dice against mean uncertainty</h2>\n<div class=\"charts\">\n");
+    let mut out = String::from(
+        "<section id=\"dice-uncertainty\">\n<h2>Dice against mean uncertainty</h2>\n<div class=\"charts\">\n",
+    );
     out.push_str(&inline_svg(&charts::dice_against_uncertainty(&points)?));
     let r = pearson(&points).map_or_else(|| "undefined".to_string(), |r| format!("{r:.3}"));
-    let _ = writeln!(
-        out,
-        "<p>Pearson correlation over {} images: <strong>{r}</strong>.</p>\n</div>",
-        points.len()
-    );
+    let _ = writeln!(out, "<p>Pearson correlation over {} images: <strong>{r}</strong>.</p>\n</div>", points.len());
     out.push_str(
         "<p class=\"note\">One dot per image: its Dice against the mean of its uncertainty map (nats). An \
          uncertainty that flags bad segmentations gives a falling cloud (negative correlation): the images to \
@@ -464,7 +473,9 @@ fn figure(image: &GalleryImage) -> String {
 fn sweep_section(evaluations: &[Evaluation], sweep: bool) -> String {
     let mut out = String::from("<section id=\"prompt-sweep\">\n<h2>Prompt sweep</h2>\n");
     if !sweep {
-        out.push_str("<p>Not run: <code>eval --prompt-sweep --report</code> adds one row per prompt style.</p>\n</section>\n");
+        out.push_str(
+            "<p>Not run: <code>eval --prompt-sweep --report</code> adds one row per prompt style.</p>\n</section>\n",
+        );
         return out;
     }
     out.push_str(
