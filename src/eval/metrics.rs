@@ -310,7 +310,7 @@ pub const UNCERTAINTY_BINS: usize = 1000;
 ///
 /// The uncertainty (binary entropy, 0 ..= ln 2 nats) is binned on a quadratic scale: bin `k`
 /// holds `ln2·(k/B)² <= u < ln2·((k+1)/B)²`. Most pixels of a trained model sit near 0, where
-/// the bins are finest (the first is 6.9e-7 nats wide, about `p < 5e-8` or `p > 1 - 5e-8`); the
+/// the bins are finest (the first is 6.9e-7 nats wide, about `p < 4e-8` or `p > 1 - 4e-8`); the
 /// widest, at ln 2, is 1.4e-3 nats. Values outside the range go to the end bins.
 ///
 /// Two pixels of one bin count as tied: [`UncertaintyErrors::auroc`] is exact up to that, and

@@ -169,7 +169,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; p
 table { border-collapse: collapse; margin: 0.6em 0; } th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; } th { background: #f2f2f2; }
 .lead, .note { color: #444; } .note { font-size: 0.92em; max-width: 60em; }
-.charts { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+.charts { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; } .charts > div { max-width: 30em; }
 svg { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: 0.8em; }
 figure { margin: 0; } figure img { image-rendering: pixelated; border: 1px solid #ccc; }
@@ -355,24 +355,36 @@ fn uncertainty_error_section(summary: &Summary, collector: &ReportCollector) -> 
         .auroc_tie_bound()
         .map_or_else(String::new, |b| format!(" (exact to ± {b:.1e}: pixels of one bin count as ties)"));
     let per_image = summary.auroc.map_or_else(|| "undefined".to_string(), |a| format!("{a:.4}"));
-    let share = |f: f64| {
-        curve.iter().find(|p| p.fraction >= f).map_or_else(
-            || "–".to_string(),
-            |p| format!("top {} of the pixels: error rate {}", percent(p.fraction), percent(p.error_rate)),
-        )
+    let mut ranked = String::new();
+    for f in [0.01, 0.05, 0.10] {
+        // A point far past `f` means the pixels around `f` share one bin and are not ranked.
+        if let Some(p) = curve.iter().find(|p| p.fraction >= f).filter(|p| p.fraction <= 2.0 * f) {
+            let _ = write!(ranked, "<br>top {}: error rate {}", percent(p.fraction), percent(p.error_rate));
+        }
+    }
+    let lowest_bin_share = match curve.as_slice() {
+        [.., before, last] if last.uncertainty == 0.0 => last.fraction - before.fraction,
+        [only] if only.uncertainty == 0.0 => 1.0,
+        _ => 0.0,
     };
+    if lowest_bin_share > 0.0 {
+        let _ = write!(
+            ranked,
+            "<br>the least uncertain {} of the pixels share the lowest bin (below {:.1e} nats) and are not ranked \
+             among themselves",
+            percent(lowest_bin_share),
+            UncertaintyErrors::bin_lower_edge(1)
+        );
+    }
     let _ = write!(
         out,
         "<div>\n<p>Pooled AUROC <strong>{pooled}</strong>{bound}.</p>\n<p>Per-image mean AUROC {per_image} \
          (over {} images; the summary's AUROC).</p>\n<p>{} misclassified of {} pixels (error rate {}).</p>\n\
-         <p>Most uncertain first (at bin edges):<br>{}<br>{}<br>{}</p>\n</div>\n</div>\n",
+         <p>Most uncertain pixels first, at bin edges:{ranked}</p>\n</div>\n</div>\n",
         summary.auroc_images,
         errors.wrong_pixels(),
         errors.pixels(),
         curve.last().map_or_else(|| "–".to_string(), |p| percent(p.error_rate)),
-        share(0.01),
-        share(0.05),
-        share(0.10),
     );
     let _ = writeln!(
         out,
@@ -382,8 +394,8 @@ fn uncertainty_error_section(summary: &Summary, collector: &ReportCollector) -> 
          curve starts high and falls to the set's error rate at fraction 1 (grey: a random ranking; green: every \
          error first). Pooled AUROC: the probability that a random misclassified pixel of the set is more \
          uncertain than a random correct one. Per-image AUROC: the same within each image, then averaged, so \
-         each image weighs the same and images without errors drop out. Neither holds every pixel: uncertainties \
-         go to {UNCERTAINTY_BINS} bins on a quadratic scale (6.9e-7 nats wide at 0, 1.4e-3 nats at ln 2), split \
+         each image weighs the same and images without errors drop out. The pooled curve and AUROC keep no \
+         pixel list: uncertainties go to {UNCERTAINTY_BINS} bins on a quadratic scale (6.9e-7 nats wide at 0, 1.4e-3 nats at ln 2), split \
          by correct and misclassified; the curve is drawn at bin edges.</p>"
     );
     out.push_str("</section>\n");
