@@ -67,8 +67,8 @@ pub struct EvalArgs {
     /// table of prompt styles (docs/eval_report.md).
     #[arg(long)]
     report: bool,
-    /// Gallery images of the report, the lowest Dice first (0: no gallery; at most 500, about
-    /// 40 KB each).
+    /// Gallery images of the report, the lowest Dice first (0: no gallery; at most 500; each
+    /// adds tens of KB to the page).
     #[arg(long, default_value_t = eval::report::DEFAULT_GALLERY_IMAGES, requires = "report", value_parser = super::whole(0, 500), allow_negative_numbers = true)]
     report_images: usize,
 }
