@@ -1,11 +1,13 @@
 //! `mcs-engine eval`: DSC, NSD, calibration and uncertainty AUROC of a model folder on a split,
-//! or on the five prompt variants (`--prompt-sweep`); per-image CSV, a printed table, JSON.
+//! or on the five prompt variants (`--prompt-sweep`); per-image CSV, a printed table, JSON, and
+//! with `--report` one HTML page of charts and a gallery (docs/eval_report.md).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mcs_engine::data::{self, Split};
+use mcs_engine::eval::report::{self, ReportCollector, ReportSettings};
 use mcs_engine::eval::{self, EvalOptions, Evaluation, Summary, NSD_TOLERANCE};
 use mcs_engine::saliency::{SaliencyModel, SaliencyOptions};
 use mcs_engine::segment::{select_device, Segmenter};
@@ -58,12 +60,29 @@ pub struct EvalArgs {
     /// Also write the summary JSON here (for scripts).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write <out>/report.html: one self-contained page (no network, no script) with the
+    /// summary and 95 % bootstrap intervals, reliability diagram, uncertainty-error curve,
+    /// Dice against uncertainty, a gallery of the worst images and, with --prompt-sweep, the
+    /// table of prompt styles (docs/eval_report.md).
+    #[arg(long)]
+    report: bool,
+    /// Gallery images of the report, the lowest Dice first (0: no gallery; at most 500; each
+    /// adds tens of KB to the page).
+    #[arg(long, default_value_t = eval::report::DEFAULT_GALLERY_IMAGES, requires = "report", value_parser = super::whole(0, 500), allow_negative_numbers = true)]
+    report_images: usize,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
     let split = super::parse_split(&args.split)?;
     if args.prompt_sweep && split != Split::Test {
         return Err(Error::Invalid("--prompt-sweep evaluates the Test split; drop --split".into()));
+    }
+    if args.report && args.zero_shot {
+        return Err(Error::Invalid(
+            "--report is not available with --zero-shot: the saliency has no uncertainty map for the report's \
+             uncertainty charts and gallery; drop one of them"
+                .into(),
+        ));
     }
     let sets = evaluation_sets(args, split)?;
     let model = super::model_or_demo(args.model.as_deref())?;
@@ -79,12 +98,33 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     segmenter.check_options(&options.segment, options.batch_size)?;
     let started = Instant::now();
     let mut summaries = Vec::with_capacity(sets.len());
-    for (name, prompts) in &sets {
-        let evaluation = evaluate_set(&segmenter, args, split, name, prompts.as_deref(), &options)?;
+    // The report details the first set (the split, or a sweep's `original` style) and keeps
+    // every set's per-image scores for the intervals.
+    let mut collector = args.report.then(|| ReportCollector::new(args.report_images));
+    let mut evaluations = Vec::new();
+    for (i, (name, prompts)) in sets.iter().enumerate() {
+        let observer = if i == 0 { collector.as_mut() } else { None };
+        let evaluation = evaluate_set(&segmenter, args, split, name, prompts.as_deref(), &options, observer)?;
         eval::write_records_csv(&args.out.join(format!("{name}.csv")), &evaluation.records)?;
-        summaries.push(evaluation.summary);
+        summaries.push(evaluation.summary.clone());
+        if args.report {
+            evaluations.push(evaluation);
+        }
     }
     finish(args, &summaries)?;
+    if let Some(collector) = &collector {
+        let settings = ReportSettings {
+            model: model.clone(),
+            data: args.data.clone(),
+            split: split.name().to_string(),
+            device: segmenter.device().name(),
+            options: options.clone(),
+        };
+        let page = report::render(&settings, &evaluations, collector, args.prompt_sweep)?;
+        let path = args.out.join("report.html");
+        report::write_report(&path, &page)?;
+        println!("report: {} ({} KB)", path.display(), page.len().div_ceil(1024));
+    }
     println!(
         "{} samples per image on {} in {:.1?}; per-image scores in {}",
         options.segment.samples,
@@ -179,6 +219,7 @@ fn evaluation_sets(args: &EvalArgs, split: Split) -> Result<Vec<(String, Option<
     Ok(vec![(split.name().to_string(), args.prompts.clone())])
 }
 
+/// One set evaluated; `collector`, when given, observes every scored image for the report.
 fn evaluate_set(
     segmenter: &Segmenter,
     args: &EvalArgs,
@@ -186,11 +227,19 @@ fn evaluate_set(
     name: &str,
     prompts: Option<&std::path::Path>,
     options: &EvalOptions,
+    collector: Option<&mut ReportCollector>,
 ) -> Result<Evaluation> {
     let (index, prompt_path) = open_set(args, split, prompts)?;
     let bar = progress_bar(index.len(), name);
-    let evaluation =
-        eval::evaluate(segmenter, name, &prompt_path, &index, options, &mut |done| bar.set_position(done as u64));
+    let mut progress = |done: usize| bar.set_position(done as u64);
+    let evaluation = match collector {
+        Some(collector) => {
+            eval::evaluate_observed(segmenter, name, &prompt_path, &index, options, &mut progress, &mut |scored| {
+                collector.observe(scored)
+            })
+        }
+        None => eval::evaluate(segmenter, name, &prompt_path, &index, options, &mut progress),
+    };
     bar.finish_and_clear();
     evaluation
 }

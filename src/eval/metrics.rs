@@ -6,7 +6,8 @@
 //!   `[H, W, 1]` volume with spacing 1), not a 2-D contour NSD; see its docs.
 //! - [`Calibration`] accumulates the expected calibration error (equal-width bins over the
 //!   foreground probability) and the Brier score; [`auroc`] scores how well a per-pixel
-//!   uncertainty ranks misclassified pixels above correct ones.
+//!   uncertainty ranks misclassified pixels above correct ones; [`UncertaintyErrors`] pools the
+//!   same question over a split in fixed-size histograms (the `eval --report` curve and AUROC).
 
 /// Bins of the expected calibration error.
 pub const ECE_BINS: usize = 15;
@@ -265,6 +266,180 @@ impl Calibration {
             n => self.squared_error / n as f64,
         }
     }
+
+    /// The [`ECE_BINS`] bins of the reliability diagram, in probability order, empty ones
+    /// included (with means of 0).
+    pub fn bins(&self) -> Vec<ReliabilityBin> {
+        (0..ECE_BINS)
+            .map(|k| {
+                let n = self.count[k];
+                let mean = |sum: f64| if n == 0 { 0.0 } else { sum / n as f64 };
+                ReliabilityBin {
+                    lower: k as f64 / ECE_BINS as f64,
+                    upper: (k + 1) as f64 / ECE_BINS as f64,
+                    pixels: n,
+                    mean_probability: mean(self.sum_probability[k]),
+                    observed_frequency: mean(self.sum_truth[k]),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One bin of [`Calibration::bins`]: its probability range, its pixels, their mean predicted
+/// foreground probability and the fraction of them that are foreground.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReliabilityBin {
+    /// Lowest probability of the bin (included).
+    pub lower: f64,
+    /// Highest probability of the bin (excluded, but for the last bin).
+    pub upper: f64,
+    /// Pixels in the bin.
+    pub pixels: u64,
+    /// Mean predicted probability of those pixels.
+    pub mean_probability: f64,
+    /// Fraction of those pixels that are foreground.
+    pub observed_frequency: f64,
+}
+
+/// Bins of [`UncertaintyErrors`].
+pub const UNCERTAINTY_BINS: usize = 1000;
+
+/// Pixels counted by uncertainty and by whether they are misclassified, in [`UNCERTAINTY_BINS`]
+/// fixed bins, so that a whole split can be pooled in constant memory (docs/eval_report.md §3).
+///
+/// The uncertainty (binary entropy, 0 ..= ln 2 nats) is binned on a quadratic scale: bin `k`
+/// holds `ln2·(k/B)² <= u < ln2·((k+1)/B)²`. Most pixels of a trained model sit near 0, where
+/// the bins are finest (the first is 6.9e-7 nats wide, about `p < 4e-8` or `p > 1 - 4e-8`); the
+/// widest, at ln 2, is 1.4e-3 nats. Values outside the range go to the end bins.
+///
+/// Two pixels of one bin count as tied: [`UncertaintyErrors::auroc`] is exact up to that, and
+/// [`UncertaintyErrors::auroc_tie_bound`] says by how much the exact value can differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UncertaintyErrors {
+    correct: Vec<u64>,
+    wrong: Vec<u64>,
+}
+
+impl Default for UncertaintyErrors {
+    fn default() -> UncertaintyErrors {
+        UncertaintyErrors { correct: vec![0; UNCERTAINTY_BINS], wrong: vec![0; UNCERTAINTY_BINS] }
+    }
+}
+
+/// One point of [`UncertaintyErrors::error_curve`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ErrorCurvePoint {
+    /// Fraction of the pixels taken, most uncertain first.
+    pub fraction: f64,
+    /// Fraction of the pixels taken that are misclassified.
+    pub error_rate: f64,
+    /// The uncertainty above which the pixels taken lie (the lower edge of the last bin taken).
+    pub uncertainty: f64,
+}
+
+impl UncertaintyErrors {
+    /// An empty accumulator.
+    pub fn new() -> UncertaintyErrors {
+        UncertaintyErrors::default()
+    }
+
+    /// The bin of an uncertainty in nats (NaN goes to bin 0).
+    pub fn bin(uncertainty: f32) -> usize {
+        let t = (f64::from(uncertainty) / std::f64::consts::LN_2).clamp(0.0, 1.0);
+        if t.is_nan() {
+            return 0;
+        }
+        ((t.sqrt() * UNCERTAINTY_BINS as f64) as usize).min(UNCERTAINTY_BINS - 1)
+    }
+
+    /// The lowest uncertainty (nats) of bin `k`.
+    pub fn bin_lower_edge(k: usize) -> f64 {
+        let t = k as f64 / UNCERTAINTY_BINS as f64;
+        std::f64::consts::LN_2 * t * t
+    }
+
+    /// Adds pixels: their uncertainties and whether each is misclassified.
+    pub fn add(&mut self, uncertainty: &[f32], wrong: &[bool]) {
+        for (&u, &w) in uncertainty.iter().zip(wrong) {
+            let k = Self::bin(u);
+            if w {
+                self.wrong[k] += 1;
+            } else {
+                self.correct[k] += 1;
+            }
+        }
+    }
+
+    /// Adds another accumulator's pixels.
+    pub fn merge(&mut self, other: &UncertaintyErrors) {
+        for k in 0..UNCERTAINTY_BINS {
+            self.correct[k] += other.correct[k];
+            self.wrong[k] += other.wrong[k];
+        }
+    }
+
+    /// Pixels added so far.
+    pub fn pixels(&self) -> u64 {
+        self.correct.iter().sum::<u64>() + self.wrong_pixels()
+    }
+
+    /// Misclassified pixels added so far.
+    pub fn wrong_pixels(&self) -> u64 {
+        self.wrong.iter().sum()
+    }
+
+    /// AUROC of the uncertainty as a score for "this pixel is misclassified", over every pixel
+    /// added (the Mann–Whitney statistic, pixels of one bin counted as ties, one half). `None`
+    /// without a misclassified or without a correct pixel.
+    pub fn auroc(&self) -> Option<f64> {
+        let (wrong, correct) = (self.wrong_pixels() as f64, (self.pixels() - self.wrong_pixels()) as f64);
+        if wrong == 0.0 || correct == 0.0 {
+            return None;
+        }
+        // For each bin: its wrong pixels beat every correct pixel of the lower bins and tie with
+        // the correct pixels of their own bin.
+        let (mut below, mut wins) = (0.0f64, 0.0f64);
+        for k in 0..UNCERTAINTY_BINS {
+            let (w, c) = (self.wrong[k] as f64, self.correct[k] as f64);
+            wins += w * (below + 0.5 * c);
+            below += c;
+        }
+        Some(wins / (wrong * correct))
+    }
+
+    /// How far the exact AUROC (with the uncertainties unbinned) can lie from [`Self::auroc`]:
+    /// the pairs tied by the binning count one half, and their true share lies between 0 and 1.
+    pub fn auroc_tie_bound(&self) -> Option<f64> {
+        let (wrong, correct) = (self.wrong_pixels() as f64, (self.pixels() - self.wrong_pixels()) as f64);
+        if wrong == 0.0 || correct == 0.0 {
+            return None;
+        }
+        let tied: f64 = (0..UNCERTAINTY_BINS).map(|k| self.wrong[k] as f64 * self.correct[k] as f64).sum();
+        Some(0.5 * tied / (wrong * correct))
+    }
+
+    /// The uncertainty–error curve: pixels ranked by uncertainty, most uncertain first; for each
+    /// non-empty bin, taken whole, the fraction of pixels taken so far and their error rate. Ends
+    /// at fraction 1 with the split's error rate; empty without pixels.
+    pub fn error_curve(&self) -> Vec<ErrorCurvePoint> {
+        let total = self.pixels() as f64;
+        let (mut taken, mut wrong) = (0u64, 0u64);
+        let mut curve = Vec::new();
+        for k in (0..UNCERTAINTY_BINS).rev() {
+            if self.correct[k] + self.wrong[k] == 0 {
+                continue;
+            }
+            taken += self.correct[k] + self.wrong[k];
+            wrong += self.wrong[k];
+            curve.push(ErrorCurvePoint {
+                fraction: taken as f64 / total,
+                error_rate: wrong as f64 / taken as f64,
+                uncertainty: Self::bin_lower_edge(k),
+            });
+        }
+        curve
+    }
 }
 
 /// Area under the ROC curve of `scores` for predicting `positives` (the Mann–Whitney statistic,
@@ -316,6 +491,70 @@ mod tests {
         assert!((areas[0b0001] - corner).abs() < 1e-12);
         let rectangle = 2.0 * triangle([0.0, 0.5, 1.0], [0.0, 0.0, 0.5], [1.0, 0.0, 0.5]);
         assert!((areas[0b0011] - rectangle).abs() < 1e-12);
+    }
+
+    #[test]
+    fn binned_auroc_is_exact_when_no_two_pixels_share_a_bin() {
+        // Uncertainties spread over distinct bins (bin k starts at ln2·(k/1000)², so these
+        // values, 0.06 apart, are tens of bins apart).
+        let u: Vec<f32> = (0..10).map(|i| 0.05 + 0.06 * i as f32).collect();
+        let wrong = [false, true, false, false, true, false, true, true, false, true];
+        let mut pooled = UncertaintyErrors::new();
+        pooled.add(&u, &wrong);
+        let exact = auroc(&u, &wrong).unwrap();
+        assert!((pooled.auroc().unwrap() - exact).abs() < 1e-12);
+        assert_eq!(pooled.auroc_tie_bound(), Some(0.0));
+    }
+
+    #[test]
+    fn binned_auroc_stays_within_its_tie_bound() {
+        // Pairs 1e-6 nats apart share a bin near ln 2 (bins there are 1.4e-3 wide).
+        let u: Vec<f32> = (0..40).map(|i| 0.6 + (i % 4) as f32 * 1e-6 + (i / 4) as f32 * 0.002).collect();
+        let wrong: Vec<bool> = (0..40).map(|i| i % 4 == 3 || i % 7 == 0).collect();
+        let mut pooled = UncertaintyErrors::new();
+        // Two halves merged give what one accumulator of all pixels gives.
+        pooled.add(&u[..17], &wrong[..17]);
+        let mut second = UncertaintyErrors::new();
+        second.add(&u[17..], &wrong[17..]);
+        pooled.merge(&second);
+        let (binned, bound) = (pooled.auroc().unwrap(), pooled.auroc_tie_bound().unwrap());
+        let exact = auroc(&u, &wrong).unwrap();
+        assert!(bound > 0.0);
+        assert!((binned - exact).abs() <= bound + 1e-12, "{binned} vs {exact} ± {bound}");
+    }
+
+    #[test]
+    fn error_curve_runs_from_the_most_uncertain_bin_to_the_whole_set() {
+        let u = [0.69, 0.69, 0.3, 0.0, 0.0, 0.0];
+        let wrong = [true, false, true, false, false, true];
+        let mut pooled = UncertaintyErrors::new();
+        pooled.add(&u, &wrong);
+        let curve = pooled.error_curve();
+        assert_eq!(curve.len(), 3);
+        assert_eq!((curve[0].fraction, curve[0].error_rate), (2.0 / 6.0, 0.5));
+        assert_eq!((curve[1].fraction, curve[1].error_rate), (3.0 / 6.0, 2.0 / 3.0));
+        assert_eq!((curve[2].fraction, curve[2].error_rate), (1.0, 0.5));
+        assert!(curve[0].uncertainty > curve[1].uncertainty && curve[2].uncertainty == 0.0);
+        assert_eq!(UncertaintyErrors::bin(f32::NAN), 0);
+        assert_eq!(UncertaintyErrors::bin(5.0), UNCERTAINTY_BINS - 1);
+    }
+
+    #[test]
+    fn reliability_bins_rebuild_the_ece() {
+        let p = [0.01f32, 0.02, 0.5, 0.55, 0.97, 1.0, 0.3];
+        let t = [false, true, true, false, true, true, false];
+        let mut c = Calibration::new();
+        c.add(&p, &t);
+        let bins = c.bins();
+        assert_eq!(bins.len(), ECE_BINS);
+        assert_eq!(bins.iter().map(|b| b.pixels).sum::<u64>(), 7);
+        let ece: f64 =
+            bins.iter().map(|b| b.pixels as f64 / 7.0 * (b.observed_frequency - b.mean_probability).abs()).sum();
+        assert!((ece - c.ece()).abs() < 1e-12);
+        // p = 1 goes to the last bin, p = 0.01 and 0.02 to the first.
+        assert_eq!(bins[0].pixels, 2);
+        assert_eq!(bins[0].observed_frequency, 0.5);
+        assert_eq!(bins[ECE_BINS - 1].pixels, 2);
     }
 
     #[test]

@@ -19,7 +19,9 @@
 
 #![warn(missing_docs)]
 
+pub mod bootstrap;
 pub mod metrics;
+pub mod report;
 pub mod retrieval;
 
 use std::path::{Path, PathBuf};
@@ -272,6 +274,40 @@ pub fn evaluate(
     options: &EvalOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Evaluation> {
+    evaluate_observed(segmenter, name, prompts, index, options, progress, &mut |_| Ok(()))
+}
+
+/// One image as [`evaluate_observed`] shows it to its observer, right after scoring: its maps
+/// are dropped once the observer returns, so an observer keeps only what it needs.
+pub struct Scored<'a> {
+    /// The item of the index.
+    pub item: &'a data::Item,
+    /// The image as read (B, G, R).
+    pub image: &'a Image8,
+    /// The ground truth (one channel, 0/1).
+    pub truth: &'a Image8,
+    /// The prediction.
+    pub segmentation: &'a Segmentation,
+    /// The image's scores.
+    pub record: &'a ImageRecord,
+    /// The image's calibration accumulator.
+    pub calibration: &'a Calibration,
+    /// The options of the evaluation.
+    pub options: &'a EvalOptions,
+}
+
+/// [`evaluate`] that also shows every scored image to `observe`, in index order (e.g. the
+/// `eval --report` accumulators, [`report::ReportCollector`]); an error of `observe` ends the
+/// evaluation with that error.
+pub fn evaluate_observed(
+    segmenter: &Segmenter,
+    name: &str,
+    prompts: &Path,
+    index: &DatasetIndex,
+    options: &EvalOptions,
+    progress: &mut dyn FnMut(usize),
+    observe: &mut dyn FnMut(&Scored) -> Result<()>,
+) -> Result<Evaluation> {
     options.segment.check()?;
     if options.batch_size == 0 {
         return Err(Error::Invalid("the evaluation batch size must be at least 1".into()));
@@ -295,8 +331,9 @@ pub fn evaluate(
             let names: Vec<&str> = chunk.iter().map(|item| item.name.as_str()).collect();
             e.context(names.join(", "))
         })?;
-        for ((item, segmentation), truth) in chunk.iter().zip(&results).zip(&truths) {
+        for (((item, segmentation), truth), image) in chunk.iter().zip(&results).zip(&truths).zip(&images) {
             let (record, calibration) = score(&item.name, segmentation, truth, options)?;
+            observe(&Scored { item, image, truth, segmentation, record: &record, calibration: &calibration, options })?;
             pooled.merge(&calibration);
             records.push(record);
         }
