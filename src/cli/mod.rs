@@ -6,6 +6,7 @@ pub mod check;
 pub mod eval;
 pub mod finetune_clip;
 pub mod predict;
+pub mod rank;
 pub mod saliency;
 pub mod synth;
 pub mod train;

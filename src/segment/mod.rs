@@ -34,6 +34,7 @@
 
 pub mod maps;
 pub mod output;
+pub mod rank;
 
 use std::path::{Path, PathBuf};
 
