@@ -483,3 +483,37 @@ fn check_dataset(root: &Path, percentage: Option<u32>, progress: &mut dyn Progre
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(names: &[&str]) -> data::DatasetIndex {
+        let item = |name: &&str| data::Item {
+            name: name.to_string(),
+            image_path: PathBuf::from(name),
+            mask_path: PathBuf::from(name),
+            prompt: format!("prompt of {name}"),
+        };
+        data::DatasetIndex { items: names.iter().map(item).collect() }
+    }
+
+    #[test]
+    fn a_subset_keeps_the_listed_items_in_the_index_order() {
+        let names = ["b.png".to_string(), "d.png".to_string()];
+        let subset = listed_items(index(&["a.png", "b.png", "c.png", "d.png"]), &names, Path::new("p.xlsx")).unwrap();
+        let kept: Vec<&str> = subset.items.iter().map(|item| item.name.as_str()).collect();
+        assert_eq!(kept, ["b.png", "d.png"]);
+    }
+
+    #[test]
+    fn a_subset_naming_an_unlisted_image_or_one_twice_is_refused() {
+        let all = || index(&["a.png", "b.png"]);
+        let missing = listed_items(all(), &["z.png".to_string()], Path::new("p.xlsx")).unwrap_err().to_string();
+        assert!(missing.contains("'z.png' is not listed in p.xlsx"), "{missing}");
+        let twice = listed_items(all(), &["a.png".to_string(), "a.png".to_string()], Path::new("p.xlsx"))
+            .unwrap_err()
+            .to_string();
+        assert!(twice.contains("'a.png' is listed more than once"), "{twice}");
+    }
+}
