@@ -233,8 +233,9 @@ pub struct PromptedImage {
 /// Image files are those [`open_split`] counts (png, jpg, jpeg, bmp, tif, tiff; hidden files skipped).
 ///
 /// Errors name the file at fault: a missing folder, one without image files, a missing prompt
-/// file, one that lists nothing, a row whose image name breaks the path rule of [`SplitFolders::resolve`] or names a
-/// file that is not in the folder (or leads out of it through a symlink), an image listed twice.
+/// file, one that lists nothing, a row whose image name breaks the path rule of
+/// [`SplitFolders::resolve`] or names a file that is not in the folder (or leads out of it through
+/// a symlink), an image listed twice.
 pub fn open_prompted_images(folder: &Path, prompt_file: &Path) -> Result<(Vec<PromptedImage>, Vec<String>)> {
     if !folder.is_dir() {
         return Err(Error::Invalid(format!("{}: image folder not found", folder.display())));

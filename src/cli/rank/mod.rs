@@ -42,7 +42,11 @@ pub struct RankArgs {
     /// the Monte-Carlo draws' masks disagree with the predicted mask), mean-entropy (the mean
     /// uncertainty over the image) or foreground-uncertainty (the uncertainty inside the
     /// predicted mask). Ties are broken by the other two scores, then by image name.
-    #[arg(long, default_value = "expected-dice-loss", value_parser = ["expected-dice-loss", "mean-entropy", "foreground-uncertainty"])]
+    #[arg(
+        long,
+        default_value = "expected-dice-loss",
+        value_parser = ["expected-dice-loss", "mean-entropy", "foreground-uncertainty"]
+    )]
     by: String,
     /// Monte-Carlo samples per image, in one batched pass (default 30, as the paper; 10 with
     /// --simulate, where the pool is ranked once per seed). At most what memory holds
@@ -115,14 +119,14 @@ pub fn run(args: &RankArgs) -> Result<()> {
 
 /// The segmenter's options from the sampling flags (`default_samples` when --samples is not given).
 fn sampling_options(args: &RankArgs, default_samples: usize) -> Result<Options> {
-    let options = Options {
+    let sampling = Options {
         samples: args.samples.unwrap_or(default_samples),
         seed: args.seed,
         threshold: args.threshold,
         noise: args.noise.parse()?,
-        max_pixels: args.max_pixels,
         ..Options::default()
     };
+    let options = Options { max_pixels: args.max_pixels, ..sampling };
     options.check()?;
     Ok(options)
 }

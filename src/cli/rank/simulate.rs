@@ -402,8 +402,8 @@ fn write_results(out: &Path, simulation: &Simulation) -> Result<()> {
 
 fn print_table(s: &Simulation) {
     println!(
-        "validation Dice after adding {} images to {} (of {}), {} by {}, or at random:",
-        s.added_images, s.initial_images, s.train_images, s.retraining, s.ranked_by
+        "validation Dice after adding {} images to {} (of {}) by {} or at random ({}):",
+        s.added_images, s.initial_images, s.train_images, s.ranked_by, s.retraining
     );
     println!("{:>8} {:>10} {:>10} {:>10} {:>11} {:>7}", "seed", "initial", "ranked", "random", "difference", "shared");
     for r in &s.seeds {
@@ -426,7 +426,7 @@ fn print_table(s: &Simulation) {
     );
 }
 
-/// One bar per training run over its epochs' batches, and a line per epoch with its validation Dice.
+/// One bar per training epoch over its batches, and a line per epoch with its validation Dice.
 struct RunBar {
     label: String,
     bar: Option<ProgressBar>,
