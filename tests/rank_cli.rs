@@ -374,6 +374,10 @@ fn simulate_runs_both_arms_end_to_end_on_a_tiny_dataset() {
     }
     assert_eq!(read_ranking_len(&out_dir.join("seed_666/ranking.csv")), 18);
     assert!(out.stdout.contains("ranked") && out.stdout.contains("random"), "{}", out.stdout);
+    // Flags of the ranking alone are refused with --simulate rather than ignored.
+    let mixed = run(&["rank", "--simulate", "--model", s(&fixture().model), "--out", s(&dir.join("other"))]);
+    assert_ne!(mixed.code, Some(0));
+    assert!(mixed.stderr.contains("--model"), "{}", mixed.stderr);
     // A second run into the same folder would lose the first one's results: refused.
     let again = run(&["rank", "--simulate", "--config", "tiny", "--out", s(&out_dir)]);
     assert_ne!(again.code, Some(0));

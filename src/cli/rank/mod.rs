@@ -20,11 +20,11 @@ const DEFAULT_SAMPLES: usize = 30;
 pub struct RankArgs {
     /// A folder of unlabelled images (PNG or JPEG), ranked with the prompts of --prompts. Every
     /// image in it needs a prompt.
-    #[arg(long, conflicts_with = "data", requires = "prompts")]
+    #[arg(long, conflicts_with_all = ["data", "simulate"], requires = "prompts")]
     images: Option<PathBuf>,
     /// Prompt file (xlsx, csv or json with Image and Description columns): the prompts of
     /// --images, or, with --data, a file to use instead of the split's own prompt file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "simulate")]
     prompts: Option<PathBuf>,
     /// A dataset in the official layout: ranks the images of --split with the split's prompt file
     /// (images its prompt file does not list are skipped with a note; masks are not needed). With
