@@ -10,7 +10,7 @@
 //! let (a, b) = (read_image("a.png".as_ref())?, read_image("b.png".as_ref())?);
 //! let items = [(&a, "one small round lesion at the center of the image"), (&b, "one large oval lesion")];
 //! let scores = segmenter.rank_scores_batch(&items, &Options::default())?;
-//! let first = ranking_order(&scores, RankBy::ExpectedDiceLoss)[0]; // the image to label first
+//! let first = ranking_order(&scores, RankBy::MeanEntropy)[0]; // the image to label first
 //! # Ok(()) }
 //! ```
 //!
@@ -46,9 +46,9 @@ pub struct RankScores {
 /// The score a ranking sorts by (descending: the image to label first comes first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RankBy {
-    /// [`RankScores::mean_entropy`].
+    /// [`RankScores::mean_entropy`] (the CLI's default, docs/rank.md §2 says why).
     MeanEntropy,
-    /// [`RankScores::expected_dice_loss`] (the CLI's default, docs/rank.md says why).
+    /// [`RankScores::expected_dice_loss`].
     ExpectedDiceLoss,
     /// [`RankScores::foreground_uncertainty`].
     ForegroundUncertainty,

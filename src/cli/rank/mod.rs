@@ -38,14 +38,14 @@ pub struct RankArgs {
     /// Default: the demo checkpoint weights/demo.
     #[arg(long, conflicts_with = "simulate")]
     model: Option<PathBuf>,
-    /// The score the CSV is sorted by, highest first (docs/rank.md): expected-dice-loss (how much
-    /// the Monte-Carlo draws' masks disagree with the predicted mask), mean-entropy (the mean
-    /// uncertainty over the image) or foreground-uncertainty (the uncertainty inside the
+    /// The score the CSV is sorted by, highest first (docs/rank.md): mean-entropy (the mean
+    /// uncertainty over the image), expected-dice-loss (how much the Monte-Carlo draws' masks
+    /// disagree with the predicted mask) or foreground-uncertainty (the uncertainty inside the
     /// predicted mask). Ties are broken by the other two scores, then by image name.
     #[arg(
         long,
-        default_value = "expected-dice-loss",
-        value_parser = ["expected-dice-loss", "mean-entropy", "foreground-uncertainty"]
+        default_value = "mean-entropy",
+        value_parser = ["mean-entropy", "expected-dice-loss", "foreground-uncertainty"]
     )]
     by: String,
     /// Monte-Carlo samples per image, in one batched pass (default 30, as the paper; 10 with
