@@ -56,10 +56,10 @@ pub struct SimulationArgs {
     #[arg(long, default_value_t = 15, value_parser = super::super::whole(1, 98), requires = "simulate")]
     add_percent: usize,
     /// Training images of the synthetic task (without --data).
-    #[arg(long, default_value_t = 1000, value_parser = super::super::count(), requires = "simulate")]
+    #[arg(long, default_value_t = 1000, value_parser = super::super::count(), requires = "simulate", conflicts_with = "data")]
     synthetic_train: usize,
     /// Validation images of the synthetic task (without --data).
-    #[arg(long, default_value_t = 200, value_parser = super::super::count(), requires = "simulate")]
+    #[arg(long, default_value_t = 200, value_parser = super::super::count(), requires = "simulate", conflicts_with = "data")]
     synthetic_val: usize,
     /// Threads that load and augment training images.
     #[arg(long, default_value_t = 2, value_parser = super::super::count(), requires = "simulate")]
@@ -202,7 +202,7 @@ pub fn run(args: &RankArgs) -> Result<()> {
     );
     let mut results = Vec::with_capacity(sim.seeds);
     for k in 0..sim.seeds {
-        let result = run_seed(&plan, args.seed + k as u64)?;
+        let result = run_seed(&plan, args.seed.wrapping_add(k as u64))?;
         eprintln!(
             "seed {}: initial {:.4}, ranked {:.4}, random {:.4} ({:+.4}) in {:.0} s",
             result.seed, result.initial_dice, result.ranked_dice, result.random_dice, result.difference, result.seconds
