@@ -245,7 +245,10 @@ pub fn open_prompted_images(folder: &Path, prompt_file: &Path) -> Result<(Vec<Pr
     }
     let files = image_files(folder)?;
     if files.is_empty() {
-        return Err(Error::Invalid(format!("{}: holds no images (PNG or JPEG files)", folder.display())));
+        return Err(Error::Invalid(format!(
+            "{}: holds no images (no .png, .jpg, .jpeg, .bmp, .tif or .tiff file)",
+            folder.display()
+        )));
     }
     let rows = read_prompt_file(prompt_file)?;
     if rows.is_empty() {
