@@ -59,6 +59,10 @@ enum Command {
     /// mask (k-means, largest connected components) and SAM's box and point prompts
     /// (prompts.json) per image. SAM itself is not run.
     Saliency(cli::saliency::SaliencyArgs),
+    /// Rank unlabelled images for annotation by the model's Monte-Carlo uncertainty: writes a CSV
+    /// (expected Dice loss, mean entropy, foreground uncertainty per image, best first);
+    /// --simulate measures on a labelled dataset whether labelling the ranked images beats random.
+    Rank(cli::rank::RankArgs),
     /// Show the devices, how the CUDA kernels are built, and the model presets.
     Info,
 }
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(&args),
         Command::FinetuneClip(args) => cli::finetune_clip::run(&args),
         Command::Saliency(args) => cli::saliency::run(&args),
+        Command::Rank(args) => cli::rank::run(&args),
         Command::Info => info(),
     };
     match result {

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod finetune_clip;
 pub mod predict;
 pub mod predict_volume;
+pub mod rank;
 pub mod saliency;
 pub mod synth;
 pub mod train;

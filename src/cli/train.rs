@@ -156,7 +156,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         options.config.name,
         match &options.data {
             DataSpec::Synthetic { train, val } => format!("the synthetic task ({train} train / {val} val images)"),
-            DataSpec::Folder { root, .. } => root.display().to_string(),
+            DataSpec::Folder { root, .. } | DataSpec::FolderSubset { root, .. } => root.display().to_string(),
         },
         r.epochs,
         r.batch_size,

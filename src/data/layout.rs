@@ -218,6 +218,75 @@ impl SplitFolders {
     }
 }
 
+/// An image waiting for a label: its file and its prompt (no mask).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptedImage {
+    /// The image's file name, as the prompt file lists it.
+    pub name: String,
+    pub image_path: PathBuf,
+    pub prompt: String,
+}
+
+/// The images of a plain folder paired with their prompts (`rank --images DIR --prompts FILE`,
+/// or a split's `img/` with its prompt file), sorted by name; and the image files in the folder
+/// that no row lists, sorted (the caller decides whether that is an error). Masks play no part.
+/// Image files are those [`open_split`] counts (png, jpg, jpeg, bmp, tif, tiff; hidden files skipped).
+///
+/// Errors name the file at fault: a missing folder, one without image files, a missing prompt
+/// file, one that lists nothing, a row whose image name breaks the path rule of
+/// [`SplitFolders::resolve`] or names a file that is not in the folder (or leads out of it through
+/// a symlink), an image listed twice.
+pub fn open_prompted_images(folder: &Path, prompt_file: &Path) -> Result<(Vec<PromptedImage>, Vec<String>)> {
+    if !folder.is_dir() {
+        return Err(Error::Invalid(format!("{}: image folder not found", folder.display())));
+    }
+    if !prompt_file.is_file() {
+        return Err(Error::Invalid(format!("{}: prompt file not found", prompt_file.display())));
+    }
+    let files = image_files(folder)?;
+    if files.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: holds no images (no .png, .jpg, .jpeg, .bmp, .tif or .tiff file)",
+            folder.display()
+        )));
+    }
+    let rows = read_prompt_file(prompt_file)?;
+    if rows.is_empty() {
+        return Err(Error::Invalid(format!("{}: lists no images", prompt_file.display())));
+    }
+    let real_folder = folder.canonicalize().map_err(Error::io(folder))?;
+    let mut listed = HashSet::new();
+    let mut images = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let at = |why: String| {
+            Error::Invalid(format!(
+                "{}: {}, column '{IMAGE_COLUMN}': '{}' {why}",
+                prompt_file.display(),
+                row.location,
+                row.image
+            ))
+        };
+        check_file_name(&row.image)
+            .map_err(|why| at(format!("is not a file name inside {} ({why})", folder.display())))?;
+        if !listed.insert(row.image.as_str()) {
+            return Err(at("is listed more than once (one prompt per image)".into()));
+        }
+        let image_path = folder.join(&row.image);
+        if !image_path.is_file() {
+            return Err(at(format!("names no file: {} does not exist", image_path.display())));
+        }
+        let real = image_path.canonicalize().map_err(Error::io(&image_path))?;
+        if !real.starts_with(&real_folder) {
+            return Err(at(format!("leads outside {} (through a symlink, to {})", folder.display(), real.display())));
+        }
+        images.push(PromptedImage { name: row.image.clone(), image_path, prompt: row.description.clone() });
+    }
+    images.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut unlisted: Vec<String> = files.into_iter().filter(|name| !listed.contains(name.as_str())).collect();
+    unlisted.sort();
+    Ok((images, unlisted))
+}
+
 /// The syntactic half of the path rule: `Ok` for a plain file name, else why not. Runs before
 /// the name touches the file system.
 pub fn check_file_name(name: &str) -> std::result::Result<(), &'static str> {

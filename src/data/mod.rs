@@ -19,8 +19,8 @@ pub mod synthetic;
 pub use augment::{rotate_nearest, rotate_pair, rotation_for, MAX_ROTATION_DEGREES};
 pub use check::{check_split, SplitCheck};
 pub use layout::{
-    check_file_name, existing_layout_parts, open_split, prompt_file_path, DatasetIndex, Item, Split, SplitFolders,
-    DATA_PERCENTAGES,
+    check_file_name, existing_layout_parts, open_prompted_images, open_split, prompt_file_path, DatasetIndex, Item,
+    PromptedImage, Split, SplitFolders, DATA_PERCENTAGES,
 };
 pub use loader::{
     epoch_order, load_batch, prepare_sample, Batch, Batches, InMemoryDataset, Loader, LoaderConfig, RawSample,

@@ -38,6 +38,7 @@
 
 pub mod maps;
 pub mod output;
+pub mod rank;
 pub mod volume;
 
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::model::folder::{load_model_folder, CONFIG_FILE};
-use crate::model::{MedClipSeg, ModelConfig, Sampling};
+use crate::model::{MedClipSeg, ModelConfig, Prediction, Sampling};
 use crate::tensor::Tensor;
 use crate::tokenizer::PromptTokenizer;
 
@@ -305,25 +306,8 @@ impl Segmenter {
     /// batch row: docs/model.md §5). Errors as [`Segmenter::segment`], naming the item (0-based)
     /// at fault when there are several.
     pub fn segment_batch(&self, items: &[(&Image8, &str)], options: &Options) -> Result<Vec<Segmentation>> {
-        self.check_options(options, items.len())?;
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        // A batch says which item failed; a single call has nothing to add.
-        let at = |i: usize| move |e: Error| if items.len() > 1 { e.context(format!("item {i}")) } else { e };
-        for (i, (image, _)) in items.iter().enumerate() {
-            options.check_size(image).map_err(at(i))?;
-        }
+        let Some(prediction) = self.predict_items(items, options)? else { return Ok(Vec::new()) };
         let size = self.config().image_size;
-        let mut pixels = Vec::with_capacity(items.len() * 3 * size * size);
-        let mut ids = Vec::with_capacity(items.len() * self.tokenizer.context_length());
-        for (i, (image, prompt)) in items.iter().enumerate() {
-            pixels.extend(model_input(image, size).map_err(at(i))?);
-            ids.extend(self.tokenizer.encode(prompt).map_err(at(i))?);
-        }
-        let pixels = Tensor::from_slice(&pixels, &[items.len(), 3, size, size], self.device())?;
-        let sampling = Sampling::inference(options.seed, options.samples, options.noise);
-        let prediction = self.model.predict_sampled(&pixels, &ids, sampling)?;
         let model_probability = prediction.probability.to_vec()?;
         let plane = size * size;
         items
@@ -350,6 +334,34 @@ impl Segmenter {
                 })
             })
             .collect()
+    }
+}
+
+impl Segmenter {
+    /// The Monte-Carlo prediction of a batch of image–prompt pairs at the model's resolution
+    /// (`None` for no items), after every check of [`Segmenter::segment_batch`]: the options, each
+    /// image's size and channels, each prompt. What `segment_batch` and the ranking scores
+    /// ([`rank`]) both start from, so that they see the same draws.
+    pub(crate) fn predict_items(&self, items: &[(&Image8, &str)], options: &Options) -> Result<Option<Prediction>> {
+        self.check_options(options, items.len())?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        // A batch says which item failed; a single call has nothing to add.
+        let at = |i: usize| move |e: Error| if items.len() > 1 { e.context(format!("item {i}")) } else { e };
+        for (i, (image, _)) in items.iter().enumerate() {
+            options.check_size(image).map_err(at(i))?;
+        }
+        let size = self.config().image_size;
+        let mut pixels = Vec::with_capacity(items.len() * 3 * size * size);
+        let mut ids = Vec::with_capacity(items.len() * self.tokenizer.context_length());
+        for (i, (image, prompt)) in items.iter().enumerate() {
+            pixels.extend(model_input(image, size).map_err(at(i))?);
+            ids.extend(self.tokenizer.encode(prompt).map_err(at(i))?);
+        }
+        let pixels = Tensor::from_slice(&pixels, &[items.len(), 3, size, size], self.device())?;
+        let sampling = Sampling::inference(options.seed, options.samples, options.noise);
+        Ok(Some(self.model.predict_sampled(&pixels, &ids, sampling)?))
     }
 }
 

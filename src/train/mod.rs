@@ -45,6 +45,10 @@ pub enum DataSpec {
     /// A folder in the official layout; `percentage` picks `Train_text_{p}.xlsx` and
     /// `Val_text_{p}.xlsx`.
     Folder { root: PathBuf, percentage: Option<u32> },
+    /// A folder in the official layout, training on the listed images of its Train split only
+    /// (by file name, as the prompt file lists them; each at most once) and validating on the
+    /// whole Val split: how `rank --simulate` trains on a labelled subset (docs/rank.md).
+    FolderSubset { root: PathBuf, train_images: Vec<String> },
 }
 
 impl DataSpec {
@@ -55,6 +59,9 @@ impl DataSpec {
                 Some(p) => format!("{} ({p} %)", root.display()),
                 None => root.display().to_string(),
             },
+            DataSpec::FolderSubset { root, train_images } => {
+                format!("{} ({} listed training images)", root.display(), train_images.len())
+            }
         }
     }
 }
@@ -234,6 +241,11 @@ fn run_identity(
         DataSpec::Folder { root, percentage } => {
             let real = root.canonicalize().map_err(Error::io(root))?;
             (real.display().to_string(), percentage.unwrap_or(100))
+        }
+        // A subset is told apart from the whole split by its image count (`train_images`).
+        DataSpec::FolderSubset { root, .. } => {
+            let real = root.canonicalize().map_err(Error::io(root))?;
+            (real.display().to_string(), 100)
         }
     };
     Ok(resume::RunIdentity { data_path, data_percentage, train_images, val_images, batch_size })
@@ -420,7 +432,33 @@ fn open_data(spec: &DataSpec, image_size: usize, seed: u64, progress: &mut dyn P
             };
             Ok((open(data::Split::Train)?, open(data::Split::Val)?))
         }
+        DataSpec::FolderSubset { root, train_images } => {
+            check_dataset(root, None, progress)?;
+            let (train, _) = data::open_split(root, data::Split::Train, None, None)?;
+            let (val, _) = data::open_split(root, data::Split::Val, None, None)?;
+            let prompt_file = data::prompt_file_path(root, data::Split::Train, None)?;
+            Ok((Arc::new(listed_items(train, train_images, &prompt_file)?), Arc::new(val)))
+        }
     }
+}
+
+/// The items of `index` named in `names`, in the index's order. Errors name the prompt file: a
+/// name it does not list, or a name given twice.
+fn listed_items(index: data::DatasetIndex, names: &[String], prompt_file: &Path) -> Result<data::DatasetIndex> {
+    let mut wanted = std::collections::HashSet::with_capacity(names.len());
+    if let Some(twice) = names.iter().find(|name| !wanted.insert(name.as_str())) {
+        return Err(Error::Invalid(format!("training subset: image '{twice}' is listed more than once")));
+    }
+    // An image the prompt file itself lists twice stays twice, as in a whole-split run.
+    let items: Vec<data::Item> = index.items.into_iter().filter(|item| wanted.contains(item.name.as_str())).collect();
+    let present: std::collections::HashSet<&str> = items.iter().map(|item| item.name.as_str()).collect();
+    if let Some(missing) = names.iter().find(|name| !present.contains(name.as_str())) {
+        return Err(Error::Invalid(format!(
+            "training subset: image '{missing}' is not listed in {}",
+            prompt_file.display()
+        )));
+    }
+    Ok(data::DatasetIndex { items })
 }
 
 /// The dataset check of the training and validation splits: any problem stops the run before its
@@ -444,4 +482,38 @@ fn check_dataset(root: &Path, percentage: Option<u32>, progress: &mut dyn Progre
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(names: &[&str]) -> data::DatasetIndex {
+        let item = |name: &&str| data::Item {
+            name: name.to_string(),
+            image_path: PathBuf::from(name),
+            mask_path: PathBuf::from(name),
+            prompt: format!("prompt of {name}"),
+        };
+        data::DatasetIndex { items: names.iter().map(item).collect() }
+    }
+
+    #[test]
+    fn a_subset_keeps_the_listed_items_in_the_index_order() {
+        let names = ["b.png".to_string(), "d.png".to_string()];
+        let subset = listed_items(index(&["a.png", "b.png", "c.png", "d.png"]), &names, Path::new("p.xlsx")).unwrap();
+        let kept: Vec<&str> = subset.items.iter().map(|item| item.name.as_str()).collect();
+        assert_eq!(kept, ["b.png", "d.png"]);
+    }
+
+    #[test]
+    fn a_subset_naming_an_unlisted_image_or_one_twice_is_refused() {
+        let all = || index(&["a.png", "b.png"]);
+        let missing = listed_items(all(), &["z.png".to_string()], Path::new("p.xlsx")).unwrap_err().to_string();
+        assert!(missing.contains("'z.png' is not listed in p.xlsx"), "{missing}");
+        let twice = listed_items(all(), &["a.png".to_string(), "a.png".to_string()], Path::new("p.xlsx"))
+            .unwrap_err()
+            .to_string();
+        assert!(twice.contains("'a.png' is listed more than once"), "{twice}");
+    }
 }

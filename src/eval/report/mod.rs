@@ -194,7 +194,7 @@ pub fn escape(text: &str) -> String {
 
 fn settings_section(settings: &ReportSettings, summary: &Summary) -> String {
     let o = &settings.options;
-    let rows: [(&str, String); 12] = [
+    let rows: [(&str, String); 13] = [
         ("model", settings.model.display().to_string()),
         ("data", settings.data.display().to_string()),
         ("split", settings.split.clone()),
