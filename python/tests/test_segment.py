@@ -12,10 +12,11 @@ from conftest import COLOUR_PNG, GREY_PNG, PROMPT, SAMPLES
 
 
 def test_maps_have_the_images_size_and_documented_types(segmenter, colour_image):
-    result = segmenter.segment(colour_image, PROMPT, samples=SAMPLES)
+    result = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, resize="bilinear")
     assert result.mask.shape == result.probability.shape == result.uncertainty.shape == (37, 53)
     assert result.mask.dtype == np.bool_
     assert result.probability.dtype == result.uncertainty.dtype == np.float32
+    # With resize="bilinear" the mask is the thresholded probability at the image's size.
     np.testing.assert_array_equal(result.mask, result.probability > np.float32(0.5))
     assert 0.0 <= result.probability.min() and result.probability.max() <= 1.0
     assert 0.0 <= result.uncertainty.min() and result.uncertainty.max() <= math.log(2) + 1e-6
@@ -45,8 +46,8 @@ def test_the_seed_decides_the_noise(segmenter, colour_image):
 
 
 def test_threshold_only_moves_the_mask(segmenter, colour_image):
-    low = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, threshold=0.1)
-    high = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, threshold=0.9)
+    low = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, threshold=0.1, resize="bilinear")
+    high = segmenter.segment(colour_image, PROMPT, samples=SAMPLES, threshold=0.9, resize="bilinear")
     np.testing.assert_array_equal(low.probability, high.probability)
     np.testing.assert_array_equal(low.mask, low.probability > np.float32(0.1))
     np.testing.assert_array_equal(high.mask, high.probability > np.float32(0.9))
