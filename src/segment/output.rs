@@ -64,15 +64,7 @@ impl OutputFiles {
 /// Writes every file of the module table into `dir` (created if needed). `image` is the input the
 /// segmentation was made from (for the overlay); it must have the segmentation's size.
 pub fn write_outputs(dir: &Path, image: &Image8, segmentation: &Segmentation) -> Result<OutputFiles> {
-    let (w, h) = (segmentation.width, segmentation.height);
-    if (image.width, image.height) != (w, h) {
-        return Err(Error::Invalid(format!(
-            "{}: the image is {}x{} but its segmentation {w}x{h}",
-            dir.display(),
-            image.width,
-            image.height
-        )));
-    }
+    let (w, h) = check_image_fits(dir, image, segmentation)?;
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let files = OutputFiles::in_folder(dir);
     write_mask_png(&files.mask_png, segmentation)?;
@@ -97,16 +89,23 @@ pub fn write_mask_png(path: &Path, segmentation: &Segmentation) -> Result<()> {
 /// Writes only `overlay.png`'s picture (the image, the uncertainty blended in, the mask's
 /// contour) to `path`: what a volume's output shows for its slice with the largest mask.
 pub fn write_overlay(path: &Path, image: &Image8, segmentation: &Segmentation) -> Result<()> {
+    let (w, h) = check_image_fits(path, image, segmentation)?;
+    write_png(path, rgb(path, w, h, overlay(image, segmentation))?.into())
+}
+
+/// The segmentation's `(width, height)`, or an error naming `target` when `image` (the input the
+/// overlay draws on) has another size.
+fn check_image_fits(target: &Path, image: &Image8, segmentation: &Segmentation) -> Result<(usize, usize)> {
     let (w, h) = (segmentation.width, segmentation.height);
     if (image.width, image.height) != (w, h) {
         return Err(Error::Invalid(format!(
             "{}: the image is {}x{} but its segmentation {w}x{h}",
-            path.display(),
+            target.display(),
             image.width,
             image.height
         )));
     }
-    write_png(path, rgb(path, w, h, overlay(image, segmentation))?.into())
+    Ok((w, h))
 }
 
 fn grey(path: &Path, w: usize, h: usize, pixels: Vec<u8>) -> Result<GrayImage> {
