@@ -13,6 +13,19 @@ pub struct PromptTokenizer {
     context_length: usize,
 }
 
+/// `tokenizer.json`'s bytes as a `tokenizers` tokenizer. The JSON's syntax is checked first:
+/// `tokenizers` 0.22 panics (instead of returning an error) on some damaged files, e.g. one cut
+/// short inside its `decoder` section, which the fuzz tests found. A panic that still escapes it
+/// is turned into an error too, so a damaged file is never a crash.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer> {
+    let unreadable = |why: String| Error::Invalid(format!("not a readable tokenizer.json: {why}"));
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| unreadable(e.to_string()))?;
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+        Ok(parsed) => parsed.map_err(|e| unreadable(e.to_string())),
+        Err(_) => Err(unreadable("the tokenizers library could not parse it".into())),
+    }
+}
+
 impl PromptTokenizer {
     /// Loads a Hugging Face `tokenizer.json` and fixes padding/truncation to `context_length`.
     pub fn load(path: &Path, context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
@@ -21,8 +34,7 @@ impl PromptTokenizer {
     }
 
     pub fn from_bytes(bytes: &[u8], context_length: usize, pad_id: u32) -> Result<PromptTokenizer> {
-        let mut inner =
-            Tokenizer::from_bytes(bytes).map_err(|e| Error::Invalid(format!("not a readable tokenizer.json: {e}")))?;
+        let mut inner = parse_tokenizer_json(bytes)?;
         let pad_token = inner.id_to_token(pad_id).unwrap_or_else(|| "[PAD]".to_string());
         inner
             .with_truncation(Some(TruncationParams { max_length: context_length, ..Default::default() }))

@@ -54,3 +54,21 @@ fn a_missing_tokenizer_file_is_named_in_the_error() {
     let err = PromptTokenizer::load("no/such/tokenizer.json".as_ref(), 16, 0).err().unwrap().to_string();
     assert!(err.contains("no/such/tokenizer.json"), "{err}");
 }
+
+/// A `tokenizer.json` cut short anywhere in its `decoder` section (where `tokenizers` 0.22 panics
+/// rather than erring, found by tests/fuzz_inputs.rs), or corrupted there, is an error, never a
+/// panic.
+#[test]
+fn a_damaged_tokenizer_json_is_an_error_not_a_panic() {
+    let json = mcs_engine::tokenizer::preset_tokenizer_json("tiny").unwrap();
+    let config = ModelConfig::tiny();
+    let decoder = json.windows(9).position(|w| w == b"\"decoder\"").expect("the tiny tokenizer has a decoder");
+    for cut in decoder..(decoder + 160).min(json.len()) {
+        let result = std::panic::catch_unwind(|| {
+            PromptTokenizer::from_bytes(&json[..cut], config.text_context_length, config.text_pad_id).map(drop)
+        });
+        let error = result.unwrap_or_else(|_| panic!("cut at byte {cut}: the tokenizer parser panicked"));
+        let message = error.expect_err("a cut file is refused").to_string();
+        assert!(message.contains("not a readable tokenizer.json"), "cut at byte {cut}: {message}");
+    }
+}
