@@ -76,6 +76,11 @@ const XLSX_PARTS: [&str; 5] = [
 /// The valid workbook with one part mutated and the archive packed again (stored), so that the
 /// edits get past the zip's checksums to the XML parser.
 fn repacked(part: &str, edits: &[Edit], keep: u16) -> Vec<u8> {
+    repacked_with(part, |bytes| mutate(bytes, edits, keep))
+}
+
+/// The valid workbook with `part` changed by `change` and the archive packed again (stored).
+fn repacked_with(part: &str, change: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
     use std::io::{Cursor, Read, Write};
     let mut archive = zip::ZipArchive::new(Cursor::new(valid_xlsx())).unwrap();
     let mut packed = zip::ZipWriter::new(Cursor::new(Vec::new()));
@@ -87,7 +92,7 @@ fn repacked(part: &str, edits: &[Edit], keep: u16) -> Vec<u8> {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).unwrap();
         if name == part {
-            bytes = mutate(&bytes, edits, keep);
+            bytes = change(&bytes);
             found = true;
         }
         packed.start_file(name, stored).unwrap();
@@ -95,6 +100,21 @@ fn repacked(part: &str, edits: &[Edit], keep: u16) -> Vec<u8> {
     }
     assert!(found, "the workbook has no part {part}");
     packed.finish().unwrap().into_inner()
+}
+
+/// A worksheet whose dimension runs backwards (`B3:A1`): calamine 0.38 subtracts the corners
+/// unchecked and panics on it in a build with overflow checks (found by the test below in CI). It
+/// is an error naming the file, never a panic.
+#[test]
+fn a_worksheet_dimension_that_runs_backwards_is_an_error() {
+    let backwards = repacked_with("xl/worksheets/sheet1.xml", |bytes| {
+        let xml = String::from_utf8(bytes.to_vec()).unwrap();
+        let start = xml.find("<dimension ref=\"").expect("the sheet has a dimension") + "<dimension ref=\"".len();
+        let end = start + xml[start..].find('"').unwrap();
+        format!("{}B3:A1{}", &xml[..start], &xml[end..]).into_bytes()
+    });
+    let outcome = std::panic::catch_unwind(|| read_back("xlsx", &backwards));
+    assert!(outcome.is_ok(), "reading the workbook panicked");
 }
 
 /// One edit of a byte string: replace, insert or delete at a position (taken modulo the length).

@@ -117,7 +117,20 @@ fn check_unpacked_size(path: &Path) -> Result<()> {
 
 /// The non-empty cells of the first worksheet by row, each row's cells as (column, text); the
 /// cells are streamed and their text counted against [`MAX_SHEET_TEXT_BYTES`].
+///
+/// calamine 0.38 panics on some damaged workbooks instead of returning an error (a worksheet
+/// dimension that runs backwards overflows a subtraction; found by tests/fuzz_prompts.rs): such a
+/// panic is caught and reported as an unreadable worksheet, so a damaged file is never a crash.
 fn sheet_cells(path: &Path) -> Result<BTreeMap<u32, Vec<(u32, String)>>> {
+    std::panic::catch_unwind(|| stream_sheet_cells(path)).unwrap_or_else(|_| {
+        Err(invalid(
+            path,
+            "cannot read the first worksheet: the spreadsheet reader failed on it (is the file damaged?)",
+        ))
+    })
+}
+
+fn stream_sheet_cells(path: &Path) -> Result<BTreeMap<u32, Vec<(u32, String)>>> {
     let file = std::fs::File::open(path).map_err(Error::io(path))?;
     let mut workbook: Xlsx<_> =
         Xlsx::new(BufReader::new(file)).map_err(|e| invalid(path, format!("cannot open spreadsheet: {e}")))?;
