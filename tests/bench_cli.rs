@@ -36,6 +36,26 @@ fn timings(report: &serde_json::Value, prefix: &str, steps: usize) {
     assert_eq!(times.len(), steps, "{report}");
 }
 
+/// Every timing's matrix-product work and rate, against the measured SGEMM peak.
+fn rates(report: &serde_json::Value, names: &[&str]) {
+    let peak = report["gemm_peak"]["gflop_s"].as_f64().unwrap_or_else(|| panic!("no gemm_peak in {report}"));
+    assert!(peak.is_finite() && peak > 0.0, "{report}");
+    assert_eq!(report["gemm_peak"]["shape"], serde_json::json!([128, 128, 128]), "{report}");
+    let rates = report["rates"].as_array().unwrap_or_else(|| panic!("no rates in {report}"));
+    let found: Vec<&str> = rates.iter().map(|r| r["timing"].as_str().unwrap()).collect();
+    assert_eq!(found, names, "{report}");
+    for rate in rates {
+        let (gflop, effective, fraction) = (
+            positive(rate, "matrix_gflop_per_step"),
+            positive(rate, "effective_gflop_s"),
+            positive(rate, "fraction_of_gemm_peak"),
+        );
+        // The three are one computation apart: rate = work / median step, fraction = rate / peak.
+        assert!((fraction - effective / peak).abs() <= 1e-9 * fraction, "{rate}");
+        assert!(gflop > 0.0 && effective > 0.0, "{rate}");
+    }
+}
+
 fn common(report: &serde_json::Value, case: &str) {
     assert_eq!(report["case"], case, "{report}");
     assert_eq!(report["config"], "tiny", "{report}");
@@ -45,7 +65,20 @@ fn common(report: &serde_json::Value, case: &str) {
     positive(report, "peak_rss_mib");
 }
 
-const TINY: [&str; 10] = ["--config", "tiny", "--steps", "2", "--warmup", "0", "--device", "cpu", "--threads", "1"];
+const TINY: [&str; 12] = [
+    "--config",
+    "tiny",
+    "--steps",
+    "2",
+    "--warmup",
+    "0",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--gemm-peak-size",
+    "128",
+];
 
 #[test]
 fn predict_reports_its_timing_throughput_and_peak_memory() {
@@ -54,6 +87,7 @@ fn predict_reports_its_timing_throughput_and_peak_memory() {
     assert_eq!((report["samples"].as_u64(), report["batch"].as_u64()), (Some(3), Some(2)), "{report}");
     timings(&report, "", 2);
     positive(&report, "images_per_s");
+    rates(&report, &["predict"]);
     assert!(report["peak_step_tensor_mib"].as_f64().is_some_and(|m| m.is_finite() && m >= 0.0), "{report}");
 }
 
@@ -64,6 +98,7 @@ fn forward_is_one_sample_and_refuses_more() {
     assert_eq!((report["samples"].as_u64(), report["batch"].as_u64()), (Some(1), Some(1)), "{report}");
     timings(&report, "", 2);
     positive(&report, "images_per_s");
+    rates(&report, &["forward"]);
     let out = Command::new(binary()).args(["bench", "forward", "--samples", "4"]).args(TINY).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("bench predict --samples 4"), "{stderr}");
@@ -85,6 +120,15 @@ fn attention_times_both_directions_forward_and_backward() {
         timings(direction, "forward_", 2);
         timings(direction, "forward_backward_", 2);
     }
+    rates(
+        &report,
+        &[
+            "image_to_text forward",
+            "image_to_text forward+backward",
+            "text_to_image forward",
+            "text_to_image forward+backward",
+        ],
+    );
 }
 
 #[test]
@@ -93,6 +137,7 @@ fn train_reports_peak_memory_too_and_bad_arguments_are_sentences() {
     common(&report, "train");
     timings(&report, "", 2);
     positive(&report, "images_per_s");
+    rates(&report, &["train step"]);
     for (args, expected) in [
         (&["predict", "--steps", "0"][..], "0 is not a whole number from 1 to 100000"),
         (&["predict", "--samples", "0"][..], "0 is not a whole number of at least 1"),

@@ -369,6 +369,7 @@ fn gemm(
     let mut inputs = vec![a, b];
     inputs.extend(bias_rows);
     let device = same_device(op, &inputs)?;
+    super::flops::count_matrix_product(g.batch, g.m, g.k, g.n);
     if !g.has_product() {
         // An empty inner dimension (or no output at all): C is its starting value, and no GEMM
         // runs (cuBLAS would otherwise be called on an output it may leave unwritten).

@@ -13,6 +13,7 @@ pub mod dhn_nce;
 pub mod dropout;
 pub mod eca;
 pub mod elementwise;
+pub mod flops;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;

@@ -200,6 +200,8 @@ pub fn prob_attention(
 /// Untracked fused forward: the output and the per-query log-sum-exp its backward needs.
 pub fn prob_attention_forward(x: ProbAttentionInputs, beta: f32, noise: NoiseKey) -> Result<ProbAttentionForward> {
     let d = dims(&x, &noise)?;
+    // Per row: the S_mu and S_sigma^2 products and A V.
+    super::flops::count_matrix_product(3 * d.rows, d.tq, d.c, d.tk);
     match same_device(OP, &x.all())? {
         Device::Cpu => cpu_forward(&x, d, beta, &noise),
         Device::Cuda(dev) => cuda_forward(&dev, &x, d, beta, &noise),
@@ -236,6 +238,11 @@ pub fn prob_attention_backward(
     if !wanted.contains(&true) {
         return Ok(ProbAttentionGrads::default());
     }
+    // Per row: the two score products again, dA = dO V^T, and one product per wanted gradient
+    // (two for q).
+    let [q, k_mu, k_var, v_mu, v_var] = wanted;
+    let products = 3 + 2 * q as usize + k_mu as usize + k_var as usize + (v_mu || v_var) as usize;
+    super::flops::count_matrix_product(products * d.rows, d.tq, d.c, d.tk);
     let mut all = x.all().to_vec();
     all.extend([out, lse, d_out]);
     match same_device("prob_attention_backward", &all)? {

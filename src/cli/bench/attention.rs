@@ -22,6 +22,7 @@ pub fn run(setup: &Setup) -> Result<Report> {
     fields.insert("batch".into(), batch.into());
     fields.insert("samples".into(), samples.into());
     let mut directions = Vec::new();
+    let mut timings = Vec::new();
     let mut text = Vec::new();
     // Direction ids as in the adapter: 0 image->text, 1 text->image.
     for (direction, name, tq, tk) in
@@ -57,6 +58,8 @@ pub fn run(setup: &Setup) -> Result<Report> {
         forward.insert(&mut entry, "forward_");
         backward.insert(&mut entry, "forward_backward_");
         directions.push(serde_json::Value::Object(entry));
+        timings.push((format!("{name} forward"), forward.clone()));
+        timings.push((format!("{name} forward+backward"), backward.clone()));
         text.push(format!(
             "{name}, q [{rows}, {tq}, {c}], k/v [{rows}, {tk}, {c}]: forward {}; forward+backward {}",
             forward.text(),
@@ -64,7 +67,7 @@ pub fn run(setup: &Setup) -> Result<Report> {
         ));
     }
     fields.insert("directions".into(), directions.into());
-    Ok(Report { fields, text: text.join("\n") })
+    Ok(Report { fields, text: text.join("\n"), timings })
 }
 
 fn time(setup: &Setup, step: impl FnMut(usize) -> Result<()>) -> Result<Timing> {

@@ -22,7 +22,7 @@ mod train;
 use mcs_engine::limits;
 use mcs_engine::model::ModelConfig;
 use mcs_engine::tokenizer::{preset_tokenizer_json, PromptTokenizer};
-use mcs_engine::{Device, Error, Result};
+use mcs_engine::{ops, Device, Error, Result, Tensor};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Side of the square product that measures this machine's SGEMM peak after the case (every
+    /// case's matrix-product rate is printed as a fraction of it); 64 to 8192.
+    #[arg(long, default_value_t = GemmPeak::DEFAULT_SIDE, value_parser = super::whole(64, 8192), allow_negative_numbers = true)]
+    gemm_peak_size: usize,
     /// Add VLSM-Ensemble's CNN branch to the config (docs/cnn_branch.md); a config.json of a
     /// checkpoint with the branch has it already.
     #[arg(long)]
@@ -99,10 +103,12 @@ impl Setup<'_> {
     }
 }
 
-/// What a case reports: its own JSON fields and its text line(s), both without the common parts.
+/// What a case reports: its own JSON fields and its text line(s), both without the common parts,
+/// and each timing with its name (`run` adds their rates against the machine's GEMM peak).
 pub struct Report {
     pub fields: serde_json::Map<String, serde_json::Value>,
     pub text: String,
+    pub timings: Vec<(String, Timing)>,
 }
 
 /// The emulated GPU (tools/emulated_gpu.sh) runs the CUDA code on the CPU: its timings would be
@@ -145,9 +151,35 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "saliency" => saliency::run(&setup)?,
         other => return Err(Error::Invalid(format!("unknown bench case `{other}`"))),
     };
-    // Read last: the high-water mark then covers set-up and every step of this case.
+    // Read before the calibration: the high-water mark then covers set-up and every step of this
+    // case, and nothing else.
     let rss = peak_rss_mib();
     let threads = rayon::current_num_threads();
+    let peak = GemmPeak::measure(&setup.device, args.gemm_peak_size)?;
+    let mut report = report;
+    let rates: Vec<serde_json::Value> = report
+        .timings
+        .iter()
+        .map(|(name, timing)| {
+            let mut entry = serde_json::Map::new();
+            entry.insert("timing".into(), name.clone().into());
+            entry.insert("matrix_gflop_per_step".into(), (timing.flops_per_step / 1e9).into());
+            entry.insert("effective_gflop_s".into(), timing.gflop_per_s().into());
+            entry.insert("fraction_of_gemm_peak".into(), (timing.gflop_per_s() / peak.gflop_per_s).into());
+            serde_json::Value::Object(entry)
+        })
+        .collect();
+    for (name, timing) in &report.timings {
+        report.text.push_str(&format!(
+            "\n{name}: {:.1} GFLOP of matrix products per step = {:.1} GFLOP/s, {:.0} % of the measured SGEMM peak",
+            timing.flops_per_step / 1e9,
+            timing.gflop_per_s(),
+            100.0 * timing.gflop_per_s() / peak.gflop_per_s
+        ));
+    }
+    report.text.push_str(&format!("\n{}", peak.text()));
+    report.fields.insert("rates".into(), rates.into());
+    report.fields.insert("gemm_peak".into(), peak.json());
     if args.json {
         let mut object = serde_json::Map::new();
         object.insert("case".into(), args.case.clone().into());
@@ -239,6 +271,8 @@ pub struct Timing {
     pub max: f64,
     /// Each timed step: `tools/bench_reference.py` pools them over its rounds.
     pub times: Vec<f64>,
+    /// Matrix-product FLOPs per step ([`mcs_engine::ops::flops`]), averaged over every step run.
+    pub flops_per_step: f64,
 }
 
 impl Timing {
@@ -251,16 +285,30 @@ impl Timing {
         mut step: impl FnMut(usize) -> Result<()>,
     ) -> Result<Timing> {
         let mut times: Vec<f64> = Vec::with_capacity(steps);
+        let flops_before = ops::flops::matrix_flops();
         for i in 0..warmup + steps {
             let seconds = device.time(|| step(i))?;
             if i >= warmup {
                 times.push(seconds);
             }
         }
+        // Every step does the same work, warm-up steps included.
+        let flops_per_step = (ops::flops::matrix_flops() - flops_before) as f64 / (warmup + steps) as f64;
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
         // The upper median for an even count, as the train case always reported.
-        Ok(Timing { median: sorted[sorted.len() / 2], min: sorted[0], max: sorted[sorted.len() - 1], times })
+        Ok(Timing {
+            median: sorted[sorted.len() / 2],
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+            times,
+            flops_per_step,
+        })
+    }
+
+    /// Matrix-product GFLOP/s at the median step.
+    pub fn gflop_per_s(&self) -> f64 {
+        self.flops_per_step / self.median / 1e9
     }
 
     /// `{prefix}median_s`, `{prefix}min_s`, `{prefix}max_s`, `{prefix}times_s`.
@@ -274,6 +322,46 @@ impl Timing {
     /// `median 12.3 ms (min 11.9, max 13.0)`.
     pub fn text(&self) -> String {
         format!("median {:.1} ms (min {:.1}, max {:.1})", self.median * 1e3, self.min * 1e3, self.max * 1e3)
+    }
+}
+
+/// This machine's single-precision GEMM rate as the engine reaches it, the yardstick of every
+/// case's effective rate: the best of [`GemmPeak::ROUNDS`] products of two
+/// `side x side` matrices (`--gemm-peak-size`, default 2048) through `ops::matmul_forward` (the engine's fastest path for a large
+/// square product: the `gemm` crate's AVX-512 kernel on the CPU, cuBLAS on a GPU), on the bench's
+/// device and threads.
+pub struct GemmPeak {
+    pub gflop_per_s: f64,
+    pub side: usize,
+}
+
+impl GemmPeak {
+    const DEFAULT_SIDE: usize = 2048;
+    const ROUNDS: usize = 5;
+
+    pub fn measure(device: &Device, side: usize) -> Result<GemmPeak> {
+        let values: Vec<f32> = (0..side * side).map(|i| ((i * 7919 % 2048) as f32 / 1024.0) - 1.0).collect();
+        let a = Tensor::from_slice(&values, &[side, side], device)?;
+        let b = Tensor::from_slice(&values, &[side, side], device)?;
+        // One untimed product first (page faults of the output, the crate's scratch, the clock).
+        let timing = Timing::measure(device, 1, Self::ROUNDS, |_| {
+            std::hint::black_box(ops::matmul_forward(&a, &b, ops::MatmulOpts::default())?);
+            Ok(())
+        })?;
+        Ok(GemmPeak { gflop_per_s: 2.0 * (side as f64).powi(3) / timing.min / 1e9, side })
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "measured SGEMM peak: {:.1} GFLOP/s ({s} x {s} x {s} product, fastest of {} after one warm-up)",
+            self.gflop_per_s,
+            Self::ROUNDS,
+            s = self.side
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "gflop_s": self.gflop_per_s, "shape": [self.side, self.side, self.side], "rounds": Self::ROUNDS })
     }
 }
 

@@ -64,7 +64,7 @@ pub fn run_predict(setup: &Setup) -> Result<Report> {
          peak {peak_mib:.1} MiB above the model",
         timing.text()
     );
-    Ok(Report { fields, text })
+    Ok(Report { fields, text, timings: vec![("predict".into(), timing)] })
 }
 
 pub fn run_forward(setup: &Setup) -> Result<Report> {
@@ -99,7 +99,7 @@ pub fn run_forward(setup: &Setup) -> Result<Report> {
          {peak_mib:.1} MiB above the model",
         timing.text()
     );
-    Ok(Report { fields, text })
+    Ok(Report { fields, text, timings: vec![("forward".into(), timing)] })
 }
 
 /// Runs `f` and returns its value with the peak of live tensor bytes above what was alive

@@ -42,5 +42,5 @@ pub fn run(setup: &Setup) -> Result<Report> {
         options.copies,
         timing.text()
     );
-    Ok(Report { fields, text })
+    Ok(Report { fields, text, timings: vec![("saliency".into(), timing)] })
 }

@@ -53,5 +53,5 @@ pub fn run(setup: &Setup) -> Result<Report> {
          the backward, step tensors peak {peak_mib:.1} MiB above the model",
         timing.text()
     );
-    Ok(Report { fields, text })
+    Ok(Report { fields, text, timings: vec![("train step".into(), timing)] })
 }
