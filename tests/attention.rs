@@ -6,7 +6,8 @@ mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
 use mcs_engine::ops::{
-    dropout_keeps, scaled_dot_product_attention, scaled_dot_product_attention_with_dropout, DropoutKey,
+    attention_heads_inference, dropout_keeps, scaled_dot_product_attention, scaled_dot_product_attention_with_dropout,
+    DropoutKey, HeadColumns,
 };
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
@@ -295,4 +296,75 @@ fn attention_dropout_probability_outside_zero_one_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("dropout") && err.contains('1'), "unexpected message: {err}");
+}
+
+/// The fused CPU inference attention (heads read in place from `[B, T, C]` column blocks, as a
+/// fused QKV projection writes them) gives what splitting the heads, the composed op and merging
+/// them give: the same products and row softmax, so the same bits. Query counts below and above
+/// one task's 64, with and without a key mask; and an item's result does not depend on the batch.
+#[test]
+fn fused_inference_attention_equals_the_composed_op() {
+    let cpu = Device::Cpu;
+    let split = |x: &Tensor, heads: usize| {
+        let (b, t, w) = (x.dim(0), x.dim(1), x.dim(2));
+        let x = mcs_engine::ops::reshape(&Tape::inference(), x, &[b, t, heads, w / heads]).unwrap();
+        mcs_engine::ops::permute(&Tape::inference(), &x, &[0, 2, 1, 3]).unwrap()
+    };
+    for &(b, heads, tq, tk, d) in &[(2, 3, 17, 16, 8), (3, 2, 197, 150, 16), (1, 4, 70, 256, 8)] {
+        let w = heads * d;
+        // q, k, v side by side in one [B, T, 3W] tensor when Tq = Tk, as the vision tower has them.
+        let qkv = random_tensor(41, &[b, tq.max(tk), 3 * w], -2.0, 2.0, &cpu);
+        let (q_t, kv_t) =
+            (random_tensor(42, &[b, tq, w], -2.0, 2.0, &cpu), random_tensor(43, &[b, tk, 2 * w], -2.0, 2.0, &cpu));
+        let mut mask = vec![0.0f32; b * tk];
+        mask[tk - 3..tk].iter_mut().for_each(|m| *m = -1e30);
+        let mask = Tensor::from_slice(&mask, &[b, tk], &cpu).unwrap();
+        let scale = 1.0 / (d as f32).sqrt();
+        for use_mask in [false, true] {
+            let m = use_mask.then_some(&mask);
+            let columns = |t, offset| HeadColumns { tensor: t, offset, width: w };
+            let fused =
+                attention_heads_inference(columns(&q_t, 0), columns(&kv_t, 0), columns(&kv_t, w), heads, m, scale)
+                    .unwrap();
+            let tape = Tape::inference();
+            let narrow = |t: &Tensor, offset| mcs_engine::ops::narrow(&tape, t, 2, offset, w).unwrap();
+            let composed = scaled_dot_product_attention(
+                &tape,
+                &split(&q_t, heads),
+                &split(&narrow(&kv_t, 0), heads),
+                &split(&narrow(&kv_t, w), heads),
+                m,
+                scale,
+            )
+            .unwrap();
+            let composed = mcs_engine::ops::permute(&tape, &composed, &[0, 2, 1, 3]).unwrap();
+            assert_eq!(fused.shape(), [b, tq, w]);
+            assert!(
+                fused.to_vec().unwrap() == composed.to_vec().unwrap(),
+                "b={b} h={heads} tq={tq} tk={tk} mask={use_mask}"
+            );
+            // Item 0 alone gives item 0's rows of the batch.
+            let first = |t: &Tensor| mcs_engine::ops::narrow(&tape, t, 0, 0, 1).unwrap();
+            let mask_first = m.map(first);
+            let alone = attention_heads_inference(
+                columns(&first(&q_t), 0),
+                columns(&first(&kv_t), 0),
+                columns(&first(&kv_t), w),
+                heads,
+                mask_first.as_ref(),
+                scale,
+            )
+            .unwrap();
+            assert!(alone.to_vec().unwrap()[..] == fused.to_vec().unwrap()[..tq * w]);
+        }
+        if tq == tk {
+            let columns = |offset| HeadColumns { tensor: &qkv, offset, width: w };
+            let fused = attention_heads_inference(columns(0), columns(w), columns(2 * w), heads, None, scale).unwrap();
+            let tape = Tape::inference();
+            let part = |offset| split(&mcs_engine::ops::narrow(&tape, &qkv, 2, offset, w).unwrap(), heads);
+            let composed = scaled_dot_product_attention(&tape, &part(0), &part(w), &part(2 * w), None, scale).unwrap();
+            let composed = mcs_engine::ops::permute(&tape, &composed, &[0, 2, 1, 3]).unwrap();
+            assert!(fused.to_vec().unwrap() == composed.to_vec().unwrap(), "fused QKV b={b} tq={tq}");
+        }
+    }
 }

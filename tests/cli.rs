@@ -92,6 +92,27 @@ fn noise_mode_flag_is_accepted_and_bad_values_are_named() {
     assert!(ok && help.contains("--noise") && help.contains("antithetic"), "{help}");
 }
 
+/// `--fast` is the library's `Options::fast()`: the same files as `--noise antithetic --samples 8`,
+/// byte for byte, and it cannot be combined with the flags it sets.
+#[test]
+fn fast_is_eight_antithetic_samples_and_refuses_the_flags_it_sets() {
+    let dir = std::env::temp_dir().join(format!("mcs-cli-fast-{}", std::process::id()));
+    let (fast, spelled) = (dir.join("fast"), dir.join("spelled"));
+    let (ok, stdout, stderr) = run(&["predict", "--fast", "--out", fast.to_str().unwrap()]);
+    assert!(ok && stdout.contains(&format!("{} samples on ", mcs_engine::segment::FAST_SAMPLES)), "{stdout}{stderr}");
+    let samples = mcs_engine::segment::FAST_SAMPLES.to_string();
+    let spelled_args = ["predict", "--noise", "antithetic", "--samples", &samples, "--out", spelled.to_str().unwrap()];
+    assert!(run(&spelled_args).0);
+    for file in ["probability.npy", "uncertainty.npy", "mask.png"] {
+        assert_eq!(std::fs::read(fast.join(file)).unwrap(), std::fs::read(spelled.join(file)).unwrap(), "{file}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    for flags in [&["--fast", "--samples", "30"][..], &["--fast", "--noise", "plain"][..]] {
+        let (ok, _, stderr) = run(&[&["predict"][..], flags].concat());
+        assert!(!ok && stderr.contains("--fast") && stderr.contains("cannot be used with"), "{flags:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_corrupt_image_is_named() {
     let path = std::env::temp_dir().join(format!("mcs-corrupt-{}.png", std::process::id()));

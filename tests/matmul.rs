@@ -1,11 +1,11 @@
-//! Matmul family (src/ops/matmul.rs): batched and shared-b products under every transpose
+//! Matmul family (src/ops/matmul/): batched and shared-b products under every transpose
 //! combination, `linear` and `column_sums`, against naive f64 loops on every device, GPU against
 //! CPU, and gradients against finite differences.
 
 mod common;
 
 use common::{assert_close, check_gradients, devices, gpu, random_tensor, random_vec};
-use mcs_engine::ops::{column_sums, linear, matmul, matmul_with, MatmulOpts};
+use mcs_engine::ops::{column_sums, linear, linear_panels, matmul, matmul_with, MatmulOpts, PanelWeight};
 use mcs_engine::{Device, Tape, Tensor};
 use proptest::prelude::*;
 
@@ -477,4 +477,71 @@ fn column_sums_gpu_is_bit_identical_to_cpu() {
         // Exact: same additions in the same order, and no multiplications to contract.
         assert_close(&format!("column_sums [{rows}, {cols}] GPU vs CPU"), &on_gpu, &cpu, 0.0, 0.0);
     }
+}
+
+/// A frozen weight stored in panels (`ops::PanelWeight`, what an inference model keeps) gives
+/// `linear`'s outputs bit for bit: with and without a bias, outputs that fill their last panel or
+/// not, few rows (padded as `linear` pads them) and many (several row blocks), on 1, 2 and 3
+/// threads; and a row's outputs do not depend on how many rows come with it. Its backward gives
+/// x's and the bias's gradients as `linear` does.
+#[test]
+fn a_weight_in_panels_gives_linears_outputs_bit_for_bit() {
+    let cpu = Device::Cpu;
+    let run_in = |threads: usize, f: &(dyn Fn() + Sync)| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    };
+    for &(outputs, inputs) in &[(64, 48), (200, 96), (7, 300)] {
+        let w = random_tensor(31, &[outputs, inputs], -1.0, 1.0, &cpu);
+        let bias = random_tensor(32, &[outputs], -1.0, 1.0, &cpu);
+        let panels = PanelWeight::pack(&w).unwrap().expect("a CPU weight goes into panels");
+        assert_eq!(panels.tensor().shape(), [outputs.div_ceil(64), inputs, 64]);
+        assert!(panels.unpack().unwrap().to_vec().unwrap() == w.to_vec().unwrap(), "unpack is the weight again");
+        let tallest = 600;
+        let x_all = random_vec(33, tallest * inputs, -1.0, 1.0);
+        for with_bias in [false, true] {
+            let b = with_bias.then_some(&bias);
+            let full_rows = |rows: usize| {
+                let x = Tensor::from_slice(&x_all[..rows * inputs], &[rows, inputs], &cpu).unwrap();
+                let plain = linear(&Tape::inference(), &x, &w, b).unwrap().to_vec().unwrap();
+                let from_panels = linear_panels(&Tape::inference(), &x, &panels, b).unwrap().to_vec().unwrap();
+                assert!(
+                    plain == from_panels,
+                    "{rows} rows of [{outputs}, {inputs}] (bias {with_bias}): panels differ from linear"
+                );
+                from_panels
+            };
+            for threads in [1, 2, 3] {
+                run_in(threads, &|| {
+                    let tall = full_rows(tallest);
+                    for rows in [1, 5, 64, 65, 197, 300] {
+                        assert!(
+                            full_rows(rows)[..] == tall[..rows * outputs],
+                            "{rows} rows differ from the first rows of {tallest}"
+                        );
+                    }
+                });
+            }
+        }
+        // The backward through the panels.
+        let tape = Tape::new();
+        let x = random_tensor(34, &[3, 70, inputs], -1.0, 1.0, &cpu).into_trainable();
+        let trainable_bias = bias.clone().into_trainable();
+        let y = linear_panels(&tape, &x, &panels, Some(&trainable_bias)).unwrap();
+        let dy = random_tensor(35, &[3, 70, outputs], -1.0, 1.0, &cpu);
+        let grads = tape.backward_from(&y, dy.clone()).unwrap();
+        let tape = Tape::new();
+        let y_plain = linear(&tape, &x, &w, Some(&trainable_bias)).unwrap();
+        let want = tape.backward_from(&y_plain, dy).unwrap();
+        assert!(y.to_vec().unwrap() == y_plain.to_vec().unwrap());
+        for t in [&x, &trainable_bias] {
+            assert!(
+                grads.get(t).unwrap().to_vec().unwrap() == want.get(t).unwrap().to_vec().unwrap(),
+                "gradients differ"
+            );
+        }
+    }
+    // A trainable weight is refused (its updates would not reach the panels), with a sentence.
+    let trainable = random_tensor(36, &[8, 4], -1.0, 1.0, &cpu).into_trainable();
+    let err = PanelWeight::pack(&trainable).err().expect("a trainable weight is refused").to_string();
+    assert!(err.contains("trainable"), "{err}");
 }

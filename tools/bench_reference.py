@@ -387,7 +387,9 @@ def engine_report(args):
     cmd = [args.engine, "bench", args.case, "--config", args.config, "--batch-size", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--device", "cpu", "--json"]
-    if args.case in ("predict", "attention"):
+    if args.case == "predict" and args.engine_fast:
+        cmd += ["--fast"]
+    elif args.case in ("predict", "attention"):
         cmd += ["--samples", str(args.samples)]
     return child_json(cmd)
 
@@ -429,6 +431,9 @@ def main():
     parser.add_argument("--warmup", type=int, help="untimed steps per round (default: 2 train, else 1)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine", default=os.path.join(ROOT, "target", "release", "mcs-engine"))
+    parser.add_argument("--engine-fast", action="store_true",
+                        help="predict: the engine runs `predict --fast` (its quality-matched setting, 8 antithetic "
+                             "samples) while torch runs --samples plain ones: the quality-matched latency ratio")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one torch variant, print JSON
     args = parser.parse_args()
     batch, steps, warmup = DEFAULTS[args.case]
@@ -439,6 +444,8 @@ def main():
         raise SystemExit("--batch, --samples, --steps, --rounds and --threads must be at least 1, --warmup at least 0")
     if args.case == "forward":
         args.samples = 1
+    if args.engine_fast and args.case != "predict":
+        raise SystemExit("--engine-fast is for the predict case")
     if args.worker:
         return worker(args)
     if not os.path.isfile(args.engine):
@@ -482,6 +489,9 @@ def main():
     for side in sides:
         medians[side], text = describe(times[side]["step"], args.batch)
         print(f"  {side:>14}: {text}, peak RSS {rss[side]:.0f} MiB")
+    if args.engine_fast:
+        print(f"  (engine: `predict --fast`, antithetic samples whose uncertainty-map error matches {args.samples} "
+              f"plain ones' on the demo checkpoint: the quality-matched latency)")
     for side in sides[1:]:
         print(f"  ratio: the engine is {medians[side] / medians['engine']:.2f}x as fast as {side}")
 

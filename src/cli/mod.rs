@@ -50,6 +50,12 @@ pub struct SamplingArgs {
     /// any image is read.
     #[arg(long, default_value_t = 30, value_parser = count(), allow_negative_numbers = true)]
     samples: usize,
+    /// Fewer passes for about the same uncertainty map: 8 antithetic samples (--noise antithetic
+    /// --samples 8), whose map was as close to a 1000-draw reference as the official 30 plain
+    /// samples' on the demo checkpoint (BENCHMARKS.md, "Quality-matched latency"); another
+    /// checkpoint can differ (measure with examples/noise_error.rs).
+    #[arg(long, conflicts_with_all = ["samples", "noise"])]
+    fast: bool,
     /// Seed of the sampling noise: the same seed gives the same maps, bit for bit (train's --seed
     /// reproduces its validation draws).
     #[arg(long, default_value_t = 666, allow_negative_numbers = true)]
@@ -75,11 +81,16 @@ impl SamplingArgs {
     /// The segmenter's options, checked (the default image size limit; `predict --max-pixels`
     /// sets another).
     pub fn options(&self) -> Result<Options> {
+        let (samples, noise) = if self.fast {
+            (Options::fast().samples, Options::fast().noise)
+        } else {
+            (self.samples, self.noise.parse()?)
+        };
         let options = Options {
-            samples: self.samples,
+            samples,
             seed: self.seed,
             threshold: self.threshold,
-            noise: self.noise.parse()?,
+            noise,
             resize: self.resize.parse()?,
             ..Options::default()
         };

@@ -50,17 +50,40 @@ impl<'a> Loader<'a> {
 pub struct Linear {
     pub weight: Param,
     pub bias: Option<Param>,
+    /// The weight in the CPU GEMM's panels once [`Linear::store_in_panels`] ran; `weight.value`
+    /// then holds the same storage (`[panels, in, 64]`), not a second copy.
+    panels: Option<ops::PanelWeight>,
 }
 
 impl Linear {
+    pub fn new(weight: Param, bias: Option<Param>) -> Linear {
+        Linear { weight, bias, panels: None }
+    }
+
     pub fn load(l: &mut Loader, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let weight = l.param(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias { Some(l.param(&format!("{prefix}.bias"), &[out])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
-        ops::linear(tape, x, &self.weight.value, self.bias.as_ref().map(|b| &b.value))
+        let bias = self.bias.as_ref().map(|b| &b.value);
+        match &self.panels {
+            Some(panels) => ops::linear_panels(tape, x, panels, bias),
+            None => ops::linear(tape, x, &self.weight.value, bias),
+        }
+    }
+
+    /// Stores a frozen CPU weight in panels (`ops::PanelWeight`), for inference; a trainable or
+    /// GPU weight stays as it is. Returns whether it moved.
+    pub fn store_in_panels(&mut self) -> Result<bool> {
+        if self.panels.is_some() || self.weight.value.needs_grad() {
+            return Ok(self.panels.is_some());
+        }
+        let Some(panels) = ops::PanelWeight::pack(&self.weight.value)? else { return Ok(false) };
+        self.weight.value = panels.tensor().clone();
+        self.panels = Some(panels);
+        Ok(true)
     }
 
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
@@ -125,10 +148,38 @@ pub fn multi_head_attention(
     dropout: Option<(f32, ops::DropoutKey)>,
 ) -> Result<Tensor> {
     let head_dim = q.dim(-1) / heads;
+    if takes_inference_attention(tape, &[q, k, v], dropout.is_some()) {
+        let columns = |t| ops::HeadColumns { tensor: t, offset: 0, width: t.dim(-1) };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        return ops::attention_heads_inference(columns(q), columns(k), columns(v), heads, key_mask, scale);
+    }
     let (q, k, v) = (split_heads(tape, q, heads)?, split_heads(tape, k, heads)?, split_heads(tape, v, heads)?);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let o = ops::scaled_dot_product_attention_with_dropout(tape, &q, &k, &v, key_mask, scale, dropout)?;
     merge_heads(tape, &o)
+}
+
+/// [`multi_head_attention`] of the queries, keys and values a fused `[B, T, 3W]` projection
+/// wrote side by side (`nn.MultiheadAttention`'s `in_proj`), without a key mask or dropout.
+pub fn multi_head_self_attention(tape: &Tape, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let w = qkv.dim(-1) / 3;
+    if takes_inference_attention(tape, &[qkv], false) {
+        let columns = |i: usize| ops::HeadColumns { tensor: qkv, offset: i * w, width: w };
+        let scale = 1.0 / ((w / heads) as f32).sqrt();
+        return ops::attention_heads_inference(columns(0), columns(1), columns(2), heads, None, scale);
+    }
+    let q = ops::narrow(tape, qkv, 2, 0, w)?;
+    let k = ops::narrow(tape, qkv, 2, w, w)?;
+    let v = ops::narrow(tape, qkv, 2, 2 * w, w)?;
+    multi_head_attention(tape, &q, &k, &v, heads, None, None)
+}
+
+/// Whether attention takes the fused CPU inference op ([`ops::attention_heads_inference`]): every
+/// operand on the CPU, no dropout, and no gradient wanted of them (the op records nothing). The
+/// GPU and training keep the composed op, whose backward the tape knows.
+fn takes_inference_attention(tape: &Tape, operands: &[&Tensor], dropout: bool) -> bool {
+    let wants_gradient = tape.is_recording() && operands.iter().any(|t| t.needs_grad());
+    !dropout && !wants_gradient && operands.iter().all(|t| matches!(t.device(), Device::Cpu))
 }
 
 /// `n` copies of `x` stacked along the batch (first) dimension: `[B, ...]` -> `[n*B, ...]`.

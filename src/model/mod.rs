@@ -43,6 +43,9 @@ pub struct MedClipSeg {
     /// Every parameter by key: clones of the layers' handles, for reading and saving. Dropped
     /// while parameters are updated in place (see [`MedClipSeg::update_parameters`]).
     catalogue: BTreeMap<String, Tensor>,
+    /// Whether [`MedClipSeg::pack_frozen_weights`] moved weights into panels (such a model is
+    /// for inference: its catalogue holds those weights in panel layout).
+    panels: bool,
 }
 
 /// Named intermediate tensors of one forward pass, recorded only when enabled (parity tests and
@@ -131,6 +134,7 @@ impl MedClipSeg {
             decoder,
             cnn,
             catalogue: BTreeMap::new(),
+            panels: false,
         };
         model.rebuild_catalogue();
         Ok(model)
@@ -176,6 +180,35 @@ impl MedClipSeg {
         })();
         self.rebuild_catalogue();
         result
+    }
+
+    /// Stores the frozen towers' projection weights in the CPU GEMM's panels
+    /// (`ops::PanelWeight`, docs/architecture.md §4): an inference pass on one image no longer
+    /// repacks them on every call, and the outputs stay bit for bit the same. Only for models
+    /// that run inference: the panels replace the `[out, in]` weights, so such a model cannot be
+    /// saved or trained. Nothing moves on a GPU or for trainable weights.
+    pub fn pack_frozen_weights(&mut self) -> Result<()> {
+        // The catalogue's clones would keep every `[out, in]` weight alive beside its panels.
+        self.catalogue.clear();
+        let mut moved = false;
+        for block in &mut self.vision.blocks {
+            for linear in block.linears_mut() {
+                moved |= linear.store_in_panels()?;
+            }
+        }
+        for layer in &mut self.text.layers {
+            for linear in layer.linears_mut() {
+                moved |= linear.store_in_panels()?;
+            }
+        }
+        self.panels |= moved;
+        self.rebuild_catalogue();
+        Ok(())
+    }
+
+    /// Whether some weights are in panels ([`MedClipSeg::pack_frozen_weights`]).
+    pub fn has_weights_in_panels(&self) -> bool {
+        self.panels
     }
 
     fn rebuild_catalogue(&mut self) {

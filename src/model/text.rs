@@ -180,6 +180,18 @@ impl TextTower {
 }
 
 impl BertLayer {
+    /// The layer's projections (what inference stores in panels).
+    pub fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attention_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
     /// Post-LN: `x1 = LN(x + Attn(x))`, `x2 = LN(x1 + FFN(x1))`, with HF's training-mode
     /// dropout when `dropout` is given (layer `index` keys its masks).
     pub fn forward(

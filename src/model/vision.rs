@@ -2,7 +2,7 @@
 //! `ln_pre`, pre-LN blocks with QuickGELU MLPs, and `ln_post` + `proj` applied to every token.
 
 use super::config::ModelConfig;
-use super::layers::{multi_head_attention, Linear, Loader, Norm, Param};
+use super::layers::{multi_head_self_attention, Linear, Loader, Norm, Param};
 use crate::error::Result;
 use crate::ops;
 use crate::tape::Tape;
@@ -41,10 +41,10 @@ impl VisionTower {
                 let prefix = format!("vision_model.transformer.resblocks.{i}");
                 Ok(VisionBlock {
                     heads: c.vision_heads,
-                    in_proj: Linear {
-                        weight: l.param(&format!("{prefix}.attn.in_proj_weight"), &[3 * w, w])?,
-                        bias: Some(l.param(&format!("{prefix}.attn.in_proj_bias"), &[3 * w])?),
-                    },
+                    in_proj: Linear::new(
+                        l.param(&format!("{prefix}.attn.in_proj_weight"), &[3 * w, w])?,
+                        Some(l.param(&format!("{prefix}.attn.in_proj_bias"), &[3 * w])?),
+                    ),
                     out_proj: Linear::load(l, &format!("{prefix}.attn.out_proj"), w, w, true)?,
                     ln_1: Norm::load(l, &format!("{prefix}.ln_1"), w, eps)?,
                     ln_2: Norm::load(l, &format!("{prefix}.ln_2"), w, eps)?,
@@ -103,15 +103,16 @@ impl VisionTower {
 }
 
 impl VisionBlock {
+    /// The block's projections (what inference stores in panels).
+    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.in_proj, &mut self.out_proj, &mut self.c_fc, &mut self.c_proj]
+    }
+
     /// `x + Attn(LN1(x))`, then `+ MLP(LN2(.))` with QuickGELU.
     pub fn forward(&self, tape: &Tape, x: &Tensor) -> Result<Tensor> {
         let h = self.ln_1.forward(tape, x)?;
         let qkv = self.in_proj.forward(tape, &h)?;
-        let w = x.dim(-1);
-        let q = ops::narrow(tape, &qkv, 2, 0, w)?;
-        let k = ops::narrow(tape, &qkv, 2, w, w)?;
-        let v = ops::narrow(tape, &qkv, 2, 2 * w, w)?;
-        let attn = multi_head_attention(tape, &q, &k, &v, self.heads, None, None)?;
+        let attn = multi_head_self_attention(tape, &qkv, self.heads)?;
         let attn = self.out_proj.forward(tape, &attn)?;
         let (x, h) = self.ln_2.add_forward(tape, x, &attn)?;
         // The MLP's hidden activations are moved into each next op (dropped as soon as it is

@@ -126,7 +126,20 @@ impl Default for Options {
     }
 }
 
+/// Samples of [`Options::fast`]: antithetic draws whose uncertainty map is at least as close to a
+/// many-draw reference as 30 plain draws' (the official loop's) on the demo checkpoint, measured
+/// with `examples/noise_error.rs` (BENCHMARKS.md, "Quality-matched latency").
+pub const FAST_SAMPLES: usize = 8;
+
 impl Options {
+    /// The default options with [`FAST_SAMPLES`] antithetic draws (`predict --fast`): about the
+    /// uncertainty-map error of the official 30 plain draws for a quarter of the passes. The
+    /// equivalence was measured on the demo checkpoint; another checkpoint can differ
+    /// (`examples/noise_error.rs` measures it).
+    pub fn fast() -> Options {
+        Options { samples: FAST_SAMPLES, noise: NoiseMode::Antithetic, ..Options::default() }
+    }
+
     /// Errors: zero samples, a threshold outside [0, 1] (or not a number), a zero pixel limit.
     pub fn check(&self) -> Result<()> {
         crate::model::check_samples(self.samples)?;
@@ -226,7 +239,7 @@ impl Segmenter {
 
     /// Wraps a model and tokenizer already in memory (e.g. random weights for a demo). Errors: a
     /// tokenizer whose vocabulary or context length does not fit the model's config.
-    pub fn new(model: MedClipSeg, tokenizer: PromptTokenizer) -> Result<Segmenter> {
+    pub fn new(mut model: MedClipSeg, tokenizer: PromptTokenizer) -> Result<Segmenter> {
         let config = model.config();
         if tokenizer.vocab_size() != config.text_vocab_size {
             return Err(Error::Invalid(format!(
@@ -244,6 +257,9 @@ impl Segmenter {
                 config.text_context_length
             )));
         }
+        // A segmenter only runs inference: the frozen towers' weights go into the CPU GEMM's
+        // panels once here instead of being repacked by every call (same results).
+        model.pack_frozen_weights()?;
         Ok(Segmenter { model, tokenizer, origin: None })
     }
 

@@ -71,6 +71,11 @@ pub struct CheckpointContents<'a> {
 
 /// Writes the checkpoint folder `dir` atomically (see the module docs).
 pub fn save_checkpoint(dir: &Path, contents: &CheckpointContents) -> Result<()> {
+    if contents.model.has_weights_in_panels() {
+        return Err(Error::Invalid(
+            "internal: a model prepared for inference (weights in panels) cannot be saved as a checkpoint".into(),
+        ));
+    }
     write_folder_atomically(dir, |tmp| {
         let params: Vec<(String, Tensor)> =
             contents.model.parameters().iter().map(|(k, t)| (k.clone(), t.clone())).collect();

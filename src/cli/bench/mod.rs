@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// memory holds (as for `predict --samples`).
     #[arg(long, value_parser = super::count(), allow_negative_numbers = true)]
     samples: Option<usize>,
+    /// `predict` as `predict --fast` runs it: the library's quality-matched setting (8 antithetic
+    /// samples, `segment::Options::fast`) instead of --samples plain ones.
+    #[arg(long, conflicts_with = "samples")]
+    fast: bool,
     /// Timed steps (the median and spread are over these), 1 to 100000.
     #[arg(long, default_value_t = 10, value_parser = super::whole(1, MAX_STEPS), allow_negative_numbers = true)]
     steps: usize,
@@ -97,9 +101,21 @@ impl Setup<'_> {
         self.args.batch_size.unwrap_or(default)
     }
 
-    /// `--samples`, or the paper's 30.
+    /// `--samples`, or the paper's 30 (`--fast`: the fast setting's count).
     fn samples(&self) -> usize {
+        if self.args.fast {
+            return mcs_engine::segment::Options::fast().samples;
+        }
         self.args.samples.unwrap_or(30)
+    }
+
+    /// Plain draws, or `--fast`'s antithetic ones.
+    fn noise(&self) -> mcs_engine::model::NoiseMode {
+        if self.args.fast {
+            mcs_engine::segment::Options::fast().noise
+        } else {
+            mcs_engine::model::NoiseMode::Plain
+        }
     }
 }
 
@@ -222,6 +238,9 @@ fn check(args: &BenchArgs) -> Result<()> {
     match (args.case.as_str(), args.samples) {
         ("forward", Some(n)) if n != 1 => {
             Err(Error::Invalid(format!("`bench forward` is one sample; use `bench predict --samples {n}`")))
+        }
+        (case, _) if args.fast && case != "predict" => {
+            Err(Error::Invalid(format!("--fast is `predict --fast`'s setting; `bench {case}` does not take it")))
         }
         ("train", Some(_)) => Err(Error::Invalid(
             "`bench train` draws one sample per image, as training does; --samples is for predict and attention".into(),

@@ -29,7 +29,10 @@ const THRESHOLD: f32 = 0.5;
 pub fn run_predict(setup: &Setup) -> Result<Report> {
     let (config, device, args) = (&setup.config, &setup.device, setup.args);
     let (batch, samples, size) = (setup.batch(1), setup.samples(), config.image_size);
-    let model = MedClipSeg::from_store(config.clone(), WeightStore::synthetic(1), device)?;
+    let noise = setup.noise();
+    // As a Segmenter prepares its model: the frozen weights in the CPU GEMM's panels.
+    let mut model = MedClipSeg::from_store(config.clone(), WeightStore::synthetic(1), device)?;
+    model.pack_frozen_weights()?;
     let ids = prompt_ids(config, batch, None)?;
     let images: Vec<Image8> = (0..batch).map(|b| test_image(size, b)).collect::<Result<_>>()?;
 
@@ -40,7 +43,7 @@ pub fn run_predict(setup: &Setup) -> Result<Report> {
                 pixels.extend(data::normalise_bgr(&data::resize_linear(image, size, size)?)?);
             }
             let pixels = Tensor::from_slice(&pixels, &[batch, 3, size, size], device)?;
-            let prediction = model.predict(&pixels, &ids, SEED, samples)?;
+            let prediction = model.predict_sampled(&pixels, &ids, Sampling::inference(SEED, samples, noise))?;
             let model_probability = prediction.probability.to_vec()?;
             let mut foreground = 0usize;
             for item in 0..batch {
@@ -56,11 +59,12 @@ pub fn run_predict(setup: &Setup) -> Result<Report> {
     let mut fields = serde_json::Map::new();
     fields.insert("batch".into(), batch.into());
     fields.insert("samples".into(), samples.into());
+    fields.insert("noise".into(), noise.to_string().into());
     timing.insert(&mut fields, "");
     fields.insert("images_per_s".into(), images_per_second.into());
     fields.insert("peak_step_tensor_mib".into(), peak_mib.into());
     let text = format!(
-        "predict, batch {batch} x {samples} samples at {size} px: {} = {images_per_second:.2} images/s; step tensors \
+        "predict, batch {batch} x {samples} {noise} samples at {size} px: {} = {images_per_second:.2} images/s; step tensors \
          peak {peak_mib:.1} MiB above the model",
         timing.text()
     );
@@ -70,7 +74,9 @@ pub fn run_predict(setup: &Setup) -> Result<Report> {
 pub fn run_forward(setup: &Setup) -> Result<Report> {
     let (config, device, args) = (&setup.config, &setup.device, setup.args);
     let (batch, size) = (setup.batch(1), config.image_size);
-    let model = MedClipSeg::from_store(config.clone(), WeightStore::synthetic(1), device)?;
+    // As a Segmenter prepares its model: the frozen weights in the CPU GEMM's panels.
+    let mut model = MedClipSeg::from_store(config.clone(), WeightStore::synthetic(1), device)?;
+    model.pack_frozen_weights()?;
     let ids = prompt_ids(config, batch, None)?;
     let mut pixels = Vec::with_capacity(batch * 3 * size * size);
     for b in 0..batch {

@@ -3,7 +3,11 @@
 //! `sum_columns` kernel of `kernels/movement.cu`, so no ones vector is uploaded).
 //! CPU: the `gemm` crate (strides give transposes for free). CUDA: cuBLAS strided-batched SGEMM in
 //! strict FP32, using the row-major trick. Bias pre-fill kernel: `kernels/movement.cu`.
-//! Tests: `tests/matmul.rs`.
+//! Frozen weights stored in panels for the CPU: `panels.rs`. Tests: `tests/matmul.rs`.
+
+mod panels;
+
+pub use panels::{linear_panels, linear_panels_forward, PanelWeight, PANEL_OUTPUTS};
 
 use std::ffi::{c_int, c_longlong, c_void};
 
@@ -626,6 +630,72 @@ pub(crate) fn cpu_gemm_serial(
         return;
     }
     gemm_one(a, b, c, Gemm::new(m, k, n, trans_a, trans_b, alpha), accumulate, gemm::Parallelism::None);
+}
+
+/// A matrix inside a host slice: element `(r, c)` at `r * row_stride + c * col_stride`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatrixView<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl MatrixView<'_> {
+    /// Whether every element lies inside `data`.
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// A single-threaded product over strided views, for CPU kernels that run their own rayon
+/// tasks: `c = alpha a b`, where c's element `(r, j)` is `c[r * c_row_stride + j]` (the heads of
+/// an attention read and written in place inside `[T, heads * D]` rows).
+pub(crate) fn cpu_gemm_views(a: MatrixView, b: MatrixView, c: &mut [f32], c_row_stride: usize, alpha: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && a.fits() && b.fits() && (m == 0 || n == 0 || (m - 1) * c_row_stride + n <= c.len()),
+        "internal: strided GEMM views do not fit ({m}x{k} by {}x{n} into {} floats)",
+        b.rows,
+        c.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in 0..m {
+            c[row * c_row_stride..][..n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the assert above keeps every element the crate reads inside a.data and b.data and
+    // every element it writes inside c, which this function borrows mutably.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_row_stride as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 fn to_c_int(value: usize, what: &str) -> Result<c_int> {
