@@ -183,7 +183,7 @@ impl MedClipSeg {
     }
 
     /// Stores the frozen towers' projection weights in the CPU GEMM's panels
-    /// (`ops::PanelWeight`, docs/architecture.md §4): an inference pass on one image no longer
+    /// (`ops::PanelWeight`, docs/architecture.md §5): an inference pass on one image no longer
     /// repacks them on every call, and the outputs stay bit for bit the same. Only for models
     /// that run inference: the panels replace the `[out, in]` weights, so such a model cannot be
     /// saved or trained. Nothing moves on a GPU or for trainable weights.
