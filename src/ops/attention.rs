@@ -96,7 +96,7 @@ impl HeadColumns<'_> {
         let t = self.tensor;
         let fits = t.rank() == 3
             && t.dim(0) == batch
-            && self.width % heads == 0
+            && self.width.is_multiple_of(heads)
             && self.offset + self.width <= t.dim(2)
             && matches!(t.device(), Device::Cpu);
         if !fits {
