@@ -33,19 +33,13 @@ const BLOCK_ROWS: usize = 256;
 /// Most panels per work item (the item's panels of one k-block stay in L2 beside its rows).
 const MAX_ITEM_PANELS: usize = 16;
 
-/// A frozen `[out, in]` weight in panels: `[panels, in, 64]` floats starting `offset` floats into
-/// a flat CPU tensor, so that they start on a 64-byte boundary (every row of a panel is then one
-/// cache line, and the crate reads the panels in place, see [`panel_products`]).
+/// A frozen `[out, in]` weight in panels (a `[panels, in, 64]` CPU tensor).
 #[derive(Clone)]
 pub struct PanelWeight {
-    storage: Tensor,
-    offset: usize,
+    panels: Tensor,
     outputs: usize,
     inputs: usize,
 }
-
-/// Floats of room for moving the panels onto a 64-byte boundary (a `Vec<f32>` is 4-byte aligned).
-const ALIGN_FLOATS: usize = 16;
 
 impl PanelWeight {
     /// The weight in panels; `None` for a GPU tensor (cuBLAS reads `[out, in]` as it is). A
@@ -66,11 +60,7 @@ impl PanelWeight {
         let (outputs, inputs) = (weight.dim(0), weight.dim(1));
         let plain = weight.cpu_data("pack_weight")?;
         let panel_len = inputs * PANEL_OUTPUTS;
-        let len = outputs.div_ceil(PANEL_OUTPUTS) * panel_len;
-        let mut storage = vec![0.0f32; len + ALIGN_FLOATS - 1];
-        // The buffer never moves once it is the tensor's storage, so the offset stays right.
-        let offset = storage.as_ptr().align_offset(64).min(ALIGN_FLOATS - 1);
-        let panels = &mut storage[offset..][..len];
+        let mut panels = vec![0.0f32; outputs.div_ceil(PANEL_OUTPUTS) * panel_len];
         if panel_len > 0 {
             panels.par_chunks_mut(panel_len).enumerate().for_each(|(p, panel)| {
                 for lane in 0..PANEL_OUTPUTS.min(outputs - p * PANEL_OUTPUTS) {
@@ -81,19 +71,13 @@ impl PanelWeight {
                 }
             });
         }
-        let storage_len = storage.len();
-        Ok(Some(PanelWeight { storage: Tensor::from_vec(storage, &[storage_len])?, offset, outputs, inputs }))
-    }
-
-    /// The `[panels, in, 64]` panel floats.
-    fn panels(&self) -> &[f32] {
-        let data = self.storage.cpu_data("linear").expect("panels are a CPU tensor");
-        &data[self.offset..][..self.outputs.div_ceil(PANEL_OUTPUTS) * self.inputs * PANEL_OUTPUTS]
+        let shape = [outputs.div_ceil(PANEL_OUTPUTS), inputs, PANEL_OUTPUTS];
+        Ok(Some(PanelWeight { panels: Tensor::from_vec(panels, &shape)?, outputs, inputs }))
     }
 
     /// The weight back as `[out, in]` (a new tensor).
     pub fn unpack(&self) -> Result<Tensor> {
-        let panels = self.panels();
+        let panels = self.panels.cpu_data("unpack_weight")?;
         let mut plain = vec![0.0f32; self.outputs * self.inputs];
         for (o, row) in plain.chunks_mut(self.inputs.max(1)).enumerate().take(self.outputs) {
             let panel = &panels[(o / PANEL_OUTPUTS) * self.inputs * PANEL_OUTPUTS..];
@@ -104,10 +88,9 @@ impl PanelWeight {
         Tensor::from_vec(plain, &[self.outputs, self.inputs])
     }
 
-    /// The storage that replaces the weight: a flat tensor holding the `[panels, in, 64]` panels
-    /// after up to 15 floats of alignment.
+    /// The panels, `[panels, in, 64]`: the storage that replaces the weight.
     pub fn tensor(&self) -> &Tensor {
-        &self.storage
+        &self.panels
     }
 
     pub fn outputs(&self) -> usize {
@@ -206,14 +189,8 @@ fn panel_products(x: &[f32], rows: usize, weight: &PanelWeight, out: &mut [f32],
         (4 * rayon::current_num_threads()).div_ceil(row_blocks).clamp(panels.div_ceil(MAX_ITEM_PANELS), panels);
     let group_panels = panels.div_ceil(groups);
     let groups = panels.div_ceil(group_panels);
-    let data = weight.panels();
+    let data = weight.panels.cpu_data("linear").expect("panels are a CPU tensor");
     let out_base = SharedOutput(out.as_mut_ptr());
-    // Each panel already is the crate's packed operand (64 outputs per input, 64-byte aligned), so
-    // the crate may read it in place instead of copying it for every block of rows (its default
-    // copies an operand used by more than 48 rows). The setting is the crate's, process-wide: it
-    // is raised for these calls and put back after, and it changes no result (packing copies).
-    let default_threshold = gemm::get_lhs_packing_threshold_single_thread();
-    gemm::set_lhs_packing_threshold_single_thread(256);
     (0..row_blocks * groups).into_par_iter().for_each(|item| {
         let (block, group) = (item / groups, item % groups);
         let first_row = block * block_rows;
@@ -251,5 +228,4 @@ fn panel_products(x: &[f32], rows: usize, weight: &PanelWeight, out: &mut [f32],
             }
         }
     });
-    gemm::set_lhs_packing_threshold_single_thread(default_threshold);
 }
