@@ -6,8 +6,10 @@
 //! apart, so every call packed the weight first: 15-19 % of an inference pass on one image (the
 //! towers' ~200 tokens), on weights that never change. Panel `p` holds, for every input `i` in
 //! order, the 64 values `W[64p .. 64p + 64, i]` (outputs past `out` are zero): each panel is
-//! exactly the operand the microkernel reads, so the crate is called once per panel and packs
-//! nothing. The panels replace the weight (no second copy), so only inference models pack
+//! laid out as the microkernel reads it, so the crate is called once per panel and, instead of
+//! gathering 64 strided columns, only copies the contiguous panel into its aligned buffer once per
+//! block of rows (reading the panel in place was slower unless it starts on a 64-byte boundary,
+//! and aligned panels cost memory: BENCHMARKS.md, issue 23 section). The panels replace the weight (no second copy), so only inference models pack
 //! ([`crate::model::MedClipSeg::pack_frozen_weights`]); training and the GPU keep `[out, in]`.
 //!
 //! Numerics: each panel's product is the crate's general blocked path on the same k-blocks as the
