@@ -234,7 +234,10 @@ impl Segmenter {
             }
             other => other,
         })?;
-        Ok(Segmenter { model: folder.model, tokenizer: folder.tokenizer, origin: Some(dir.to_path_buf()) })
+        let mut model = folder.model;
+        // As in Segmenter::new: a segmenter only runs inference.
+        model.pack_frozen_weights()?;
+        Ok(Segmenter { model, tokenizer: folder.tokenizer, origin: Some(dir.to_path_buf()) })
     }
 
     /// Wraps a model and tokenizer already in memory (e.g. random weights for a demo). Errors: a
