@@ -81,11 +81,8 @@ impl SamplingArgs {
     /// The segmenter's options, checked (the default image size limit; `predict --max-pixels`
     /// sets another).
     pub fn options(&self) -> Result<Options> {
-        let (samples, noise) = if self.fast {
-            (Options::fast().samples, Options::fast().noise)
-        } else {
-            (self.samples, self.noise.parse()?)
-        };
+        let fast = Options::fast();
+        let (samples, noise) = if self.fast { (fast.samples, fast.noise) } else { (self.samples, self.noise.parse()?) };
         let options = Options {
             samples,
             seed: self.seed,

@@ -147,14 +147,12 @@ pub fn multi_head_attention(
     key_mask: Option<&Tensor>,
     dropout: Option<(f32, ops::DropoutKey)>,
 ) -> Result<Tensor> {
-    let head_dim = q.dim(-1) / heads;
+    let scale = 1.0 / ((q.dim(-1) / heads) as f32).sqrt();
     if takes_inference_attention(tape, &[q, k, v], dropout.is_some()) {
         let columns = |t| ops::HeadColumns { tensor: t, offset: 0, width: t.dim(-1) };
-        let scale = 1.0 / (head_dim as f32).sqrt();
         return ops::attention_heads_inference(columns(q), columns(k), columns(v), heads, key_mask, scale);
     }
     let (q, k, v) = (split_heads(tape, q, heads)?, split_heads(tape, k, heads)?, split_heads(tape, v, heads)?);
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let o = ops::scaled_dot_product_attention_with_dropout(tape, &q, &k, &v, key_mask, scale, dropout)?;
     merge_heads(tape, &o)
 }

@@ -159,7 +159,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     check_memory(args, &config)?;
     let device = emulated_gpu_refused(super::parse_device(&args.device)?, &args.device)?;
     let setup = Setup { args, config, device };
-    let report = match args.case.as_str() {
+    let mut report = match args.case.as_str() {
         "train" => train::run(&setup)?,
         "predict" => predict::run_predict(&setup)?,
         "forward" => predict::run_forward(&setup)?,
@@ -172,7 +172,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let rss = peak_rss_mib();
     let threads = rayon::current_num_threads();
     let peak = GemmPeak::measure(&setup.device, args.gemm_peak_size)?;
-    let mut report = report;
     let rates: Vec<serde_json::Value> = report
         .timings
         .iter()

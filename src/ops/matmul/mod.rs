@@ -173,6 +173,7 @@ fn linear_backward_weight(dy: &Tensor, x: &Tensor, w_shape: &[usize]) -> Result<
     gemm("linear_backward", dy, x, Gemm::new(outputs, rows, inputs, true, false, 1.0), None, w_shape)
 }
 
+/// The checked shape of one `linear`.
 struct LinearShape {
     rows: usize,
     inputs: usize,
@@ -186,25 +187,29 @@ impl LinearShape {
             return Err(Error::shape("linear", format!("weight must be [out, in], got shape {:?}", weight.shape())));
         }
         let (outputs, inputs) = (weight.shape()[0], weight.shape()[1]);
+        LinearShape::with_dims(x, outputs, inputs, bias, &format!("{:?}", weight.shape()))
+    }
+
+    /// The shape of `x W^T + bias` for a weight of `outputs x inputs`, which errors name as
+    /// `weight` (its shape, and how it is stored when that is not `[out, in]`).
+    fn with_dims(
+        x: &Tensor,
+        outputs: usize,
+        inputs: usize,
+        bias: Option<&Tensor>,
+        weight: &str,
+    ) -> Result<LinearShape> {
         if x.rank() == 0 || x.dim(-1) != inputs {
             return Err(Error::shape(
                 "linear",
-                format!(
-                    "input {:?} does not end in {inputs}, the in-features of weight {:?}",
-                    x.shape(),
-                    weight.shape()
-                ),
+                format!("input {:?} does not end in {inputs}, the in-features of weight {weight}", x.shape()),
             ));
         }
         if let Some(b) = bias {
             if b.shape() != [outputs] {
                 return Err(Error::shape(
                     "linear",
-                    format!(
-                        "bias {:?} does not match the {outputs} out-features of weight {:?}",
-                        b.shape(),
-                        weight.shape()
-                    ),
+                    format!("bias {:?} does not match the {outputs} out-features of weight {weight}", b.shape()),
                 ));
             }
         }
@@ -578,11 +583,35 @@ unsafe fn gemm_raw(
     a_mat: &[f32],
     g: Gemm,
     b: *const f32,
-    (b_rs, b_cs): (isize, isize),
+    b_strides: (isize, isize),
     parallelism: gemm::Parallelism,
 ) {
-    let (a_rs, a_cs) = op_strides(g.m, g.k, g.trans_a);
-    // SAFETY: the caller's contract; the crate takes (column, row) stride pairs.
+    let a_strides = op_strides(g.m, g.k, g.trans_a);
+    // SAFETY: the caller's contract.
+    unsafe {
+        crate_gemm((m, k, n), (c, g.n), read_c, (a_mat.as_ptr(), a_strides), (b, b_strides), g.alpha, parallelism)
+    }
+}
+
+/// The one call into the `gemm` crate: row-major `C = alpha A B` (plus C when `read_c`), A's
+/// element `(r, i)` at `a + r * a_rs + i * a_cs`, B's `(i, j)` at `b + i * b_rs + j * b_cs`, C's
+/// `(r, j)` at `c + r * c_row_stride + j`.
+///
+/// # Safety
+/// A and B must be valid for reads of every element so addressed, C for writes of its `m x n`
+/// elements, and no other thread may touch those elements of C meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn crate_gemm(
+    (m, k, n): (usize, usize, usize),
+    (c, c_row_stride): (*mut f32, usize),
+    read_c: bool,
+    (a, (a_rs, a_cs)): (*const f32, (isize, isize)),
+    (b, (b_rs, b_cs)): (*const f32, (isize, isize)),
+    alpha: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract; the crate takes (column, row) stride pairs and computes
+    // dst = 1 * dst (when read) + alpha * lhs * rhs.
     unsafe {
         gemm::gemm(
             m,
@@ -590,16 +619,16 @@ unsafe fn gemm_raw(
             k,
             c,
             1,
-            g.n as isize,
+            c_row_stride as isize,
             read_c,
-            a_mat.as_ptr(),
+            a,
             a_cs,
             a_rs,
             b,
             b_cs,
             b_rs,
             1.0,
-            g.alpha,
+            alpha,
             false,
             false,
             false,
@@ -643,6 +672,11 @@ pub(crate) struct MatrixView<'a> {
 }
 
 impl MatrixView<'_> {
+    /// The first element and the (row, column) strides, as [`crate_gemm`] takes an operand.
+    fn raw(&self) -> (*const f32, (isize, isize)) {
+        (self.data.as_ptr(), (self.row_stride as isize, self.col_stride as isize))
+    }
+
     /// Whether every element lies inside `data`.
     fn fits(&self) -> bool {
         self.rows == 0
@@ -674,27 +708,7 @@ pub(crate) fn cpu_gemm_views(a: MatrixView, b: MatrixView, c: &mut [f32], c_row_
     // SAFETY: the assert above keeps every element the crate reads inside a.data and b.data and
     // every element it writes inside c, which this function borrows mutably.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_row_stride as isize,
-            false,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        crate_gemm((m, k, n), (c.as_mut_ptr(), c_row_stride), false, a.raw(), b.raw(), alpha, gemm::Parallelism::None)
     }
 }
 

@@ -19,12 +19,12 @@
 
 use rayon::prelude::*;
 
-use super::{column_sums, linear_backward_input, row_independent_min_rows, SharedOutput};
+use super::{column_sums, crate_gemm, linear_backward_input, row_independent_min_rows, LinearShape, SharedOutput};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::movement::repeat_rows_cpu;
 use crate::tape::Tape;
-use crate::tensor::{host_buffer, numel, Tensor};
+use crate::tensor::{host_buffer, Tensor};
 
 /// Outputs per panel: the crate's AVX-512 microkernel height (4 vectors of 16 floats). On
 /// machines where the crate picks a narrower kernel a panel is several of its tiles.
@@ -125,27 +125,13 @@ pub fn linear_panels(tape: &Tape, x: &Tensor, weight: &PanelWeight, bias: Option
 /// Untracked [`linear_panels`].
 pub fn linear_panels_forward(x: &Tensor, weight: &PanelWeight, bias: Option<&Tensor>) -> Result<Tensor> {
     let (outputs, inputs) = (weight.outputs, weight.inputs);
-    if x.rank() == 0 || x.dim(-1) != inputs {
-        return Err(Error::shape(
-            "linear",
-            format!(
-                "input {:?} does not end in {inputs}, the in-features of the weight [{outputs}, {inputs}]",
-                x.shape()
-            ),
-        ));
-    }
-    if bias.is_some_and(|b| b.shape() != [outputs]) {
-        let shape = bias.map(|b| b.shape().to_vec()).unwrap_or_default();
-        return Err(Error::shape("linear", format!("bias {shape:?} does not match the {outputs} out-features")));
-    }
+    let LinearShape { rows, out_shape, .. } =
+        LinearShape::with_dims(x, outputs, inputs, bias, &format!("[{outputs}, {inputs}] (in panels)"))?;
     for t in std::iter::once(x).chain(bias) {
         if !matches!(t.device(), Device::Cpu) {
             return Err(Error::DeviceMismatch { op: "linear", left: "cpu".into(), right: t.device().name() });
         }
     }
-    let rows = numel(&x.shape()[..x.rank() - 1]);
-    let mut out_shape = x.shape().to_vec();
-    *out_shape.last_mut().expect("rank checked above") = outputs;
     crate::ops::flops::count_matrix_product(1, rows, inputs, outputs);
     // Starts from the bias rows, as `linear` does, so the sums are the same.
     let bias = bias.map(|b| b.cpu_data("linear")).transpose()?;
@@ -206,25 +192,14 @@ fn panel_products(x: &[f32], rows: usize, weight: &PanelWeight, out: &mut [f32],
             // column stride 64, inside `data` by the packing) and the item's rows of x (inside x
             // by the check above), and writes the block's `columns` x `item_rows` outputs.
             unsafe {
-                gemm::gemm(
-                    columns,
-                    item_rows,
-                    inputs,
-                    out_base.0.add(first_row * outputs + p * PANEL_OUTPUTS),
-                    outputs as isize,
-                    1,
+                crate_gemm(
+                    (item_rows, inputs, columns),
+                    (out_base.0.add(first_row * outputs + p * PANEL_OUTPUTS), outputs),
                     read_out,
-                    data.as_ptr().add(p * inputs * PANEL_OUTPUTS),
-                    PANEL_OUTPUTS as isize,
-                    1,
-                    x.as_ptr().add(first_row * inputs),
-                    inputs as isize,
-                    1,
+                    (x.as_ptr().add(first_row * inputs), (inputs as isize, 1)),
+                    // Panel p as op(B) = [in, 64]: input i's 64 outputs are adjacent.
+                    (data.as_ptr().add(p * inputs * PANEL_OUTPUTS), (PANEL_OUTPUTS as isize, 1)),
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
